@@ -1,0 +1,3 @@
+from loraplace.cli import app
+
+app()

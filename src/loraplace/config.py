@@ -1,0 +1,147 @@
+"""Study configuration: pydantic models that validate themselves, loaded from YAML and
+overridden from the command line (``train.lr=1e-4``, as torchtune does)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from loraplace.errors import LoraplaceError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraSettings(_Strict):
+    r: int = Field(16, ge=1, description="LoRA rank r: adapters add r * (in + out) parameters per module.")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the adapter's input.")
+
+
+class TrainSettings(_Strict):
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW).")
+    batch_size: int = Field(8, ge=1, description="Examples per optimizer step (per device).")
+    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
+    max_steps: int = Field(40, ge=1, description="Optimizer steps per run (the training budget).")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    weight_decay: float = Field(0.0, ge=0)
+    scheduler: str = Field("linear", description="transformers lr scheduler type (linear, cosine, constant, ...).")
+    max_length: int = Field(256, ge=8, description="Tokens per example; longer examples are truncated.")
+    loss_on: Literal["response", "all"] = Field(
+        "response", description="Train and evaluate on response tokens only (default) or on every token."
+    )
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bfloat16 autocast where the hardware runs it fast (CUDA, CPUs with "
+        "AVX512-BF16/AMX), else float32. Adapter weights stay float32 in every mode."
+    )
+    eval_batch_size: int = Field(16, ge=1, description="Examples per evaluation batch (no gradients).")
+    logging_steps: int = Field(5, ge=1)
+    report_to: list[str] = Field(default_factory=list, description="Trainer loggers (tensorboard, wandb, mlflow).")
+
+
+class DataSettings(_Strict):
+    eval_size: int = Field(100, ge=1, description="Held-out examples for evaluation (fixed for all runs).")
+    max_train_examples: int | None = Field(None, ge=1, description="Cap on training examples (after the split).")
+    split_seed: int = Field(1234, description="Seed of the train/eval split, fixed across runs and seeds.")
+
+
+class StudyConfig(_Strict):
+    """One placement study: a model, a dataset, the strategies to compare and how to train them."""
+
+    name: str = Field("quick", description="Study name, used for the output folder.")
+    model: str = Field("smollm2-135m-instruct", description="Embedded alias, hub id or local folder.")
+    dataset: str = Field("alpaca-demo", description="Embedded alias, hub id, or local json/jsonl/csv/parquet file.")
+    strategies: list[str] = Field(default_factory=lambda: ["full", "attention", "ffn"])
+    include_base: bool = Field(True, description="Also evaluate the base model without adapters.")
+    seeds: list[int] = Field(default_factory=lambda: [0], description="Every strategy runs once per seed.")
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    device: str = Field("auto", description="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")
+    output: str | None = Field(None, description="Output folder; default: a new folder under ./runs/.")
+
+    @field_validator("strategies", mode="before")
+    @classmethod
+    def _split_strategies(cls, v: Any) -> Any:
+        return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _split_seeds(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [int(s) for s in v.split(",") if s.strip()]
+        return [v] if isinstance(v, int) else v
+
+    @model_validator(mode="after")
+    def _check(self) -> "StudyConfig":
+        from loraplace.placement import parse_strategies
+
+        if not self.strategies:
+            raise ValueError("strategies is empty; e.g. strategies: [full, attention, ffn]")
+        parse_strategies(self.strategies)  # unknown or duplicate names fail here, with the list of known ones
+        if len(set(self.seeds)) != len(self.seeds) or not self.seeds:
+            raise ValueError(f"seeds must be a non-empty list without repeats, got {self.seeds}")
+        return self
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for err in error.errors():
+        where = ".".join(str(x) for x in err["loc"]) or "config"
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown key {where!r}")
+        else:
+            parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise LoraplaceError(f"override {key!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.lr=1e-4"`` -> ``("train.lr", 1e-4)``; the value is parsed as YAML."""
+    if "=" not in text:
+        raise LoraplaceError(f"override {text!r} is not KEY=VALUE (e.g. train.lr=1e-4 or lora.r=8)")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_study(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> StudyConfig:
+    """A validated study config from a YAML file (or the defaults) plus dotted-key overrides.
+
+    Raises:
+        LoraplaceError: missing file, invalid YAML, unknown key or invalid value (named).
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise LoraplaceError(f"study file {str(path)!r} not found")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise LoraplaceError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise LoraplaceError(f"{path} must hold a mapping of study keys, got {type(loaded).__name__}")
+        data = loaded or {}
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(data, key, value)
+    try:
+        return StudyConfig.model_validate(data)
+    except ValidationError as e:
+        source = f"{path}: " if path else ""
+        raise LoraplaceError(f"{source}{_describe(e)}") from None
+    except LoraplaceError as e:
+        raise LoraplaceError(f"{path}: {e}" if path else str(e)) from None

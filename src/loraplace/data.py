@@ -1,0 +1,209 @@
+"""Instruction data: loading (hub or local), prompt formatting, tokenization with label masking,
+a fixed train/eval split, and a dynamic-padding collator.
+
+Rows come in Alpaca form (``instruction``, optional ``input``, ``output``) or chat form
+(``messages``: a list of ``{"role", "content"}``). Alpaca rows become a two-message chat. The
+text is rendered with the tokenizer's chat template when it has one, else with the Alpaca
+prompt template. Labels are the token ids on assistant text and -100 elsewhere (``loss_on:
+response``) or everywhere (``loss_on: all``); padding is always -100.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loraplace import assets
+from loraplace.errors import LoraplaceError
+
+IGNORE_INDEX = -100
+LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+ALPACA_COLUMNS = ("instruction", "output")  # "input" is optional
+CHAT_COLUMN = "messages"
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task{ctx}. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+)
+
+
+def load_rows(dataset: str, allow_fetch: bool = True):
+    """A ``datasets.Dataset`` of raw rows from an embedded alias, local file/folder, or hub id."""
+    import datasets
+
+    if dataset in (assets.EMBEDDED_DATASET, f"embedded:{assets.EMBEDDED_DATASET}"):
+        dataset = str(assets.ensure_dataset(allow_fetch=allow_fetch))
+    path = Path(dataset)
+    try:
+        if path.is_file():
+            builder = LOCAL_BUILDERS.get(path.suffix.lower())
+            if builder is None:
+                raise LoraplaceError(
+                    f"dataset file {dataset!r} has an unsupported extension; use one of "
+                    + ", ".join(LOCAL_BUILDERS)
+                )
+            return datasets.load_dataset(builder, data_files=str(path), split="train")
+        if path.is_dir():
+            return datasets.load_dataset(str(path), split="train")
+        if path.suffix.lower() in LOCAL_BUILDERS or dataset.startswith((".", "/", "~")):
+            raise LoraplaceError(f"dataset file {dataset!r} not found")
+        return datasets.load_dataset(dataset, split="train")
+    except LoraplaceError:
+        raise
+    except Exception as e:  # datasets raises many types (DatasetNotFoundError, ConnectionError, ...)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LoraplaceError(
+            f"could not load dataset {dataset!r}: {first}. Give a hub id (e.g. tatsu-lab/alpaca) or a "
+            "local .json/.jsonl/.csv/.parquet file"
+        ) from None
+
+
+def to_messages(row: dict[str, Any]) -> list[dict[str, str]]:
+    """One row as a chat: Alpaca rows become [user, assistant]."""
+    if CHAT_COLUMN in row and row[CHAT_COLUMN] is not None:
+        return [{"role": m["role"], "content": m["content"]} for m in row[CHAT_COLUMN]]
+    user = row["instruction"].strip()
+    extra = (row.get("input") or "").strip()
+    if extra:
+        user = f"{user}\n\n{extra}"
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"].strip()}]
+
+
+def check_columns(column_names: list[str], dataset: str) -> None:
+    if CHAT_COLUMN in column_names or all(c in column_names for c in ALPACA_COLUMNS):
+        return
+    raise LoraplaceError(
+        f"dataset {dataset!r} has columns {sorted(column_names)}; expected Alpaca columns "
+        "'instruction', 'output' (and optionally 'input') or a chat column 'messages'"
+    )
+
+
+def render(messages: list[dict[str, str]], tokenizer) -> tuple[str, list[tuple[int, int]]]:
+    """The training text of a chat and the character spans of its assistant turns.
+
+    With a chat template, each assistant span is the text that rendering up to and including
+    that turn adds to the rendering of the turns before it with a generation prompt.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prefix = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+            if not (upto.startswith(prefix) and text.startswith(upto)):
+                raise LoraplaceError(
+                    "the tokenizer's chat template does not render turns as prefixes of each other, so "
+                    "response tokens cannot be located; set train.loss_on=all"
+                )
+            spans.append((len(prefix), len(upto)))
+        return text, spans
+    # No chat template: the Alpaca prompt; multi-turn chats are flattened turn by turn.
+    text, spans = tokenizer.bos_token or "", []
+    user_parts: list[str] = []
+    for message in messages:
+        if message["role"] != "assistant":
+            user_parts.append(message["content"])
+            continue
+        text += ALPACA_PROMPT.format(ctx="", instruction="\n\n".join(user_parts), input_block="")
+        start = len(text)
+        text += message["content"] + (tokenizer.eos_token or "")
+        spans.append((start, len(text)))
+        text += "\n\n"
+        user_parts = []
+    return text, spans
+
+
+def tokenize_example(messages, tokenizer, max_length: int, loss_on: str) -> dict[str, list[int]] | None:
+    """``input_ids`` and ``labels`` (lists of length <= max_length) for one chat, or None when
+    truncation leaves no labelled token."""
+    text, spans = render(messages, tokenizer)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=True, max_length=max_length)
+    ids = enc["input_ids"]
+    if loss_on == "all":
+        labels = list(ids)
+    else:
+        labels = [
+            tok if any(s <= start < e for s, e in spans) else IGNORE_INDEX
+            for tok, (start, _end) in zip(ids, enc["offset_mapping"])
+        ]
+    # Position 0 is never a prediction target in a causal LM: require a label after it.
+    if all(label == IGNORE_INDEX for label in labels[1:]):
+        return None
+    return {"input_ids": ids, "labels": labels}
+
+
+@dataclass
+class PreparedData:
+    """Tokenized train and eval splits, identical for every run of a study."""
+
+    train: Any  # datasets.Dataset with input_ids, labels, length
+    eval: Any
+    dropped: int  # examples with no labelled token left after truncation
+    source_rows: int
+
+
+def prepare_data(dataset: str, tokenizer, *, eval_size: int, max_length: int, loss_on: str,
+                 split_seed: int, max_train_examples: int | None = None, allow_fetch: bool = True) -> PreparedData:
+    """Load, split (fixed seed, before tokenization) and tokenize a dataset."""
+    rows = load_rows(dataset, allow_fetch=allow_fetch)
+    check_columns(rows.column_names, dataset)
+    if len(rows) <= eval_size:
+        raise LoraplaceError(
+            f"dataset {dataset!r} has {len(rows)} rows; data.eval_size={eval_size} leaves nothing to train on"
+        )
+    split = rows.train_test_split(test_size=eval_size, seed=split_seed, shuffle=True)
+    train_rows, eval_rows = split["train"], split["test"]
+    if max_train_examples is not None and len(train_rows) > max_train_examples:
+        train_rows = train_rows.select(range(max_train_examples))
+
+    dropped = 0
+
+    def encode(rows_split):
+        nonlocal dropped
+        out: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
+        for row in rows_split:
+            ex = tokenize_example(to_messages(row), tokenizer, max_length, loss_on)
+            if ex is None:
+                dropped += 1
+                continue
+            out["input_ids"].append(ex["input_ids"])
+            out["labels"].append(ex["labels"])
+            out["length"].append(len(ex["input_ids"]))
+        import datasets
+
+        return datasets.Dataset.from_dict(out)
+
+    return PreparedData(train=encode(train_rows), eval=encode(eval_rows), dropped=dropped, source_rows=len(rows))
+
+
+@dataclass
+class PadCollator:
+    """Pads a batch to its longest example (not to max_length): labels with -100, attention mask 0.
+
+    Returns ``input_ids``, ``attention_mask``, ``labels``: each ``(batch, longest)`` int64.
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        longest = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            m = self.pad_to_multiple_of
+            longest = (longest + m - 1) // m * m
+        batch = {
+            "input_ids": torch.full((len(features), longest), self.pad_token_id, dtype=torch.long),
+            "attention_mask": torch.zeros((len(features), longest), dtype=torch.long),
+            "labels": torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long),
+        }
+        for i, f in enumerate(features):
+            n = len(f["input_ids"])
+            batch["input_ids"][i, :n] = torch.as_tensor(f["input_ids"])
+            batch["attention_mask"][i, :n] = 1
+            batch["labels"][i, :n] = torch.as_tensor(f["labels"])
+        return batch

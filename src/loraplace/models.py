@@ -1,0 +1,136 @@
+"""Finding and loading models: the embedded default, local folders, hub ids, and a small
+built-in table of well-known configs so that ``loraplace plan`` works offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from loraplace import assets
+from loraplace.errors import LoraplaceError
+
+# Architecture configs of well-known checkpoints (values from their config.json), so that
+# `loraplace plan` needs neither weights nor network for them.
+KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
+    "microsoft/DialoGPT-small": dict(model_type="gpt2", n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024),
+    "microsoft/DialoGPT-medium": dict(model_type="gpt2", n_embd=1024, n_layer=24, n_head=16, vocab_size=50257, n_positions=1024),
+    "microsoft/DialoGPT-large": dict(model_type="gpt2", n_embd=1280, n_layer=36, n_head=20, vocab_size=50257, n_positions=1024),
+    "gpt2": dict(model_type="gpt2", n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024),
+    "gpt2-medium": dict(model_type="gpt2", n_embd=1024, n_layer=24, n_head=16, vocab_size=50257, n_positions=1024),
+    "HuggingFaceTB/SmolLM2-135M-Instruct": dict(
+        model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
+        max_position_embeddings=8192, head_dim=64,
+    ),
+}
+KNOWN_CONFIGS["openai-community/gpt2"] = KNOWN_CONFIGS["gpt2"]
+KNOWN_CONFIGS["openai-community/gpt2-medium"] = KNOWN_CONFIGS["gpt2-medium"]
+
+
+def resolve_model_path(model: str, allow_fetch: bool = True) -> str:
+    """The path or hub id to hand to ``from_pretrained``; the embedded alias becomes its cache folder."""
+    if model in (assets.EMBEDDED_MODEL, f"embedded:{assets.EMBEDDED_MODEL}"):
+        return str(assets.ensure_model(allow_fetch=allow_fetch))
+    return model
+
+
+def load_config(model: str) -> tuple[Any, str]:
+    """A model's config without weights, and where it came from.
+
+    Order: the embedded model's cache, a local folder, the hub (or its local cache), then the
+    built-in table. Returns ``(config, source)`` with source one of ``"embedded"``, ``"local"``,
+    ``"hub"``, ``"built-in table"``.
+    """
+    from transformers import AutoConfig, CONFIG_MAPPING
+
+    if model in (assets.EMBEDDED_MODEL, f"embedded:{assets.EMBEDDED_MODEL}"):
+        if (assets.model_dir() / ".complete").exists():
+            return AutoConfig.from_pretrained(assets.model_dir()), "embedded"
+        model = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    if Path(model).is_dir():
+        try:
+            return AutoConfig.from_pretrained(model), "local"
+        except (OSError, ValueError) as e:
+            raise LoraplaceError(f"{model} is a folder but holds no readable config.json: {e}") from None
+    # The Hugging Face cache first, then the built-in table, and only then the network (whose
+    # retries take tens of seconds when offline).
+    try:
+        return AutoConfig.from_pretrained(model, local_files_only=True), "hub cache"
+    except (OSError, ValueError):
+        pass
+    if model in KNOWN_CONFIGS:
+        values = dict(KNOWN_CONFIGS[model])
+        return CONFIG_MAPPING[values.pop("model_type")](**values), "built-in table"
+    hub_error: Exception | None = None
+    try:
+        return AutoConfig.from_pretrained(model), "hub"
+    except (OSError, ValueError) as e:
+        hub_error = e
+    known = ", ".join(sorted(KNOWN_CONFIGS))
+    raise LoraplaceError(
+        f"unknown model {model!r}: not a local folder, not reachable on the Hugging Face hub "
+        f"({type(hub_error).__name__}), and not in the built-in table ({known})"
+    )
+
+
+def meta_model(config: Any) -> nn.Module:
+    """The model's module tree with no memory behind its weights (meta device)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """``auto`` picks cuda > mps > cpu; anything else is checked and returned."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise LoraplaceError(f"unknown device {requested!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LoraplaceError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise LoraplaceError("--device mps was asked for but MPS is not available; use --device cpu")
+    return device
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise LoraplaceError(f"could not load the tokenizer of {path!r}: {_first_line(e)}") from None
+    if tokenizer.pad_token is None:
+        # Padding positions never carry a label, so any token id works; eos is the usual choice.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Load a causal LM's weights (float32 by default: adapters train in float32 and the matmuls
+    run under autocast)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as e:
+        where = "local folder" if os.path.isdir(path) else "hub id"
+        raise LoraplaceError(f"could not load model {path!r} ({where}): {_first_line(e)}") from None
+    model.config.use_cache = False
+    return model
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

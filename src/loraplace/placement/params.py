@@ -1,0 +1,49 @@
+"""Parameter counting: the one place where LoRA and model sizes are computed.
+
+A LoRA adapter on a linear map ``W0: in -> out`` adds ``A: (r, in)`` and ``B: (out, r)``,
+i.e. ``r * (in + out)`` trainable parameters (no bias), and computes
+``x -> W0 x + (alpha / r) B A x`` (Hu et al., 2021, arXiv:2106.09685).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def lora_param_count(in_features: int, out_features: int, r: int) -> int:
+    """Trainable parameters of one LoRA adapter: ``r * (in + out)``."""
+    return r * (in_features + out_features)
+
+
+def total_params(model: nn.Module) -> int:
+    """All parameters of a model, shared (tied) tensors counted once. Works on meta tensors."""
+    return sum(p.numel() for p in model.parameters())  # parameters() already deduplicates
+
+
+def trainable_params(model: nn.Module) -> int:
+    """Parameters with ``requires_grad``: what the optimizer updates."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """``(in_features, out_features)`` of a linear-like module, or None.
+
+    Covers ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2 family; weight stored as (in, out)).
+    """
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        weight: torch.Tensor = module.weight
+        return int(weight.shape[0]), int(module.nf)
+    return None
+
+
+def linear_modules(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Every linear-like module of a model: name -> (in_features, out_features), in model order."""
+    found = {}
+    for name, module in model.named_modules():
+        shape = linear_shape(module)
+        if shape is not None:
+            found[name] = shape
+    return found

@@ -1,0 +1,240 @@
+"""One run of a study as a self-contained job: a :class:`RunSpec` goes in, a :class:`RunResult`
+comes out, and the run's files land in its own folder. Nothing here knows about other runs,
+so an executor may run them in any process or on any machine."""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+from pydantic import BaseModel, Field
+
+from loraplace.config import DataSettings, LoraSettings, TrainSettings
+from loraplace.errors import LoraplaceError
+
+RUN_FILES = ("config.json", "modules.json", "train_log.json", "eval_examples.json", "result.json")
+
+
+class RunSpec(BaseModel):
+    """Everything one run needs. ``kind='base'`` evaluates the model without adapters."""
+
+    run_id: str
+    kind: Literal["lora", "base"] = "lora"
+    strategy: str
+    seed: int = 0
+    model: str
+    dataset: str
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    device: str = "auto"
+    run_dir: str
+
+
+class RunResult(BaseModel):
+    """One row of the results table. Counts are exact; times in seconds; memory in MiB."""
+
+    run_id: str
+    kind: Literal["lora", "base"]
+    strategy: str
+    seed: int
+    status: Literal["ok", "failed"]
+    error: str | None = None
+    model: str
+    dataset: str
+    r: int | None = None
+    alpha: float | None = None
+    dropout: float | None = None
+    modules: list[str] = Field(default_factory=list, description="exact names of the adapted modules")
+    roles: list[str] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list)
+    trainable_params: int | None = None
+    total_params: int | None = Field(None, description="base parameters + adapter parameters")
+    base_params: int | None = None
+    trainable_pct: float | None = Field(None, description="trainable / total * 100")
+    # Filled in by the study store (they need other runs): see loraplace.study.store.
+    full_lora_params: int | None = None
+    params_vs_full_pct: float | None = None
+    eval_loss: float | None = None
+    perplexity: float | None = None
+    eval_nll_sum: float | None = None
+    eval_tokens: int | None = None
+    eval_examples: int | None = None
+    delta_eval_loss: float | None = None
+    delta_eval_loss_pct: float | None = None
+    train_time_s: float | None = None
+    train_steps: int | None = None
+    train_real_tokens: int | None = None
+    train_label_tokens: int | None = None
+    train_tokens_per_s: float | None = None
+    final_train_loss: float | None = None
+    eval_time_s: float | None = None
+    peak_memory_mib: float | None = None
+    memory_kind: str | None = None
+    device: str | None = None
+    precision: str | None = None
+    versions: dict[str, str] = Field(default_factory=dict)
+    finished_at: str | None = None
+
+
+class RunContext:
+    """What runs of one process share: the tokenizer, the base model (loaded once and reused:
+    adapters are unloaded after each run) and the tokenized data."""
+
+    def __init__(self, allow_fetch: bool = True):
+        self.allow_fetch = allow_fetch
+        self._models: dict[str, Any] = {}
+        self._tokenizers: dict[str, Any] = {}
+        self._data: dict[tuple, Any] = {}
+
+    def tokenizer(self, model: str):
+        from loraplace.models import load_tokenizer, resolve_model_path
+
+        if model not in self._tokenizers:
+            self._tokenizers[model] = load_tokenizer(resolve_model_path(model, self.allow_fetch))
+        return self._tokenizers[model]
+
+    def base_model(self, model: str, device: torch.device):
+        from loraplace.models import load_causal_lm, resolve_model_path
+
+        key = f"{model}@{device}"
+        if key not in self._models:
+            self._models.clear()  # one base model in memory at a time
+            self._models[key] = load_causal_lm(resolve_model_path(model, self.allow_fetch)).to(device)
+        return self._models[key]
+
+    def data(self, spec: RunSpec):
+        from loraplace.data import prepare_data
+
+        key = (spec.model, spec.dataset, spec.train.max_length, spec.train.loss_on, spec.data.eval_size,
+               spec.data.split_seed, spec.data.max_train_examples)
+        if key not in self._data:
+            self._data[key] = prepare_data(
+                spec.dataset, self.tokenizer(spec.model), eval_size=spec.data.eval_size,
+                max_length=spec.train.max_length, loss_on=spec.train.loss_on, split_seed=spec.data.split_seed,
+                max_train_examples=spec.data.max_train_examples, allow_fetch=self.allow_fetch,
+            )
+        return self._data[key]
+
+
+def wrapped_module_names(peft_model) -> list[str]:
+    """Names (in the base model) of the modules PEFT actually wrapped with LoRA layers."""
+    from peft.tuners.lora import LoraLayer
+
+    base = peft_model.get_base_model()
+    return [name for name, module in base.named_modules() if isinstance(module, LoraLayer)]
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)
+
+
+def execute_run(spec: RunSpec, ctx: RunContext,
+                on_step: Callable[[int, int, float | None], None] | None = None) -> RunResult:
+    """Run one job end to end and write its files into ``spec.run_dir``.
+
+    A run that fails (non-finite loss, out of memory, ...) returns ``status='failed'`` with the
+    reason; input errors (:class:`LoraplaceError`) and Ctrl-C propagate to the caller.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
+
+    from loraplace.data import PadCollator
+    from loraplace.evaluation import evaluate_nll
+    from loraplace.measure import PeakMemory, device_description, library_versions
+    from loraplace.models import pick_device
+    from loraplace.placement import parse_strategy, resolve_placement, total_params, trainable_params
+    from loraplace.training import NonFiniteLoss, autocast_dtype, resolve_precision, train_adapters
+
+    run_dir = Path(spec.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(run_dir / "config.json", spec.model_dump())
+    device = pick_device(spec.device)
+    precision = resolve_precision(spec.train.precision, device)
+    base = ctx.base_model(spec.model, device)
+    tokenizer = ctx.tokenizer(spec.model)
+    data = ctx.data(spec)
+    collator = PadCollator(tokenizer.pad_token_id)
+    base_count = total_params(base)
+    result = dict(
+        run_id=spec.run_id, kind=spec.kind, strategy=spec.strategy, seed=spec.seed, status="ok",
+        model=spec.model, dataset=spec.dataset, base_params=base_count, device=device_description(device),
+        precision=precision, versions=library_versions(),
+    )
+    eval_kwargs = dict(batch_size=spec.train.eval_batch_size, device=device, autocast_dtype=autocast_dtype(precision))
+
+    peft_model = None
+    memory = PeakMemory(device)
+    try:
+        with memory:
+            if spec.kind == "base":
+                result.update(trainable_params=0, total_params=base_count, trainable_pct=0.0)
+                _write_json(run_dir / "modules.json", {"strategy": "base", "modules": []})
+                model = base
+            else:
+                placement = resolve_placement(base, parse_strategy(spec.strategy), spec.lora.r, spec.lora.alpha)
+                _write_json(run_dir / "modules.json", placement.to_dict())
+                set_seed(spec.seed)  # adapter initialisation depends on the seed only
+                peft_model = get_peft_model(base, LoraConfig(
+                    r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
+                    target_modules=placement.module_names, bias="none", task_type="CAUSAL_LM",
+                ))
+                wrapped = wrapped_module_names(peft_model)
+                if set(wrapped) != set(placement.module_names):
+                    extra = sorted(set(wrapped) - set(placement.module_names))[:5]
+                    missing = sorted(set(placement.module_names) - set(wrapped))[:5]
+                    raise LoraplaceError(
+                        f"PEFT wrapped a different module set than planned for {spec.strategy!r}: "
+                        f"unexpected {extra}, missing {missing}"
+                    )
+                trainable = trainable_params(peft_model)
+                if trainable != placement.lora_params:
+                    raise LoraplaceError(
+                        f"trainable parameters {trainable:,} differ from the plan's {placement.lora_params:,}"
+                    )
+                total = total_params(peft_model)
+                result.update(
+                    r=spec.lora.r, alpha=spec.lora.alpha, dropout=spec.lora.dropout,
+                    modules=placement.module_names, roles=placement.roles(), warnings=placement.warnings,
+                    trainable_params=trainable, total_params=total, trainable_pct=100.0 * trainable / total,
+                )
+                outcome = train_adapters(
+                    peft_model, data.train, collator, spec.train, seed=spec.seed, precision=precision,
+                    device=device, output_dir=run_dir / "trainer", on_step=on_step,
+                )
+                _write_json(run_dir / "train_log.json", outcome.log_history)
+                losses = [e["loss"] for e in outcome.log_history if "loss" in e]
+                result.update(
+                    train_time_s=outcome.seconds, train_steps=outcome.steps, train_real_tokens=outcome.real_tokens,
+                    train_label_tokens=outcome.label_tokens, train_tokens_per_s=outcome.tokens_per_second,
+                    final_train_loss=losses[-1] if losses else None,
+                )
+                model = peft_model
+            ev = evaluate_nll(model, data.eval, collator, **eval_kwargs)
+        _write_json(run_dir / "eval_examples.json",
+                    {"nll_sum": ev.nll_sums, "n_tokens": ev.n_tokens, "batch": ev.batch_of})
+        result.update(
+            eval_loss=ev.loss, perplexity=ev.perplexity, eval_nll_sum=ev.nll_sum, eval_tokens=ev.tokens,
+            eval_examples=len(ev.n_tokens), eval_time_s=ev.seconds,
+        )
+    except NonFiniteLoss as e:
+        result.update(status="failed", error=str(e))
+    except (LoraplaceError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # a failed run is recorded and the study goes on
+        result.update(status="failed", error=f"{type(e).__name__}: {e}")
+        (run_dir / "error.txt").write_text(traceback.format_exc())
+    finally:
+        if peft_model is not None:
+            peft_model.unload()  # restores the base modules so the next run reuses the loaded model
+    result.update(peak_memory_mib=memory.peak_mib, memory_kind=memory.kind,
+                  finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    record = RunResult(**result)
+    _write_json(run_dir / "result.json", record.model_dump())
+    return record

@@ -1,0 +1,158 @@
+"""Training one adapter placement with the Hugging Face Trainer.
+
+The Trainer runs the loop; loraplace plugs in through its extension points only:
+
+* ``compute_loss`` (:class:`PlacementTrainer`): summed NLL over labelled tokens from
+  :func:`loraplace.evaluation.token_nll`, which projects to the vocabulary only where a label
+  is, normalised by the labelled tokens of the whole (accumulated) batch;
+* a collator that pads to the longest example, and length-grouped sampling;
+* ``bf16`` autocast where the hardware runs it fast, with float32 adapter weights;
+* a callback for progress, and a non-finite-loss check that fails the run with its reason.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+
+from loraplace.config import TrainSettings
+from loraplace.evaluation import token_nll
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or inf."""
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with bfloat16 matrix instructions (AVX512-BF16 or AMX)."""
+    if platform.system() != "Linux":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` on CUDA with bf16 support and on CPUs with AVX512-BF16/AMX, else ``fp32``."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return "bf16"
+    return "fp32"
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+class PlacementTrainer(Trainer):
+    """Trainer whose loss is the token-weighted mean NLL over labelled tokens (selective logits)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Our compute_loss divides by num_items_in_batch itself: ask the Trainer to count it and not
+        # to divide again by the accumulation steps.
+        self.model_accepts_loss_kwargs = True
+        self.loss_is_scaled_for_ga = True
+        self.real_tokens = 0  # non-padding input tokens seen in training
+        self.label_tokens = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        nll_sum, n_tokens = token_nll(model, inputs)
+        count = n_tokens.sum()
+        denom = num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1)
+        loss = nll_sum.sum() / denom
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"non-finite training loss ({loss.item()}) at step {self.state.global_step}")
+        if model.training:
+            self.real_tokens += int(inputs["attention_mask"].sum())
+            self.label_tokens += int(count)
+        return (loss, None) if return_outputs else loss
+
+
+class _StepHook(TrainerCallback):
+    def __init__(self, on_step: Callable[[int, int, float | None], None]):
+        self.on_step = on_step
+        self.last_loss: float | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.last_loss = float(logs["loss"])
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.on_step(state.global_step, state.max_steps, self.last_loss)
+
+
+@dataclass
+class TrainOutcome:
+    seconds: float
+    steps: int
+    real_tokens: int
+    label_tokens: int
+    log_history: list[dict] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.real_tokens / self.seconds if self.seconds > 0 else math.nan
+
+
+def train_adapters(model: nn.Module, train_dataset, collator, settings: TrainSettings, *, seed: int,
+                   precision: str, device: torch.device, output_dir: Path,
+                   on_step: Callable[[int, int, float | None], None] | None = None) -> TrainOutcome:
+    """Train the adapters of a PEFT-wrapped model for ``settings.max_steps`` optimizer steps.
+
+    The data order depends only on ``seed`` (and the dataset), never on the strategy, so every
+    arm of a study sees the same batches in the same order.
+    """
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        max_steps=settings.max_steps,
+        learning_rate=settings.lr,
+        lr_scheduler_type=settings.scheduler,
+        warmup_steps=settings.warmup_steps,
+        weight_decay=settings.weight_decay,
+        logging_steps=settings.logging_steps,
+        logging_first_step=True,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=list(settings.report_to) or "none",
+        seed=seed,
+        data_seed=seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=device.type == "cpu",
+        train_sampling_strategy="group_by_length",
+        length_column_name="length",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    trainer = PlacementTrainer(
+        model=model, args=args, train_dataset=train_dataset, data_collator=collator,
+        callbacks=[_StepHook(on_step)] if on_step else None,
+    )
+    trainer.remove_callback(PrinterCallback)  # progress and the log go through on_step and log_history
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    return TrainOutcome(
+        seconds=seconds,
+        steps=trainer.state.global_step,
+        real_tokens=trainer.real_tokens,
+        label_tokens=trainer.label_tokens,
+        log_history=list(trainer.state.log_history),
+    )
