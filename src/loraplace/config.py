@@ -40,6 +40,9 @@ class TrainSettings(_Strict):
     )
     eval_batch_size: int = Field(16, ge=1, description="Examples per evaluation batch (no gradients).")
     logging_steps: int = Field(5, ge=1)
+    eval_every: int = Field(
+        20, ge=0, description="Also evaluate every N optimizer steps for eval-loss curves (0: only at the end)."
+    )
     report_to: list[str] = Field(default_factory=list, description="Trainer loggers (tensorboard, wandb, mlflow).")
 
 

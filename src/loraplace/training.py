@@ -95,6 +95,19 @@ class _StepHook(TrainerCallback):
         self.on_step(state.global_step, state.max_steps, self.last_loss)
 
 
+class _PeriodicEval(TrainerCallback):
+    """Appends ``{"step", "eval_loss"}`` to the log every ``every`` steps (not at the last step:
+    the run's final evaluation covers it)."""
+
+    def __init__(self, every: int, eval_loss: Callable[[], float]):
+        self.every = every
+        self.eval_loss = eval_loss
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0 and state.global_step < state.max_steps:
+            state.log_history.append({"step": state.global_step, "eval_loss": self.eval_loss()})
+
+
 @dataclass
 class TrainOutcome:
     seconds: float
@@ -110,8 +123,12 @@ class TrainOutcome:
 
 def train_adapters(model: nn.Module, train_dataset, collator, settings: TrainSettings, *, seed: int,
                    precision: str, device: torch.device, output_dir: Path,
-                   on_step: Callable[[int, int, float | None], None] | None = None) -> TrainOutcome:
+                   on_step: Callable[[int, int, float | None], None] | None = None,
+                   eval_loss: Callable[[], float] | None = None) -> TrainOutcome:
     """Train the adapters of a PEFT-wrapped model for ``settings.max_steps`` optimizer steps.
+
+    ``eval_loss`` (called every ``settings.eval_every`` steps when given) returns the held-out loss
+    for the eval-loss curve; its time is not excluded from ``seconds``.
 
     The data order depends only on ``seed`` (and the dataset), never on the strategy, so every
     arm of a study sees the same batches in the same order.
@@ -145,6 +162,8 @@ def train_adapters(model: nn.Module, train_dataset, collator, settings: TrainSet
         model=model, args=args, train_dataset=train_dataset, data_collator=collator,
         callbacks=[_StepHook(on_step)] if on_step else None,
     )
+    if eval_loss is not None and settings.eval_every:
+        trainer.add_callback(_PeriodicEval(settings.eval_every, eval_loss))
     trainer.remove_callback(PrinterCallback)  # progress and the log go through on_step and log_history
     start = time.perf_counter()
     trainer.train()
