@@ -1,0 +1,123 @@
+import json
+
+import pytest
+import torch
+
+from loraplace.data import (
+    IGNORE_INDEX, PadCollator, check_columns, load_rows, prepare_data, render, to_messages, tokenize_example,
+)
+from loraplace.errors import LoraplaceError
+
+from conftest import alpaca_rows, make_tokenizer
+
+
+def test_alpaca_row_becomes_a_two_turn_chat():
+    assert to_messages({"instruction": "Add 1 and 2.", "input": "Be brief.", "output": " 3 "}) == [
+        {"role": "user", "content": "Add 1 and 2.\n\nBe brief."},
+        {"role": "assistant", "content": "3"},
+    ]
+    assert to_messages({"instruction": "Hi", "input": "", "output": "Hello"})[0]["content"] == "Hi"
+
+
+def test_response_only_labels_cover_exactly_the_assistant_turn():
+    tok = make_tokenizer()
+    messages = [{"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "The answer is 5."}]
+    ex = tokenize_example(messages, tok, max_length=128, loss_on="response")
+    labelled = [t for t, label in zip(ex["input_ids"], ex["labels"]) if label != IGNORE_INDEX]
+    # The labelled tokens decode to the response plus the end-of-turn marker: the model learns to stop.
+    assert tok.decode(labelled) == "The answer is 5.<|im_end|>\n"
+    assert all(label in (IGNORE_INDEX, t) for t, label in zip(ex["input_ids"], ex["labels"]))
+    prompt = tok.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    assert tok.decode(ex["input_ids"]).startswith(prompt)
+
+
+def test_all_tokens_loss_labels_everything():
+    tok = make_tokenizer()
+    messages = [{"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "5"}]
+    ex = tokenize_example(messages, tok, max_length=128, loss_on="all")
+    assert ex["labels"] == ex["input_ids"]
+
+
+def test_multi_turn_chat_labels_every_assistant_turn():
+    tok = make_tokenizer()
+    messages = [{"role": "user", "content": "Add 1 and 1."}, {"role": "assistant", "content": "2"},
+                {"role": "user", "content": "Add 2 and 2."}, {"role": "assistant", "content": "4"}]
+    ex = tokenize_example(messages, tok, max_length=256, loss_on="response")
+    labelled = tok.decode([t for t, label in zip(ex["input_ids"], ex["labels"]) if label != IGNORE_INDEX])
+    assert labelled == "2<|im_end|>\n4<|im_end|>\n"
+
+
+def test_alpaca_template_without_chat_template():
+    tok = make_tokenizer(chat_template=None)
+    text, spans = render([{"role": "user", "content": "Add 1 and 2."}, {"role": "assistant", "content": "3"}], tok)
+    assert "### Instruction:\nAdd 1 and 2.\n\n### Response:\n" in text
+    assert [text[s:e] for s, e in spans] == ["3" + tok.eos_token]
+
+
+def test_truncation_that_leaves_no_label_drops_the_example():
+    tok = make_tokenizer()
+    messages = [{"role": "user", "content": "Add 1 and 2. " * 40}, {"role": "assistant", "content": "3"}]
+    assert tokenize_example(messages, tok, max_length=16, loss_on="response") is None
+
+
+def test_split_is_fixed_and_disjoint(alpaca_file):
+    tok = make_tokenizer()
+    a = prepare_data(str(alpaca_file), tok, eval_size=8, max_length=64, loss_on="response", split_seed=1)
+    b = prepare_data(str(alpaca_file), tok, eval_size=8, max_length=64, loss_on="response", split_seed=1)
+    assert len(a.eval) == 8 and len(a.train) == 40
+    assert a.eval["input_ids"] == b.eval["input_ids"] and a.train["input_ids"] == b.train["input_ids"]
+    assert not {tuple(x) for x in a.eval["input_ids"]} & {tuple(x) for x in a.train["input_ids"]}
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_local_formats_load(tmp_path, suffix):
+    import pandas as pd
+
+    path = tmp_path / f"rows{suffix}"
+    frame = pd.DataFrame(alpaca_rows(12))
+    {".jsonl": lambda: frame.to_json(path, orient="records", lines=True),
+     ".csv": lambda: frame.to_csv(path, index=False),
+     ".parquet": lambda: frame.to_parquet(path)}[suffix]()
+    rows = load_rows(str(path))
+    assert len(rows) == 12 and set(rows.column_names) >= {"instruction", "output"}
+
+
+def test_chat_form_dataset(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"Add {i} and 1."},
+                                                       {"role": "assistant", "content": str(i + 1)}]})
+                              for i in range(20)))
+    data = prepare_data(str(path), make_tokenizer(), eval_size=4, max_length=64, loss_on="response", split_seed=0)
+    assert len(data.train) == 16
+
+
+def test_missing_columns_name_the_expected_ones(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps([{"prompt": "x", "completion": "y"}] * 5))
+    with pytest.raises(LoraplaceError, match=r"columns \['completion', 'prompt'\]; expected Alpaca columns "
+                                             r"'instruction', 'output'.*'messages'"):
+        prepare_data(str(path), make_tokenizer(), eval_size=1, max_length=64, loss_on="response", split_seed=0)
+    with pytest.raises(LoraplaceError, match="columns"):
+        check_columns(["text"], "x")
+
+
+def test_missing_file_and_unknown_dataset(tmp_path):
+    with pytest.raises(LoraplaceError, match="not found"):
+        load_rows(str(tmp_path / "nope.json"))
+    with pytest.raises(LoraplaceError, match="unsupported extension"):
+        (tmp_path / "rows.txt").write_text("x")
+        load_rows(str(tmp_path / "rows.txt"))
+
+
+def test_eval_size_must_leave_training_rows(alpaca_file):
+    with pytest.raises(LoraplaceError, match="leaves nothing to train on"):
+        prepare_data(str(alpaca_file), make_tokenizer(), eval_size=48, max_length=64, loss_on="response", split_seed=0)
+
+
+def test_collator_pads_to_longest_with_ignored_labels():
+    batch = PadCollator(pad_token_id=0)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+                                         {"input_ids": [8], "labels": [8]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["input_ids"].dtype == torch.long

@@ -1,0 +1,177 @@
+"""End-to-end studies on tiny random-init models: files, metrics, resume, failures."""
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from loraplace.cli import app
+from loraplace.study.runs import RUN_FILES
+
+runner = CliRunner()
+FAST = ["train.max_steps=2", "train.batch_size=4", "data.eval_size=8", "train.eval_every=1", "train.logging_steps=1"]
+
+
+def run_cli(*args):
+    result = runner.invoke(app, ["run", *args])
+    return result, result.output
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tiny_llama_dir, tmp_path_factory):
+    from conftest import alpaca_rows
+
+    data = tmp_path_factory.mktemp("data") / "alpaca.json"
+    data.write_text(json.dumps(alpaca_rows()))
+    out = tmp_path_factory.mktemp("study") / "s"
+    result, output = run_cli("--model", str(tiny_llama_dir), "--dataset", str(data), "-o", str(out), *FAST)
+    assert result.exit_code == 0, output
+    return out, data
+
+
+def test_study_writes_every_file(tiny_study):
+    out, _ = tiny_study
+    for name in ("study.yaml", "results.json", "results.csv", "results.md"):
+        assert (out / name).is_file(), name
+    for run_id in ("base", "full-s0", "attention-s0", "ffn-s0"):
+        for name in RUN_FILES:
+            if run_id == "base" and name == "train_log.json":
+                continue  # the base row only evaluates
+            assert (out / "runs" / run_id / name).is_file(), (run_id, name)
+
+
+def test_every_metric_is_recorded_and_consistent(tiny_study):
+    out, _ = tiny_study
+    runs = {r["run_id"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    assert list(runs) == ["base", "full-s0", "attention-s0", "ffn-s0"]
+    for r in runs.values():
+        assert r["status"] == "ok", r
+        # perplexity is exp of the token-weighted mean NLL, from the same sums
+        assert r["eval_loss"] == pytest.approx(r["eval_nll_sum"] / r["eval_tokens"], rel=1e-12)
+        assert r["perplexity"] == pytest.approx(math.exp(r["eval_loss"]), rel=1e-12)
+        examples = json.loads((out / "runs" / r["run_id"] / "eval_examples.json").read_text())
+        assert sum(examples["n_tokens"]) == r["eval_tokens"]
+        assert sum(examples["nll_sum"]) == pytest.approx(r["eval_nll_sum"], rel=1e-9)
+        assert r["peak_memory_mib"] > 0 and r["memory_kind"] == "rss" and r["device"].startswith("cpu")
+        assert r["versions"]["torch"] == torch.__version__ and r["eval_time_s"] > 0
+    # the same eval tokens for every run
+    assert len({r["eval_tokens"] for r in runs.values()}) == 1
+    full, attn, ffn = runs["full-s0"], runs["attention-s0"], runs["ffn-s0"]
+    # hidden 32, intermediate 64, 4 heads of 8, 2 KV heads (k/v out 16), 2 layers, r=16:
+    # attention: q 16*(32+32) + k 16*(32+16) + v 16*(32+16) + o 16*(32+32) = 3,584 per layer
+    # ffn: gate 16*(32+64) + up 16*(32+64) + down 16*(64+32) = 4,608 per layer
+    assert attn["trainable_params"] == 2 * 3584
+    assert ffn["trainable_params"] == 2 * 4608
+    assert full["trainable_params"] == attn["trainable_params"] + ffn["trainable_params"]
+    assert full["trainable_pct"] == pytest.approx(100 * full["trainable_params"] / full["total_params"])
+    assert full["total_params"] == full["base_params"] + full["trainable_params"]
+    assert attn["params_vs_full_pct"] == pytest.approx(100 * 7168 / 16384)
+    assert attn["delta_eval_loss"] == pytest.approx(attn["eval_loss"] - full["eval_loss"])
+    assert attn["delta_eval_loss_pct"] == pytest.approx(100 * attn["delta_eval_loss"] / full["eval_loss"])
+    assert full["train_steps"] == 2 and full["train_real_tokens"] > 0
+    assert full["train_tokens_per_s"] == pytest.approx(full["train_real_tokens"] / full["train_time_s"])
+    assert runs["base"]["trainable_params"] == 0 and runs["base"]["train_time_s"] is None
+
+
+def test_module_lists_match_their_labels(tiny_study):
+    out, _ = tiny_study
+    runs = {r["run_id"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    attn = {f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qkvo"}
+    ffn = {f"model.layers.{i}.mlp.{p}_proj" for i in range(2) for p in ("gate", "up", "down")}
+    assert set(runs["attention-s0"]["modules"]) == attn
+    assert set(runs["ffn-s0"]["modules"]) == ffn
+    assert set(runs["full-s0"]["modules"]) == attn | ffn
+    modules = json.loads((out / "runs" / "attention-s0" / "modules.json").read_text())
+    assert {m["role"] for m in modules["modules"]} == {"attn.q", "attn.k", "attn.v", "attn.o"}
+
+
+def test_train_log_has_loss_and_eval_curves(tiny_study):
+    out, _ = tiny_study
+    log = json.loads((out / "runs" / "full-s0" / "train_log.json").read_text())
+    assert [e["step"] for e in log if "loss" in e] == [1, 2]
+    assert [e["step"] for e in log if "eval_loss" in e] == [1]  # the last step is the final eval
+
+
+def test_results_table_lists_every_run(tiny_study):
+    out, _ = tiny_study
+    table = (out / "results.md").read_text()
+    for run_id in ("base", "full-s0", "attention-s0", "ffn-s0"):
+        assert f"| {run_id} | ok |" in table
+    header = (out / "results.csv").read_text().splitlines()[0]
+    assert header.startswith("run_id,strategy,seed,status")
+
+
+def test_runs_are_deterministic_under_a_fixed_seed(tiny_study, tmp_path):
+    from loraplace.config import load_study
+    from loraplace.study.executor import LocalExecutor
+    from loraplace.study.store import run_specs
+
+    out, data = tiny_study
+    first = json.loads((out / "results.json").read_text())["runs"]
+    config = load_study(out / "study.yaml", {"strategies": ["attention"], "include_base": False, "output": str(tmp_path)})
+    (again,) = list(LocalExecutor().submit(run_specs(config, tmp_path)))
+    ref = next(r for r in first if r["run_id"] == "attention-s0")
+    assert again.eval_loss == pytest.approx(ref["eval_loss"], abs=1e-6)
+    assert again.final_train_loss == pytest.approx(ref["final_train_loss"], abs=1e-6)
+
+
+def test_resume_skips_finished_runs(tiny_study, tmp_path):
+    import shutil
+
+    out, data = tiny_study
+    copy = tmp_path / "s"
+    shutil.copytree(out, copy)
+    # Simulate a study interrupted after two runs: drop the last two from results.json.
+    payload = json.loads((copy / "results.json").read_text())
+    kept = payload["runs"][:2]
+    payload["runs"] = kept
+    (copy / "results.json").write_text(json.dumps(payload))
+    model = payload["study"]["model"]
+    result, output = run_cli("--model", model, "--dataset", str(data), "-o", str(copy), "--resume", *FAST)
+    assert result.exit_code == 0, output
+    assert "4 runs (2 already finished)" in output
+    runs = json.loads((copy / "results.json").read_text())["runs"]
+    assert [r["run_id"] for r in runs] == ["base", "full-s0", "attention-s0", "ffn-s0"]
+    assert runs[:2] == [{**k, **{f: runs[i][f] for f in ("params_vs_full_pct", "delta_eval_loss",
+                                                          "delta_eval_loss_pct", "full_lora_params")}}
+                        for i, k in enumerate(kept)]
+
+
+def test_existing_study_needs_resume_and_the_same_config(tiny_study):
+    out, data = tiny_study
+    model = json.loads((out / "results.json").read_text())["study"]["model"]
+    result, output = run_cli("--model", model, "--dataset", str(data), "-o", str(out), *FAST)
+    assert result.exit_code == 2 and "already holds a study; pass --resume" in output
+    result, output = run_cli("--model", model, "--dataset", str(data), "-o", str(out), "--resume", *FAST, "lora.r=4")
+    assert result.exit_code == 2 and "different config" in output
+
+
+def test_nonfinite_loss_fails_the_run_and_the_study_goes_on(tiny_llama_dir, alpaca_file, tmp_path):
+    out = tmp_path / "s"
+    # lr=1e30 makes the adapters (and the loss) overflow within a few steps.
+    result, output = run_cli("--model", str(tiny_llama_dir), "--dataset", str(alpaca_file), "-o", str(out),
+                             "train.max_steps=6", "data.eval_size=8", "train.lr=1e30", "strategies=full,ffn",
+                             "train.precision=fp32", "train.eval_every=0")
+    assert result.exit_code == 0, output
+    runs = {r["run_id"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    assert runs["base"]["status"] == "ok"
+    for run_id in ("full-s0", "ffn-s0"):
+        assert runs[run_id]["status"] == "failed"
+        assert "non-finite training loss" in runs[run_id]["error"]
+    assert "failed: non-finite training loss" in (out / "results.md").read_text()
+
+
+def test_gpt2_conv1d_study_runs(tiny_gpt2_dir, alpaca_file, tmp_path):
+    out = tmp_path / "s"
+    result, output = run_cli("--model", str(tiny_gpt2_dir), "--dataset", str(alpaca_file), "-o", str(out),
+                             "strategies=attention,paper-attention", "include_base=false", *FAST)
+    assert result.exit_code == 0, output
+    runs = {r["run_id"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    assert set(runs["attention-s0"]["modules"]) == {f"transformer.h.{i}.attn.{m}" for i in range(2)
+                                                    for m in ("c_attn", "c_proj")}
+    # the paper's literal list also adapts the FFN down-projection, and says so
+    assert set(runs["paper-attention-s0"]["modules"]) == set(runs["attention-s0"]["modules"]) | {
+        f"transformer.h.{i}.mlp.c_proj" for i in range(2)}
+    assert any("mlp.c_proj" in w for w in runs["paper-attention-s0"]["warnings"])
