@@ -1,0 +1,209 @@
+"""``loraplace report``: from stored study folders to tables (Markdown, CSV, LaTeX), figures
+(PNG 300 dpi + SVG), ``report.md`` and a self-contained ``report.html``.
+
+Everything is computed from the stored files (results.json and each run's folder); nothing is
+re-run. Several study folders merge into one comparison; arms whose eval sets are identical are
+compared pairwise, others side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+from loraplace.errors import LoraplaceError
+from loraplace.report import doc, figures, tables
+from loraplace.report.analysis import build_arms, build_groups
+from loraplace.report.doc import Bullets, Heading, Para
+from loraplace.report.load import load_studies
+from loraplace.report.perplexity import OPTIONAL_FIELDS, diagnose, explain
+from loraplace.report.recommend import recommendations
+from loraplace.report.stats import DEFAULT_RESAMPLES
+
+__all__ = ["write_report", "default_report_dir"]
+
+
+def default_report_dir(study_dirs: list[Path]) -> Path:
+    """``STUDY_DIR/report`` for one study; next to the studies, named after them, for several."""
+    dirs = [Path(d) for d in study_dirs]
+    if len(dirs) == 1:
+        return dirs[0] / "report"
+    parent = Path(*_common_parts([d.resolve() for d in dirs]))
+    name = "report-" + "-vs-".join(re.sub(r"[^A-Za-z0-9_.-]+", "_", d.name) for d in dirs)
+    return parent / name[:120]
+
+
+def _common_parts(paths: list[Path]) -> list[str]:
+    parts = list(paths[0].parent.parts)
+    for p in paths[1:]:
+        other = list(p.parent.parts)
+        n = 0
+        while n < min(len(parts), len(other)) and parts[n] == other[n]:
+            n += 1
+        parts = parts[:n]
+    return parts or ["."]
+
+
+def _parse_budget(budget) -> int | None:
+    if budget is None or isinstance(budget, int):
+        return budget
+    return parse_budget(str(budget))
+
+
+def parse_budget(text: str) -> int:
+    """``"2M"``, ``"500k"``, ``"1e6"``, ``"12,000"`` -> trainable-parameter count."""
+    t = text.strip().replace(",", "").replace("_", "")
+    mult = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}.get(t[-1:].lower(), None)
+    try:
+        value = float(t[:-1]) * mult if mult else float(t)
+    except ValueError:
+        raise LoraplaceError(f"--budget {text!r} is not a parameter count; use e.g. 500000, 500k, 2M or 1e6") from None
+    if value <= 0:
+        raise LoraplaceError(f"--budget must be positive, got {text!r}")
+    return int(value)
+
+
+def write_report(study_dirs: list[Path], out_dir: Path | None = None, budget: int | None = None,
+                 resamples: int = DEFAULT_RESAMPLES) -> Path:
+    """Write the report of one or several study folders and return the path of ``report.html``
+    (``report.md``, ``tables/`` and ``figures/`` lie next to it).
+
+    Args:
+        study_dirs: study folders written by ``loraplace run`` (each holds results.json).
+        out_dir: where to write; default :func:`default_report_dir`.
+        budget: trainable-parameter budget for the "best within budget" recommendation.
+        resamples: bootstrap draws per paired comparison.
+
+    Raises:
+        LoraplaceError: a folder is missing or holds no results.
+    """
+    studies = load_studies([Path(d) for d in study_dirs])
+    budget = _parse_budget(budget)
+    out = Path(out_dir) if out_dir is not None else default_report_dir([s.dir for s in studies])
+    fig_dir, tab_dir = out / "figures", out / "tables"
+    for d in (fig_dir, tab_dir):
+        d.mkdir(parents=True, exist_ok=True)
+
+    arms = build_arms(studies)
+    groups = build_groups(studies, arms, resamples=resamples)
+    several_groups = len(groups) > 1
+    title = "LoRA placement report: " + ", ".join(s.label for s in studies)
+    blocks: list = [Heading(1, title)]
+    versions = next((r.result.versions for s in studies for r in s.runs if r.result.versions), {})
+    blocks.append(Para(
+        f"Generated {time.strftime('%Y-%m-%d %H:%M')} by loraplace {versions.get('loraplace', '')} from the stored "
+        "results of " + ", ".join(f"`{s.dir}`" for s in studies) + " (nothing re-run). Eval loss is the token-weighted "
+        "mean negative log-likelihood in nats per token on the held-out split, lower is better; "
+        "perplexity = exp(eval loss)."
+    ))
+    if several_groups:
+        blocks.append(Para(
+            "These studies do not share an eval set (different data, split or tokenization), so their eval losses are "
+            "not on the same scale: comparisons, fronts and recommendations are made within each group of "
+            "comparable studies (" + "; ".join(f"**{g.name}**" for g in groups) + "), and figures only place them "
+            "side by side."
+        ))
+
+    # ---- recommendations
+    blocks.append(Heading(2, "Recommendations", "recommendations"))
+    all_recs = {}
+    for g in groups:
+        if several_groups:
+            blocks.append(Heading(3, f"Group: {g.name}"))
+        recs = recommendations(g, budget)
+        all_recs[g.name] = [r.__dict__ for r in recs]
+        blocks.append(Bullets([f"**{r.title}.** {r.text}" for r in recs] or ["No successful LoRA runs to compare."]))
+    blocks.append(Para(
+        "How to read these: a difference counts as real when its paired-bootstrap 95% CI excludes zero (p < 0.05, "
+        "unadjusted, pairwise); otherwise the data cannot separate the two options, and more seeds or a larger eval "
+        "set would be needed to tell them apart."
+    ))
+
+    # ---- tables
+    blocks.append(Heading(2, "Results per strategy", "results"))
+    written = [tables.summary_table(arms)]
+    blocks.append(written[-1])
+    blocks.append(Heading(2, "Paired comparisons", "comparisons"))
+    any_comp = False
+    for g in groups:
+        t = tables.comparison_table(g, several_groups)
+        if t is not None:
+            any_comp = True
+            written.append(t)
+            blocks.append(t)
+    if not any_comp:
+        blocks.append(Para("No paired comparison was possible (fewer than two successful arms with per-example "
+                           "eval data)."))
+
+    # ---- figures
+    blocks.append(Heading(2, "Figures", "figures"))
+    figs = figures.all_figures(groups, arms, fig_dir)
+    blocks += figs or [Para("Nothing to plot: no successful runs.")]
+
+    # ---- perplexity methodology
+    blocks.append(Heading(2, "Perplexity methodology check", "perplexity"))
+    blocks.append(Para(
+        "loraplace reports perplexity = exp(Σᵢ nllᵢ / Σᵢ nᵢ): the exponential of the token-weighted mean NLL over "
+        "the response tokens of the eval split. Below, the same per-example NLLs are aggregated the common wrong ways. "
+        "Averaging exponentials (per batch or per example) can only raise the value (Jensen's inequality), which is "
+        "the usual cause of a \"perplexity higher than exp(loss)\" observation."
+    ))
+    missing_any = False
+    for s in studies:
+        res = tables.perplexity_table(s, arms)
+        if res is None:
+            blocks.append(Para(f"{s.label}: no per-example eval data stored; the check needs eval_examples.json."))
+            continue
+        t, per_run = res
+        if len(studies) > 1:
+            blocks.append(Heading(3, s.label))
+        written.append(t)
+        blocks.append(t)
+        lora_run = next(((a, r, aggs) for a, r, aggs in per_run if a.kind == "lora"), per_run[0])
+        d = diagnose(lora_run[2])
+        blocks.append(Para(f"On run `{lora_run[1].result.run_id}`: " + explain(d)))
+        stored = lora_run[1].result.perplexity
+        if stored is not None and abs(stored / d.correct - 1) > 1e-6:
+            blocks.append(Para(f"**Warning:** the stored perplexity of `{lora_run[1].result.run_id}` ({stored:.6g}) "
+                               f"differs from exp(token-weighted mean NLL) of its stored examples ({d.correct:.6g})."))
+        missing_any = missing_any or bool(d.missing)
+    if missing_any:
+        blocks.append(Para("The prompt- and padding-token variants need per-example fields that this study's evaluation "
+                           "did not record in eval_examples.json: " +
+                           "; ".join(f"`{k}` ({v})" for k, v in OPTIONAL_FIELDS.items()) + "."))
+
+    # ---- setup, runs, method
+    blocks.append(Heading(2, "Setup", "setup"))
+    written.append(tables.setup_table(studies))
+    blocks.append(written[-1])
+    blocks.append(Heading(2, "All runs", "runs"))
+    written.append(tables.runs_table(studies))
+    blocks.append(written[-1])
+    blocks.append(Heading(2, "Methods", "methods"))
+    blocks.append(Bullets([
+        "Seeds: every strategy is trained once per seed; the seed sets the adapter initialisation and the data order "
+        "(the same order for every strategy of a seed). Mean ± sd and a 95% t-distribution CI over seeds "
+        "(mean ± t₀.₉₇₅,ₙ₋₁·sd/√n) are shown; with one seed the CI is undefined and shown as such.",
+        "Paired comparisons: the eval set is identical for every run of a study, so per-example NLLs are paired. "
+        f"A paired bootstrap ({resamples:,} resamples) draws eval examples with replacement (the same draw for both "
+        "arms and every seed) and, with several seeds, seeds with replacement; each draw recomputes the "
+        "token-weighted eval losses and their difference. CI: 2.5th–97.5th percentile; p: two-sided, from the "
+        "bootstrap distribution centred on the null. Holm's method adjusts the comparisons against the reference.",
+        "Pareto front: strategies for which no other is both cheaper (trainable parameters, or mean training time) and "
+        "lower in mean eval loss. Knee: the front point farthest below the chord joining the front's ends, with "
+        "parameters on a log scale and both axes scaled to [0, 1].",
+        "Throughput: non-pad training tokens per second of wall-clock training time (periodic evaluation included).",
+    ]))
+
+    # ---- write
+    for t in written:
+        (tab_dir / f"{t.name}.md").write_text(doc.table_markdown(t))
+        (tab_dir / f"{t.name}.csv").write_text(doc.table_csv(t))
+        (tab_dir / f"{t.name}.tex").write_text(doc.table_latex(t))
+    (out / "recommendations.json").write_text(json.dumps(all_recs, indent=2, default=str))
+    (out / "report.md").write_text(doc.to_markdown(blocks, out))
+    html_path = out / "report.html"
+    html_path.write_text(doc.to_html(blocks, title))
+    return html_path
