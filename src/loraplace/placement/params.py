@@ -11,9 +11,14 @@ import torch
 from torch import nn
 
 
-def lora_param_count(in_features: int, out_features: int, r: int) -> int:
-    """Trainable parameters of one LoRA adapter: ``r * (in + out)``."""
-    return r * (in_features + out_features)
+def lora_param_count(in_features: int, out_features: int, r: int, experts: int = 1) -> int:
+    """Trainable parameters of one LoRA adapter: ``r * (in + out)``.
+
+    ``experts`` > 1 is a mixture-of-experts parameter of shape (experts, out, in): PEFT gives
+    every expert its own rank-r pair (``A: (r * experts, in)``, ``B: (out, r * experts)``).
+    An ``nn.Embedding(num, dim)`` adapter is ``r * (num + dim)``: pass num as in_features.
+    """
+    return experts * r * (in_features + out_features)
 
 
 def total_params(model: nn.Module) -> int:

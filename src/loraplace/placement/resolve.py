@@ -6,6 +6,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from typing import Any
 
 from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
@@ -13,8 +14,8 @@ from torch import nn
 
 from loraplace.errors import LoraplaceError
 from loraplace.placement.params import linear_modules, lora_param_count
-from loraplace.placement.roles import ArchitectureRoles, group_of, roles_for
-from loraplace.placement.strategies import Strategy
+from loraplace.placement.roles import ALL_ROLES, OUTER_ROLES, ArchitectureRoles, group_of, roles_for
+from loraplace.placement.strategies import Strategy, Term
 
 # "<stack>.<layer index>.<path inside the block>", e.g. "model.layers.7.self_attn.q_proj".
 _BLOCK_NAME = re.compile(r"^(?P<stack>.+?)\.(?P<layer>\d+)\.(?P<rel>.+)$")
@@ -22,15 +23,20 @@ _BLOCK_NAME = re.compile(r"^(?P<stack>.+?)\.(?P<layer>\d+)\.(?P<rel>.+)$")
 
 @dataclass(frozen=True)
 class AdaptedModule:
-    """One module that receives a LoRA adapter.
+    """One module (or MoE expert parameter) that receives a LoRA adapter.
 
     Attributes:
-        name: exact module name in the base model (``model.layers.0.self_attn.q_proj``).
+        name: exact module name in the base model (``model.layers.0.self_attn.q_proj``); for an
+            expert parameter, the parameter's name (``model.layers.0.mlp.experts.down_proj``).
         role: its role (``attn.q``), or ``"?"`` when a literal strategy hits a module no role
             table covers.
-        layer: block index, or None for modules outside the block stack.
-        in_features, out_features: the linear map's shape.
+        layer: block index within its stack, or None for modules outside the block stack.
+        in_features, out_features: the linear map's shape (num_embeddings, dim for ``embed``).
         r, alpha: the adapter's rank and scaling numerator.
+        stack: the block stack's module path (``model.layers``; ``encoder.block`` and
+            ``decoder.block`` in T5), or None outside the blocks.
+        num_experts: experts sharing this parameter (1 for an ordinary module).
+        is_parameter: True for an expert parameter (PEFT ``target_parameters``), False for a module.
     """
 
     name: str
@@ -40,25 +46,52 @@ class AdaptedModule:
     out_features: int
     r: int
     alpha: float
+    stack: str | None = None
+    num_experts: int = 1
+    is_parameter: bool = False
 
     @property
     def params(self) -> int:
-        return lora_param_count(self.in_features, self.out_features, self.r)
+        return lora_param_count(self.in_features, self.out_features, self.r, self.num_experts)
+
+    @property
+    def size(self) -> int:
+        """Parameters per unit of rank: ``experts * (in + out)``."""
+        return lora_param_count(self.in_features, self.out_features, 1, self.num_experts)
 
 
 @dataclass
 class Placement:
-    """A strategy resolved on one model: exact module names, roles, ranks and counts."""
+    """A strategy resolved on one model: exact module names, roles, ranks and counts.
+
+    Attributes:
+        strategy, family: the strategy spec and the role table's family.
+        modules: the adapted modules in model order.
+        num_layers: the model's block count (of the encoder, for encoder-decoder models).
+        warnings: things a person should read before training (suffix matches, inferred roles).
+        stacks: block stack path -> number of blocks (two entries for encoder-decoder models).
+        available_roles: roles this model has, in display order (the columns of the matrix).
+        budget: for a budget-matched placement, the reference, target and achieved counts.
+    """
 
     strategy: str
     family: str
     modules: list[AdaptedModule]
     num_layers: int
     warnings: list[str] = field(default_factory=list)
+    stacks: dict[str, int] = field(default_factory=dict)
+    available_roles: list[str] = field(default_factory=list)
+    budget: dict[str, Any] | None = None
 
     @property
     def module_names(self) -> list[str]:
-        return [m.name for m in self.modules]
+        """Names of adapted modules (PEFT ``target_modules``), expert parameters excluded."""
+        return [m.name for m in self.modules if not m.is_parameter]
+
+    @property
+    def parameter_names(self) -> list[str]:
+        """Names of adapted expert parameters (PEFT ``target_parameters``)."""
+        return [m.name for m in self.modules if m.is_parameter]
 
     @property
     def lora_params(self) -> int:
@@ -69,23 +102,75 @@ class Placement:
         """Adapted roles in first-seen order."""
         return list(dict.fromkeys(m.role for m in self.modules))
 
+    def ranks(self) -> dict[str, list[int]]:
+        """role -> the distinct ranks its modules got, ascending."""
+        out: dict[str, set[int]] = defaultdict(set)
+        for m in self.modules:
+            out[m.role].add(m.r)
+        return {role: sorted(out[role]) for role in self.roles()}
+
     def by_role(self) -> dict[str, list[int | None]]:
-        """role -> sorted layer indices adapted for that role."""
+        """role -> sorted layer indices adapted for that role (all stacks together)."""
         out: dict[str, list[int | None]] = defaultdict(list)
         for m in self.modules:
             out[m.role].append(m.layer)
         return {k: sorted(v, key=lambda x: -1 if x is None else x) for k, v in out.items()}
+
+    def matrix(self) -> dict[str, Any]:
+        """The layer x role view: which role is adapted in which layer, and at which rank.
+
+        Returns:
+            ``{"columns": [role, ...], "rows": [{"stack", "layers": "0-11", "cells": {role: rank
+            or None}}]}``; consecutive layers with identical cells share one row; modules outside
+            the blocks (embed, lm_head) form a last row with stack None and layers ``"-"``. A cell
+            holds ``"8/16"`` when a role's modules in one layer got different ranks.
+        """
+        adapted_roles = set(self.roles())
+        columns = [r for r in self.available_roles if r not in OUTER_ROLES or r in adapted_roles]
+        columns += [r for r in self.roles() if r not in columns]
+        cells: dict[tuple[str | None, int | None], dict[str, set[int]]] = defaultdict(lambda: defaultdict(set))
+        for m in self.modules:
+            cells[(m.stack, m.layer)][m.role].add(m.r)
+
+        def row_cells(key) -> dict[str, Any]:
+            found = cells.get(key, {})
+            out = {}
+            for role in columns:
+                ranks = sorted(found.get(role, ()))
+                out[role] = None if not ranks else ranks[0] if len(ranks) == 1 else "/".join(map(str, ranks))
+            return out
+
+        rows: list[dict[str, Any]] = []
+        for stack, count in self.stacks.items():
+            run_start, run_cells = 0, row_cells((stack, 0))
+            for layer in range(1, count + 1):
+                current = row_cells((stack, layer)) if layer < count else None
+                if current != run_cells:
+                    span = f"{run_start}-{layer - 1}" if layer - 1 > run_start else f"{run_start}"
+                    rows.append({"stack": stack, "layers": span, "cells": run_cells})
+                    run_start, run_cells = layer, current  # type: ignore[assignment]
+        outer = [k for k in cells if k[1] is None]
+        if outer:
+            merged: dict[str, Any] = {role: None for role in columns}
+            for key in outer:
+                merged.update({r: v for r, v in row_cells(key).items() if v is not None})
+            rows.append({"stack": None, "layers": "-", "cells": merged})
+        return {"columns": columns, "rows": rows}
 
     def to_dict(self) -> dict:
         return {
             "strategy": self.strategy,
             "family": self.family,
             "num_layers": self.num_layers,
+            "stacks": dict(self.stacks),
             "lora_params": self.lora_params,
+            "ranks": self.ranks(),
+            "budget": self.budget,
             "warnings": list(self.warnings),
             "modules": [
-                {"name": m.name, "role": m.role, "layer": m.layer, "in_features": m.in_features,
-                 "out_features": m.out_features, "r": m.r, "alpha": m.alpha}
+                {"name": m.name, "role": m.role, "stack": m.stack, "layer": m.layer, "in_features": m.in_features,
+                 "out_features": m.out_features, "num_experts": m.num_experts, "is_parameter": m.is_parameter,
+                 "r": m.r, "alpha": m.alpha, "params": m.params}
                 for m in self.modules
             ],
         }
@@ -99,17 +184,80 @@ def model_type_of(model: nn.Module) -> str:
     return model_type
 
 
-def module_roles(model: nn.Module, table: ArchitectureRoles) -> dict[str, tuple[str, int | None]]:
-    """Every linear module that has a role: name -> (role, layer index)."""
-    roles = {}
-    for name in linear_modules(model):
+@dataclass(frozen=True)
+class _Candidate:
+    name: str
+    role: str
+    stack: str | None
+    layer: int | None
+    in_features: int
+    out_features: int
+    num_experts: int = 1
+    is_parameter: bool = False
+
+
+def _module_name_of(model: nn.Module, target: nn.Module | None) -> str | None:
+    if target is None:
+        return None
+    for name, module in model.named_modules():
+        if module is target:
+            return name
+    return None
+
+
+def _candidates(model: nn.Module, table: ArchitectureRoles) -> list[_Candidate]:
+    """Every module (and expert parameter) that has a role, in model order."""
+    found: list[_Candidate] = []
+    for name, (in_f, out_f) in linear_modules(model).items():
         match = _BLOCK_NAME.match(name)
         if not match:
             continue
         role = table.role_of(match["rel"])
         if role is not None:
-            roles[name] = (role, int(match["layer"]))
-    return roles
+            found.append(_Candidate(name, role, match["stack"], int(match["layer"]), in_f, out_f))
+    if table.expert_params:
+        modules = dict(model.named_modules())
+        for name, param in model.named_parameters():
+            match = _BLOCK_NAME.match(name)
+            role = table.expert_role_of(match["rel"]) if match else None
+            if role is None or param.dim() != 3:
+                continue
+            owner = modules[name.rpartition(".")[0]]
+            experts, first, second = (int(x) for x in param.shape)
+            # PEFT's rule (lora.ParamWrapper): (experts, out, in) unless the module says it
+            # stores (experts, in, out) with ``is_transposed``.
+            in_f, out_f = (first, second) if getattr(owner, "is_transposed", False) else (second, first)
+            found.append(_Candidate(name, role, match["stack"], int(match["layer"]), in_f, out_f, experts, True))
+    # Opt-in roles outside the blocks: the input embedding and the output projection.
+    get_in = getattr(model, "get_input_embeddings", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    embed = get_in() if callable(get_in) else None
+    head = get_out() if callable(get_out) else None
+    embed_name = _module_name_of(model, embed)
+    if embed_name and isinstance(embed, nn.Embedding):
+        found.append(_Candidate(embed_name, "embed", None, None, embed.num_embeddings, embed.embedding_dim))
+    head_name = _module_name_of(model, head)
+    shapes = linear_modules(model)
+    if head_name and head_name in shapes:
+        found.append(_Candidate(head_name, "lm_head", None, None, *shapes[head_name]))
+    order = {name: i for i, name in enumerate(n for n, _ in model.named_modules())}
+    # Stable sort: expert parameters of one module keep their registration order.
+    return sorted(found, key=lambda c: order.get(c.name, order.get(c.name.rpartition(".")[0], 0)))
+
+
+def module_roles(model: nn.Module, table: ArchitectureRoles) -> dict[str, tuple[str, int | None]]:
+    """Every linear module (or expert parameter) that has a role: name -> (role, layer index)."""
+    return {c.name: (c.role, c.layer) for c in _candidates(model, table)}
+
+
+def _stacks(model: nn.Module) -> dict[str, int]:
+    """Block stack path -> number of blocks, from the names of the model's linear modules."""
+    stacks: dict[str, int] = {}
+    for name in linear_modules(model):
+        match = _BLOCK_NAME.match(name)
+        if match:
+            stacks[match["stack"]] = max(stacks.get(match["stack"], 0), int(match["layer"]) + 1)
+    return stacks
 
 
 def _num_layers(model: nn.Module) -> int:
@@ -130,34 +278,98 @@ def _no_match_error(strategy: Strategy, model: nn.Module) -> LoraplaceError:
     )
 
 
+def _term_error(strategy: Strategy, term: Term, model: nn.Module, available: list[str], family: str) -> LoraplaceError:
+    names = list(linear_modules(model))
+    shown = ", ".join(names[:40]) + (f", ... ({len(names)} in all)" if len(names) > 40 else "")
+    part = f" in its term {term.text!r}" if len(strategy.terms) > 1 else ""
+    layers = f" in layers {term.layers.text}" if term.layers is not None else ""
+    return LoraplaceError(
+        f"strategy {strategy.name!r} matches no module of this {model_type_of(model)} model{part} "
+        f"(roles {', '.join(term.roles)}{layers}); pick roles it has: {', '.join(available)} "
+        f"(role table {family}); its linear modules are: {shown}"
+    )
+
+
+def _table(model: nn.Module, model_type: str, warnings: list[str]) -> ArchitectureRoles:
+    from loraplace.placement.infer import infer_roles
+
+    try:
+        return roles_for(model_type)
+    except LoraplaceError:
+        table = infer_roles(model, model_type)  # raises, listing the linear modules, when unsure
+    mapping = "; ".join(f"{role}: {', '.join(paths)}" for role, paths in table.roles.items())
+    warnings.append(
+        f"model_type {model_type!r} has no role table: roles were inferred from the module tree ({mapping}); "
+        "check them against the model before training"
+    )
+    return table
+
+
+def _term_selects(term: Term, candidates: list[_Candidate], stacks: dict[str, int], strategy: str) -> list[_Candidate]:
+    allowed: dict[str, set[int]] = {}
+    if term.layers is not None:
+        for stack, count in stacks.items():
+            context = f"strategy {strategy!r}" + (f", stack {stack}" if len(stacks) > 1 else "")
+            allowed[stack] = set(term.layers.layers(count, context))
+    picked = []
+    for c in candidates:
+        if not any(fnmatchcase(c.role, p) for p in term.roles):
+            continue
+        if term.layers is not None and (c.stack is None or c.layer not in allowed.get(c.stack, ())):
+            continue  # modules outside the blocks have no layer index to select
+        picked.append(c)
+    return picked
+
+
 def resolve_placement(model: nn.Module, strategy: Strategy, r: int, alpha: float) -> Placement:
     """Resolve ``strategy`` on ``model`` (real or meta weights) to exact adapted modules.
 
-    Role-based strategies use the architecture's role table; literal strategies apply PEFT's own
-    ``target_modules`` matching rule to every linear module, so the result is what PEFT adapts.
+    Role-based strategies use the architecture's role table (inferred from the module tree,
+    with a warning, when none is written); each term's roles, layers and rank/alpha are
+    applied in order, a later term overriding an earlier one's rank. Literal strategies apply
+    PEFT's own ``target_modules`` matching rule to every linear module, so the result is what
+    PEFT adapts.
+
+    Args:
+        model: a transformers model (weights may be on the meta device).
+        strategy: from :func:`parse_strategy`.
+        r, alpha: rank and alpha for terms that do not set their own.
+
+    Returns:
+        A :class:`Placement` whose modules are in model order.
 
     Raises:
-        LoraplaceError: unknown architecture, or the strategy matches nothing.
+        LoraplaceError: unknown architecture whose roles cannot be inferred, a term that selects
+            nothing, or a layer selection beyond the model's blocks.
     """
     shapes = linear_modules(model)
     model_type = model_type_of(model)
     warnings: list[str] = []
-    try:
-        table: ArchitectureRoles | None = roles_for(model_type)
-    except LoraplaceError:
-        if not strategy.is_literal:
-            raise
-        table = None
-    roles = module_roles(model, table) if table else {}
+    stacks = _stacks(model)
+    if strategy.is_literal:
+        try:
+            table: ArchitectureRoles | None = roles_for(model_type)
+        except LoraplaceError:
+            table = None
+    else:
+        table = _table(model, model_type, warnings)
+    candidates = _candidates(model, table) if table else []
+    by_name = {c.name: c for c in candidates}
+    available = [role for role in ALL_ROLES if any(c.role == role for c in candidates)]
 
-    selected: list[str] = []
+    chosen: dict[str, tuple[_Candidate, int, float]] = {}
     if strategy.is_literal:
         config = LoraConfig(target_modules=list(strategy.peft_targets or ()))
-        selected = [name for name in shapes if check_target_module_exists(config, name)]
+        for name in shapes:
+            if check_target_module_exists(config, name):
+                match = _BLOCK_NAME.match(name)
+                chosen[name] = (by_name.get(name) or _Candidate(
+                    name, "?", match["stack"] if match else None, int(match["layer"]) if match else None, *shapes[name]
+                ), r, alpha)
         # Say plainly what each literal target matched, by role: the paper draft's mistake.
         for target in strategy.peft_targets or ():
-            hits = [n for n in selected if n == target or n.endswith("." + target)]
-            hit_roles = sorted({roles.get(n, ("?", None))[0] for n in hits})
+            hits = [n for n in chosen if n == target or n.endswith("." + target)]
+            hit_roles = sorted({chosen[n][0].role for n in hits})
             groups = sorted({group_of(role) or role for role in hit_roles})
             if len(groups) > 1:
                 warnings.append(
@@ -166,28 +378,33 @@ def resolve_placement(model: nn.Module, strategy: Strategy, r: int, alpha: float
                     f"target_modules by name suffix: {len(hits)} modules, e.g. "
                     + ", ".join(sorted({_relative(h) for h in hits}))
                 )
+        if not chosen:
+            raise _no_match_error(strategy, model)
     else:
-        patterns = strategy.roles
-        selected = [
-            name for name, (role, _) in roles.items() if any(fnmatchcase(role, p) for p in patterns)
-        ]
-    if not selected:
-        raise _no_match_error(strategy, model)
+        assert table is not None
+        for term in strategy.terms:
+            picked = _term_selects(term, candidates, stacks, strategy.name)
+            if not picked:
+                raise _term_error(strategy, term, model, available, table.family)
+            for c in picked:
+                chosen[c.name] = (c, term.r if term.r is not None else r, term.alpha if term.alpha is not None else alpha)
 
-    modules = []
-    for name in selected:
-        role, layer = roles.get(name, ("?", None))
-        if layer is None:
-            match = _BLOCK_NAME.match(name)
-            layer = int(match["layer"]) if match else None
-        in_f, out_f = shapes[name]
-        modules.append(AdaptedModule(name, role, layer, in_f, out_f, r, alpha))
+    # Model order: literal matches were collected in module order already.
+    order = {name: i for i, name in enumerate(c.name for c in candidates)}
+    names = list(chosen) if strategy.is_literal else sorted(chosen, key=order.__getitem__)
+    modules = [
+        AdaptedModule(c.name, c.role, c.layer, c.in_features, c.out_features, mr, ma, c.stack, c.num_experts,
+                      c.is_parameter)
+        for c, mr, ma in (chosen[n] for n in names)
+    ]
     return Placement(
         strategy=strategy.name,
         family=table.family if table else model_type,
         modules=modules,
         num_layers=_num_layers(model),
         warnings=warnings,
+        stacks=stacks,
+        available_roles=available,
     )
 
 

@@ -1,10 +1,26 @@
 """Placement strategies: which roles (or, for the paper draft's arms, which literal PEFT
-target strings) get an adapter.
+target strings) get an adapter, in which layers, with which rank.
 
 Two kinds exist:
 
-* role-based strategies (``full``, ``attention``, ``ffn``, ``qv``, ...) select roles from
-  :mod:`loraplace.placement.roles` and are resolved to exact module names;
+* role-based strategies select roles from :mod:`loraplace.placement.roles` and are resolved
+  to exact module names. They are written in a small language, the same in YAML and on the
+  command line::
+
+      strategy  := term ("+" term)*
+      term      := selector ["@" layers] ["[" options "]"]      (layers and options in any order)
+      selector  := name ("|" name)*     a built-in name (full, attention, ffn, qv, ...), a group
+                                        (attention, cross-attention, ffn), a role (attn.q) or a
+                                        role pattern (attn.*); embed and lm_head are opt-in roles
+      layers    := item ("," item)*     all | first:K | last:K | A-B | N | every:N[:OFFSET]
+                                        K is a count, or a fraction of the stack: 1/2, 0.25, 50%
+      options   := r=INT and/or alpha=NUMBER, comma-separated
+
+  Examples: ``attention@last:12``, ``ffn[r=8]+attention[r=16]``, ``qv@0-11``,
+  ``full@last:1/2``, ``attn.q|attn.v@every:2[r=4]``. Where terms overlap, the later term's
+  rank and alpha win. Layers count within each block stack (an encoder-decoder model's
+  encoder and decoder are selected separately, with the same rule).
+
 * literal strategies (``paper-full``, ``paper-attention``, ``paper-ffn``) reproduce the paper
   draft's ``target_modules`` lists *with PEFT's own suffix-matching rule*, so that the plan
   shows what those lists really adapted (GPT-2's ``c_proj`` matches both ``attn.c_proj`` and
@@ -13,9 +29,95 @@ Two kinds exist:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from fractions import Fraction
 
 from loraplace.errors import LoraplaceError
+from loraplace.placement.roles import ALL_ROLES
+
+LAYER_SYNTAX = "all, first:K, last:K, A-B, N, every:N or every:N:OFFSET (K a count or a fraction: 1/2, 0.25, 50%)"
+
+
+@dataclass(frozen=True)
+class LayerSelection:
+    """Which blocks of a stack a term adapts.
+
+    Attributes:
+        text: the selection as written (``"last:12"``, ``"0-3,8"``).
+        items: parsed items, unioned: ``("all",)``, ``("first", K)``, ``("last", K)`` (K an int
+            or a Fraction of the stack), ``("range", a, b)`` (inclusive), ``("every", n, offset)``.
+    """
+
+    text: str
+    items: tuple[tuple, ...]
+
+    def layers(self, num_layers: int, context: str = "") -> list[int]:
+        """The sorted layer indices this selection picks in a stack of ``num_layers`` blocks.
+
+        Raises:
+            LoraplaceError: an index or count beyond the stack, or a fraction that selects nothing.
+        """
+        where = f" in {context}" if context else ""
+        chosen: set[int] = set()
+        for item in self.items:
+            kind = item[0]
+            if kind == "all":
+                chosen.update(range(num_layers))
+            elif kind in ("first", "last"):
+                k = item[1]
+                if isinstance(k, Fraction):
+                    count = int(k * num_layers + Fraction(1, 2))  # round half up
+                    if count == 0:
+                        raise LoraplaceError(
+                            f"layer selection {self.text!r}{where}: {kind}:{k} of {num_layers} layers selects no "
+                            f"layer; use a larger fraction or a count like {kind}:1"
+                        )
+                else:
+                    count = k
+                    if count > num_layers:
+                        raise LoraplaceError(
+                            f"layer selection {self.text!r}{where}: {kind}:{k} asks for {k} layers but the model "
+                            f"has {num_layers} (0-{num_layers - 1})"
+                        )
+                chosen.update(range(count) if kind == "first" else range(num_layers - count, num_layers))
+            elif kind == "range":
+                a, b = item[1], item[2]
+                if b >= num_layers:
+                    shown = f"{a}-{b}" if a != b else f"{a}"
+                    raise LoraplaceError(
+                        f"layer selection {self.text!r}{where}: {shown} names layer {b} but the model has "
+                        f"{num_layers} layers (0-{num_layers - 1})"
+                    )
+                chosen.update(range(a, b + 1))
+            elif kind == "every":
+                n, offset = item[1], item[2]
+                if offset >= num_layers:
+                    raise LoraplaceError(
+                        f"layer selection {self.text!r}{where}: offset {offset} is beyond the model's "
+                        f"{num_layers} layers (0-{num_layers - 1})"
+                    )
+                chosen.update(range(offset, num_layers, n))
+        return sorted(chosen)
+
+
+@dataclass(frozen=True)
+class Term:
+    """One ``+``-separated part of a strategy: roles, optional layers, optional rank/alpha.
+
+    Attributes:
+        text: the term as written (``"attention@last:12[r=16]"``).
+        roles: role patterns (``"attn.*"``, ``"attn.q"``, ``"embed"``).
+        layers: the layer selection, or None for every layer.
+        r, alpha: per-term rank and alpha; None means the study's ``lora.r`` / ``lora.alpha``.
+    """
+
+    text: str
+    roles: tuple[str, ...]
+    layers: LayerSelection | None = None
+    r: int | None = None
+    alpha: float | None = None
 
 
 @dataclass(frozen=True)
@@ -23,32 +125,53 @@ class Strategy:
     """One arm of a placement study.
 
     Attributes:
-        name: the spec the user wrote (``"attention"``); also the run label.
-        roles: role patterns for role-based strategies; ``"attn.*"`` selects every
-            attention role the architecture has. Empty for literal strategies.
+        name: the spec the user wrote, without spaces (``"attention@last:12"``); also the run label.
+        roles: role patterns of all terms together (``"attn.*"`` selects every attention role
+            the architecture has). Empty for literal strategies.
         peft_targets: literal PEFT ``target_modules`` strings (suffix-matched), or None.
         description: one line for tables and ``--help``.
+        terms: the parsed terms; a strategy built from ``roles`` alone gets one term with them.
     """
 
     name: str
     roles: tuple[str, ...] = ()
     peft_targets: tuple[str, ...] | None = None
     description: str = ""
+    terms: tuple[Term, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.terms and self.roles:
+            object.__setattr__(self, "terms", (Term(self.name, tuple(self.roles)),))
+        if self.terms and not self.roles:
+            object.__setattr__(self, "roles", tuple(dict.fromkeys(p for t in self.terms for p in t.roles)))
 
     @property
     def is_literal(self) -> bool:
         return self.peft_targets is not None
 
+    @property
+    def has_fixed_ranks(self) -> bool:
+        """True when every term sets its own ``r=`` (nothing is left for budget matching to choose)."""
+        return bool(self.terms) and all(t.r is not None for t in self.terms)
+
+
+_ROLE_STRATEGIES = (
+    Strategy("full", ("attn.*", "xattn.*", "mlp.*"),
+             description="every attention (self and cross) and feed-forward linear layer"),
+    Strategy("attention", ("attn.*", "xattn.*"),
+             description="attention projections only (q, k, v, o or fused qkv, o; cross-attention too)"),
+    Strategy("self-attention", ("attn.*",), description="self-attention projections only"),
+    Strategy("cross-attention", ("xattn.*",), description="cross-attention projections only (encoder-decoder)"),
+    Strategy("ffn", ("mlp.*",), description="feed-forward (MLP) projections only; MoE experts count as FFN"),
+    Strategy("qv", ("attn.q", "attn.v"), description="query and value projections, as in the LoRA paper"),
+    Strategy("attn-o", ("attn.o",), description="attention output projection only"),
+    Strategy("mlp-down", ("mlp.down",), description="FFN down projection only"),
+)
 
 BUILTIN_STRATEGIES: dict[str, Strategy] = {
     s.name: s
     for s in (
-        Strategy("full", ("attn.*", "mlp.*"), description="every attention and feed-forward linear layer"),
-        Strategy("attention", ("attn.*",), description="attention projections only (q, k, v, o or fused qkv, o)"),
-        Strategy("ffn", ("mlp.*",), description="feed-forward (MLP) projections only"),
-        Strategy("qv", ("attn.q", "attn.v"), description="query and value projections, as in the LoRA paper"),
-        Strategy("attn-o", ("attn.o",), description="attention output projection only"),
-        Strategy("mlp-down", ("mlp.down",), description="FFN down projection only"),
+        *_ROLE_STRATEGIES,
         Strategy(
             "paper-full",
             peft_targets=("c_attn", "c_proj", "c_fc"),
@@ -67,23 +190,204 @@ BUILTIN_STRATEGIES: dict[str, Strategy] = {
     )
 }
 
+_SELECTOR_NAMES: dict[str, tuple[str, ...]] = {s.name: s.roles for s in _ROLE_STRATEGIES}
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.*?-]*")
 
-def parse_strategy(spec: str) -> Strategy:
-    """A strategy from its name.
+
+def _error(spec: str, part: str, position: int, problem: str, expected: str) -> LoraplaceError:
+    return LoraplaceError(
+        f"invalid strategy {spec!r}: {problem} at {part!r} (character {position + 1}); expected {expected}"
+    )
+
+
+def _parse_selector(spec: str, text: str, offset: int) -> tuple[str, ...]:
+    patterns: list[str] = []
+    pos = offset
+    for name in text.split("|"):
+        if name in _SELECTOR_NAMES:
+            patterns.extend(_SELECTOR_NAMES[name])
+        elif name in BUILTIN_STRATEGIES:
+            raise _error(spec, name, pos, "the literal strategy cannot be combined with other terms, layers or ranks",
+                         f"{name} on its own")
+        elif _NAME.fullmatch(name) and any(fnmatchcase(role, name) for role in ALL_ROLES):
+            patterns.append(name)
+        else:
+            raise _error(
+                spec, name, pos, "unknown role or strategy name",
+                f"one of {', '.join(_SELECTOR_NAMES)}, a role ({', '.join(ALL_ROLES)}) or a pattern like attn.*",
+            )
+        pos += len(name) + 1
+    return tuple(dict.fromkeys(patterns))
+
+
+def _parse_count(spec: str, text: str, pos: int) -> int | Fraction:
+    try:
+        if text.isdigit():
+            value: int | Fraction = int(text)
+            if value == 0:
+                raise ValueError
+            return value
+        if text.endswith("%"):
+            frac = Fraction(text[:-1]) / 100
+        else:
+            frac = Fraction(text)
+    except (ValueError, ZeroDivisionError):
+        raise _error(spec, text, pos, "not a layer count or fraction", "a count >= 1 or a fraction in (0, 1]: "
+                     "1/2, 0.25, 50%") from None
+    if not 0 < frac <= 1:
+        raise _error(spec, text, pos, "fraction outside (0, 1]", "a fraction like 1/2, 0.25 or 50%")
+    return frac
+
+
+def parse_layers(spec: str, text: str, offset: int = 0) -> LayerSelection:
+    """A :class:`LayerSelection` from its text (the part after ``@``).
 
     Raises:
-        LoraplaceError: unknown name; the message lists the built-in ones.
+        LoraplaceError: naming the offending item and its position in ``spec``.
     """
-    spec = spec.strip()
+    items: list[tuple] = []
+    pos = offset
+    if not text:
+        raise _error(spec, "@", offset - 1, "empty layer selection", LAYER_SYNTAX)
+    for item in text.split(","):
+        if item == "all":
+            items.append(("all",))
+        elif m := re.fullmatch(r"(first|last):(.+)", item):
+            items.append((m[1], _parse_count(spec, m[2], pos + len(m[1]) + 1)))
+        elif m := re.fullmatch(r"(\d+)(?:-(\d+))?", item):
+            a, b = int(m[1]), int(m[2] if m[2] is not None else m[1])
+            if b < a:
+                raise _error(spec, item, pos, "range ends before it starts", f"A-B with A <= B, e.g. {b}-{a}")
+            items.append(("range", a, b))
+        elif m := re.fullmatch(r"every:(\d+)(?::(\d+))?", item):
+            n, start = int(m[1]), int(m[2] or 0)
+            if n == 0:
+                raise _error(spec, item, pos, "every:0 selects nothing", "every:N with N >= 1")
+            items.append(("every", n, start))
+        else:
+            raise _error(spec, item, pos, "unknown layer selection", LAYER_SYNTAX)
+        pos += len(item) + 1
+    return LayerSelection(text, tuple(items))
+
+
+def _parse_options(spec: str, text: str, offset: int) -> tuple[int | None, float | None]:
+    r: int | None = None
+    alpha: float | None = None
+    pos = offset
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if key == "r" and value.isdigit() and int(value) >= 1:
+            r = int(value)
+        elif key == "alpha":
+            try:
+                alpha = float(value)
+            except ValueError:
+                alpha = None
+            if alpha is None or not alpha > 0:
+                raise _error(spec, item, pos, "alpha must be a positive number", "alpha=16 or alpha=0.5")
+        elif key == "r":
+            raise _error(spec, item, pos, "rank must be a whole number >= 1", "r=8")
+        else:
+            raise _error(spec, item, pos, "unknown option", "r=INT and/or alpha=NUMBER, e.g. [r=8,alpha=16]")
+        pos += len(item) + 1
+    return r, alpha
+
+
+def _split_top_level(text: str, separator: str) -> list[tuple[str, int]]:
+    """Split on ``separator`` outside ``[...]``; returns (part, start offset) pairs."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        elif ch == separator and depth == 0:
+            parts.append((text[start:i], start))
+            start = i + 1
+    parts.append((text[start:], start))
+    return parts
+
+
+def _parse_term(spec: str, text: str, offset: int) -> Term:
+    m = re.match(r"[^@\[\]]*", text)
+    selector = m.group(0) if m else ""
+    if not selector:
+        raise _error(spec, text or "+", offset, "missing role or strategy name",
+                     "a name before @ or [, e.g. attention@last:4")
+    roles = _parse_selector(spec, selector, offset)
+    rest, pos = text[len(selector):], offset + len(selector)
+    layers: LayerSelection | None = None
+    r = alpha = None
+    seen: set[str] = set()
+    while rest:
+        if rest[0] == "@" and "@" not in seen:
+            seen.add("@")
+            body = re.match(r"[^@\[\]]*", rest[1:]).group(0)  # type: ignore[union-attr]
+            layers = parse_layers(spec, body, pos + 1)
+            used = 1 + len(body)
+        elif rest[0] == "[" and "[" not in seen and "]" in rest:
+            seen.add("[")
+            body = rest[1:rest.index("]")]
+            r, alpha = _parse_options(spec, body, pos + 1)
+            used = len(body) + 2
+        else:
+            raise _error(spec, rest, pos, "unexpected text", "at most one @LAYERS and one [OPTIONS] after the name")
+        rest, pos = rest[used:], pos + used
+    return Term(text, roles, layers, r, alpha)
+
+
+def parse_strategy(spec: str) -> Strategy:
+    """A strategy from its spec: a built-in name or a composition in the strategy language.
+
+    Raises:
+        LoraplaceError: unknown name or malformed spec; the message quotes the offending part,
+            its position, and what was expected.
+    """
+    spec = "".join(spec.split())
     if spec in BUILTIN_STRATEGIES:
         return BUILTIN_STRATEGIES[spec]
-    known = ", ".join(BUILTIN_STRATEGIES)
-    raise LoraplaceError(f"unknown strategy {spec!r}; built-in strategies: {known}")
+    if not spec:
+        raise LoraplaceError("empty strategy; built-in strategies: " + ", ".join(BUILTIN_STRATEGIES))
+    if spec.count("[") != spec.count("]"):
+        raise _error(spec, spec, 0, "unbalanced brackets", "[OPTIONS] like [r=8]")
+    terms = tuple(_parse_term(spec, text, offset) for text, offset in _split_top_level(spec, "+"))
+    description = " + ".join(_describe(t) for t in terms)
+    return Strategy(spec, terms=terms, description=description)
+
+
+def _describe(term: Term) -> str:
+    text = "|".join(term.roles)
+    if term.layers is not None:
+        text += f" in layers {term.layers.text}"
+    if term.r is not None:
+        text += f", r={term.r}"
+    if term.alpha is not None:
+        text += f", alpha={term.alpha:g}"
+    return text
+
+
+def split_strategy_list(text: str) -> list[str]:
+    """Split a comma-separated list of strategies.
+
+    A comma inside ``[...]`` or followed by a digit (a layer list like ``qv@0,3,5``) does not
+    separate strategies: no strategy name starts with a digit.
+    """
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        elif ch == "," and depth == 0 and not text[i + 1:].lstrip()[:1].isdigit():
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [p.strip() for p in parts if p.strip()]
 
 
 def parse_strategies(specs: str | list[str]) -> list[Strategy]:
     """Strategies from a comma-separated string or a list; rejects duplicates."""
-    items = [s for s in (specs.split(",") if isinstance(specs, str) else specs) if s.strip()]
+    items = split_strategy_list(specs) if isinstance(specs, str) else [s for s in specs if s.strip()]
     if not items:
         raise LoraplaceError("no strategies given; e.g. --strategies full,attention,ffn")
     strategies = [parse_strategy(s) for s in items]
