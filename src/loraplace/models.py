@@ -77,12 +77,24 @@ def load_config(model: str) -> tuple[Any, str]:
     )
 
 
-def meta_model(config: Any) -> nn.Module:
-    """The model's module tree with no memory behind its weights (meta device)."""
-    from transformers import AutoModelForCausalLM
+# Encoder-only architectures: planned (and trained) with a sequence-classification head.
+ENCODER_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "albert", "deberta", "deberta-v2")
 
+
+def meta_model(config: Any) -> nn.Module:
+    """The model's module tree with no memory behind its weights (meta device): a causal LM, a
+    seq2seq LM for encoder-decoder configs (T5, BART), a sequence classifier for encoder-only
+    ones (BERT, RoBERTa)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+
+    if getattr(config, "is_encoder_decoder", False):
+        auto = AutoModelForSeq2SeqLM
+    elif getattr(config, "model_type", None) in ENCODER_MODEL_TYPES:
+        auto = AutoModelForSequenceClassification
+    else:
+        auto = AutoModelForCausalLM
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return auto.from_config(config)
 
 
 def pick_device(requested: str = "auto") -> torch.device:
