@@ -195,6 +195,8 @@ def _curve(arm: Arm, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | No
     per_seed = []
     for r in arm.runs:
         pts = {int(e["step"]): float(e[key]) for e in r.train_log if key in e and "step" in e}
+        if key == "eval_loss" and r.result.train_steps and r.result.eval_loss is not None:
+            pts.setdefault(int(r.result.train_steps), float(r.result.eval_loss))  # the final evaluation
         if pts:
             per_seed.append(pts)
     if not per_seed:

@@ -11,7 +11,7 @@ from typing import Any
 
 from loraplace.report import fmt
 from loraplace.report.analysis import Arm, Group
-from loraplace.report.stats import ALPHA
+from loraplace.report.stats import ALPHA, fmt_p, welch_p
 
 
 @dataclass
@@ -154,6 +154,13 @@ def dominated(g: Group, cost: str) -> Recommendation | None:
         else:
             cost_text = (f"training time {fmt.interval(b.train_time, 1, sd=False)} s vs "
                          f"{fmt.interval(a.train_time, 1, sd=False)} s")
+            p_time = welch_p([r.result.train_time_s for r in b.runs], [r.result.train_time_s for r in a.runs])
+            if p_time is None:
+                cost_text += " (one seed: the time difference is untested)"
+            elif p_time >= ALPHA:
+                cost_text += f" (the time difference is within run-to-run variation: Welch p = {p_time:.2f})"
+            else:
+                cost_text += f" (Welch p = {fmt_p(p_time)})"
         verdict = ("the loss gap is significant" if sig else
                    f"the data cannot separate their losses, but **{b.key}** is no worse and costs no more"
                    if sig is False else "the loss gap is untested (no paired per-example data)")

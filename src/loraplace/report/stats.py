@@ -153,6 +153,16 @@ def paired_bootstrap(nll_a, tok_a, nll_b, tok_b, *, resamples: int = DEFAULT_RES
     )
 
 
+def welch_p(a: Sequence[float | None], b: Sequence[float | None]) -> float | None:
+    """Two-sided Welch t-test p-value of two independent samples (None below two values each)."""
+    x = [v for v in a if v is not None]
+    y = [v for v in b if v is not None]
+    if len(x) < 2 or len(y) < 2:
+        return None
+    p = float(sps.ttest_ind(x, y, equal_var=False).pvalue)
+    return p if math.isfinite(p) else None
+
+
 def holm(p_values: Sequence[float]) -> list[float]:
     """Holm-Bonferroni adjusted p-values (step-down, monotone, capped at 1)."""
     p = np.asarray(p_values, dtype=float)

@@ -65,8 +65,11 @@ def comparison_table(g: Group, several_groups: bool) -> Table | None:
     for c in comps:
         sig = c.significant()
         verdict = ("n.s. (cannot separate)" if not sig else "better" if c.diff < 0 else "worse")
+        p_holm = fmt_p(c.p_adjusted)
+        if fmt_p(c.p_value, c.resamples).startswith("<"):  # the raw p is only a bound: so is Holm's
+            p_holm = "<" + p_holm if c.p_adjusted < 1 else p_holm
         rows.append([c.a, fmt.diff(c.diff), f"[{fmt.diff(c.low)}, {fmt.diff(c.high)}]", fmt_p(c.p_value, c.resamples),
-                     fmt_p(c.p_adjusted, c.resamples), verdict, ",".join(map(str, c.seeds)), str(c.examples)])
+                     p_holm, verdict, ",".join(map(str, c.seeds)), str(c.examples)])
         records.append({"group": g.name, "strategy": c.a, "reference": c.b, "diff": c.diff, "ci_low": c.low,
                         "ci_high": c.high, "p_value": c.p_value, "p_holm": c.p_adjusted, "significant": sig,
                         "seeds": " ".join(map(str, c.seeds)), "examples": c.examples, "resamples": c.resamples})
@@ -103,7 +106,7 @@ def perplexity_table(study: Study, arms: list[Arm]) -> tuple[Table, list] | None
                 rel = x.relative_to(correct)
                 row.append(f"{x.value:.4g} ({rel:+.2%})" if rel is not None else f"{x.value:.4g}")
             records.append({"study": study.label, "run_id": r.result.run_id, "aggregation": x.key,
-                            "value": x.value, "relative_to_correct": x.relative_to(correct) if x.value else None})
+                            "value": x.value, "relative_to_correct": x.relative_to(correct)})
         rows.append(row)
     return Table(f"perplexity-{study.label}" if study.label else "perplexity",
                  "Perplexity of the same runs under different aggregations of the same per-example NLLs "
