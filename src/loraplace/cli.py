@@ -153,6 +153,8 @@ def run(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Study folder (default: ./runs/NAME-TIME)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps."),
     resume: bool = typer.Option(False, "--resume", help="Continue the study in --output, skipping finished runs."),
+    report_to: Optional[str] = typer.Option(
+        None, "--report-to", help="Trainer loggers, comma-separated: tensorboard, wandb, mlflow (off by default)."),
 ) -> None:
     """Train and evaluate every placement strategy and write the results table."""
     from loraplace.config import load_study, parse_override
@@ -163,6 +165,8 @@ def run(
         values: dict[str, Any] = dict(parse_override(o) for o in extra)
         values.update({k: v for k, v in dict(model=model, dataset=dataset, strategies=strategies, seeds=seeds,
                                              device=device, output=str(output) if output else None).items() if v})
+        if report_to:
+            values["train.report_to"] = [x.strip() for x in report_to.split(",") if x.strip()]
         config = load_study(study_path, values)
         if resume and not config.output:
             raise LoraplaceError("--resume needs --output STUDY_DIR (the folder of the study to continue)")
@@ -220,6 +224,14 @@ def run_study(config, resume: bool = False) -> Path:
         )
         raise typer.Exit(130)
     print_results(study_dir)
+    try:  # the results are saved already: a failing report must not lose them
+        from loraplace.report import write_report
+
+        html_path = write_report([study_dir])
+        console.print(f"report: {html_path} and {html_path.with_name('report.md')}")
+    except Exception as e:  # noqa: BLE001
+        err_console.print(f"[yellow]warning:[/] the report could not be written ({type(e).__name__}: {e}); the results "
+                          f"are saved in {study_dir}; retry with `loraplace report {study_dir}`", highlight=False)
     return study_dir
 
 
@@ -244,6 +256,29 @@ def print_results(study_dir: Path) -> None:
                       f(r.train_tokens_per_s, ".0f"), f(r.peak_memory_mib, ".0f"))
     console.print(table)
     console.print(f"results: {study_dir / 'results.md'}, {study_dir / 'results.csv'}, {study_dir / 'results.json'}")
+
+
+# --------------------------------------------------------------------------------------- report
+@app.command()
+def report(
+    study_dirs: list[Path] = typer.Argument(..., help="Study folders written by `loraplace run` (each holds "
+                                            "results.json); several merge into one comparison."),
+    budget: Optional[str] = typer.Option(None, "--budget", help="Trainable-parameter budget for the 'best within "
+                                         "budget' recommendation, e.g. 500000, 500k, 2M."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Report folder (default: STUDY_DIR/report, "
+                                          "or next to the studies when there are several)."),
+) -> None:
+    """Write tables, figures, report.md and a self-contained report.html from stored study results."""
+    from loraplace.report import parse_budget, write_report
+
+    try:
+        html_path = write_report(study_dirs, out_dir=output, budget=parse_budget(budget) if budget else None)
+    except LoraplaceError as e:
+        _fail(str(e))
+    out = html_path.parent
+    console.print(f"report: {html_path}\n        {out / 'report.md'}\n"
+                  f"tables: {out / 'tables'} (Markdown, CSV, LaTeX)\nfigures: {out / 'figures'} (PNG 300 dpi, SVG)",
+                  highlight=False)
 
 
 # --------------------------------------------------------------------------------------- assets
