@@ -66,19 +66,44 @@ def layer_ranges(layers: list[int | None]) -> str:
 
 
 # ----------------------------------------------------------------------------------------- plan
-def build_plan(model: str, strategies: list[str], r: int, alpha: float) -> dict[str, Any]:
-    """Placements of every strategy on ``model`` from its config alone (meta device, no weights)."""
+def build_plan(model: str, strategies: list[str], r: int, alpha: float,
+               match_budget: str | int | None = None) -> dict[str, Any]:
+    """Placements of every strategy on ``model`` from its config alone (meta device, no weights).
+
+    Args:
+        model: hub id, local folder or embedded alias.
+        strategies: strategy specs (built-in names or the strategy language).
+        r, alpha: the default rank and alpha.
+        match_budget: a reference strategy or parameter count; each strategy then also gets a
+            budget-matched row (``STRATEGY~REFERENCE``) right after its own.
+
+    Returns:
+        ``{"model", "config_source", "model_type", "base_params", "full_lora_params", "r", "alpha",
+        "match_budget", "budget_target", "strategies": [row, ...]}``; a row is the placement's
+        ``to_dict()`` (exact module names, ranks) plus counts, ``by_role`` and ``matrix``.
+    """
     from loraplace.models import load_config, meta_model
-    from loraplace.placement import parse_strategies, parse_strategy, resolve_placement, total_params
+    from loraplace.placement import (
+        arm_label, budget_target, parse_budget, parse_strategies, parse_strategy, resolve_matched, resolve_placement,
+        total_params,
+    )
 
     parsed = parse_strategies(strategies)
+    reference = parse_budget(match_budget) if match_budget not in (None, "") else None
     config, source = load_config(model)
     skeleton = meta_model(config)
     base = total_params(skeleton)
     full = resolve_placement(skeleton, parse_strategy("full"), r, alpha).lora_params
-    rows = []
+    target = budget_target(skeleton, reference, r, alpha) if reference is not None else None
+    placements = []
     for strategy in parsed:
-        p = resolve_placement(skeleton, strategy, r, alpha)
+        placements.append((strategy, resolve_placement(skeleton, strategy, r, alpha)))
+        if reference is not None and strategy.name != reference:
+            matched = resolve_matched(skeleton, strategy, r, alpha, reference)
+            matched.strategy = arm_label(strategy.name, reference)
+            placements.append((strategy, matched))
+    rows = []
+    for strategy, p in placements:
         rows.append({
             **p.to_dict(),
             "description": strategy.description,
@@ -88,23 +113,53 @@ def build_plan(model: str, strategies: list[str], r: int, alpha: float) -> dict[
             "trainable_pct_of_base": 100.0 * p.lora_params / base,
             "params_vs_full_pct": 100.0 * p.lora_params / full,
             "by_role": {role: layer_ranges(layers) for role, layers in p.by_role().items()},
+            "matrix": p.matrix(),
         })
     return {"model": model, "config_source": source, "model_type": config.model_type, "base_params": base,
-            "full_lora_params": full, "r": r, "alpha": alpha, "strategies": rows}
+            "full_lora_params": full, "r": r, "alpha": alpha, "match_budget": reference, "budget_target": target,
+            "strategies": rows}
+
+
+def _matrix_table(row: dict[str, Any]) -> Table:
+    """One strategy's layer x role matrix: the rank in each adapted cell, a dot elsewhere."""
+    matrix = row["matrix"]
+    stacks = {r["stack"] for r in matrix["rows"] if r["stack"] is not None}
+    table = Table(show_edge=False, pad_edge=False)
+    if len(stacks) > 1:
+        table.add_column("stack")
+    table.add_column("layers")
+    for role in matrix["columns"]:
+        table.add_column(role, justify="right")
+    for r in matrix["rows"]:
+        cells = ["·" if v is None else str(v) for v in r["cells"].values()]
+        layers = "outside blocks" if r["stack"] is None else r["layers"]
+        lead = [r["stack"] or "", layers] if len(stacks) > 1 else [layers]
+        table.add_row(*lead, *cells)
+    return table
 
 
 @app.command()
 def plan(
     model: str = typer.Option("smollm2-135m-instruct", "--model", "-m", help="Hub id, local folder or embedded alias."),
-    strategies: str = typer.Option("full,attention,ffn", "--strategies", "-s", help="Comma-separated strategies."),
+    strategies: str = typer.Option(
+        "full,attention,ffn", "--strategies", "-s",
+        help="Comma-separated strategies: built-in names or compositions like attention@last:12, "
+             "ffn[r=8]+attention[r=16], qv@0-11, full@last:1/2.",
+    ),
     r: int = typer.Option(16, "--r", min=1, help="LoRA rank."),
     alpha: float = typer.Option(32.0, "--alpha", help="LoRA alpha."),
+    match_budget: Optional[str] = typer.Option(
+        None, "--match-budget", help="Also show each strategy with ranks chosen to train as many parameters as "
+        "this reference strategy (e.g. full) or count (e.g. 6291456, 6.3M).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON with the exact module names."),
 ) -> None:
-    """Show where each strategy puts adapters and what it costs, without training or weights."""
+    """Show where each strategy puts adapters, at which rank, and what it costs, without training or weights."""
+    from loraplace.placement import split_strategy_list
+
     try:
         _quiet_libraries()
-        result = build_plan(model, [s for s in strategies.split(",") if s.strip()], r, alpha)
+        result = build_plan(model, split_strategy_list(strategies), r, alpha, match_budget)
     except LoraplaceError as e:
         _fail(str(e))
     if as_json:
@@ -113,22 +168,34 @@ def plan(
     console.print(
         f"[bold]{model}[/] ({result['model_type']}, config from {result['config_source']}): "
         f"{result['base_params']:,} base parameters; LoRA r={r}, alpha={alpha:g}"
+        + (f"; budget-matched to {result['match_budget']} = {result['budget_target']:,} parameters"
+           if result["match_budget"] is not None else ""),
+        highlight=False,
     )
     table = Table(show_lines=True)
-    for col in ("strategy", "adapted roles: layers", "modules", "trainable", "% of total", "% of base", "vs full-LoRA"):
+    for col in ("strategy", "adapted roles: layers", "ranks", "modules", "trainable", "% of total", "% of base",
+                "vs full-LoRA", "vs budget"):
         table.add_column(col, justify="right" if col in ("modules", "trainable") or "%" in col or "vs" in col else "left")
     for row in result["strategies"]:
         roles = "\n".join(f"{role}: {layers}" for role, layers in row["by_role"].items())
+        ranks = "\n".join(f"{role}: {'/'.join(map(str, rs))}" for role, rs in row["ranks"].items())
+        budget = row["budget"]
         table.add_row(
-            row["strategy"], roles, str(len(row["modules"])), f"{row['trainable_params']:,}",
+            row["strategy"], roles, ranks, str(len(row["modules"])), f"{row['trainable_params']:,}",
             f"{row['trainable_pct_of_total']:.2f}%", f"{row['trainable_pct_of_base']:.2f}%",
             f"{row['params_vs_full_pct']:.1f}%",
+            f"{budget['deviation_pct']:+.2f}%" if budget else "-",
         )
     console.print(table)
     console.print(
         "% of total = trainable / (base + adapter) parameters (PEFT's convention); % of base = trainable / base "
-        "parameters; vs full-LoRA = trainable / the 'full' strategy's trainable parameters.", style="dim"
+        "parameters; vs full-LoRA = trainable / the 'full' strategy's trainable parameters; vs budget = "
+        "(trainable - budget) / budget for budget-matched rows.", style="dim"
     )
+    for row in result["strategies"]:
+        console.print(f"\n[bold]{row['strategy']}[/]: rank per layer and role ({len(row['modules'])} modules, "
+                      f"role table {row['family']}; · = not adapted)", highlight=False)
+        console.print(_matrix_table(row))
     for row in result["strategies"]:
         for warning in row["warnings"]:
             console.print(f"[yellow]warning[/] ({row['strategy']}): {warning}", highlight=False)
@@ -155,6 +222,10 @@ def run(
     resume: bool = typer.Option(False, "--resume", help="Continue the study in --output, skipping finished runs."),
     report_to: Optional[str] = typer.Option(
         None, "--report-to", help="Trainer loggers, comma-separated: tensorboard, wandb, mlflow (off by default)."),
+    match_budget: Optional[str] = typer.Option(
+        None, "--match-budget", help="Also run each strategy with ranks chosen to train as many parameters as this "
+        "reference strategy (e.g. full) or count (e.g. 6291456, 6.3M); runs STRATEGY~REFERENCE beside STRATEGY.",
+    ),
 ) -> None:
     """Train and evaluate every placement strategy and write the results table."""
     from loraplace.config import load_study, parse_override
@@ -164,7 +235,8 @@ def run(
         study_path, extra = _split_args(study, overrides)
         values: dict[str, Any] = dict(parse_override(o) for o in extra)
         values.update({k: v for k, v in dict(model=model, dataset=dataset, strategies=strategies, seeds=seeds,
-                                             device=device, output=str(output) if output else None).items() if v})
+                                             device=device, output=str(output) if output else None,
+                                             match_budget=match_budget).items() if v})
         if report_to:
             values["train.report_to"] = [x.strip() for x in report_to.split(",") if x.strip()]
         config = load_study(study_path, values)

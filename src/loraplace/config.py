@@ -66,11 +66,26 @@ class StudyConfig(_Strict):
     data: DataSettings = Field(default_factory=DataSettings)
     device: str = Field("auto", description="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")
     output: str | None = Field(None, description="Output folder; default: a new folder under ./runs/.")
+    match_budget: str | int | None = Field(
+        None, description="Also run every strategy with ranks chosen to train as many parameters as this "
+        "reference strategy (e.g. full) or parameter count (e.g. 6291456 or 6.3M); matched arms run beside "
+        "the unmatched ones as STRATEGY~REFERENCE.",
+    )
 
     @field_validator("strategies", mode="before")
     @classmethod
     def _split_strategies(cls, v: Any) -> Any:
-        return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
+        from loraplace.placement.strategies import split_strategy_list
+
+        # Commas inside a strategy (qv@0,3,5 or [r=8,alpha=16]) do not separate strategies.
+        return split_strategy_list(v) if isinstance(v, str) else v
+
+    @field_validator("match_budget", mode="before")
+    @classmethod
+    def _check_budget(cls, v: Any) -> Any:
+        from loraplace.placement.budget import parse_budget
+
+        return None if v is None or v == "" else parse_budget(v)
 
     @field_validator("seeds", mode="before")
     @classmethod
@@ -85,7 +100,13 @@ class StudyConfig(_Strict):
 
         if not self.strategies:
             raise ValueError("strategies is empty; e.g. strategies: [full, attention, ffn]")
-        parse_strategies(self.strategies)  # unknown or duplicate names fail here, with the list of known ones
+        parsed = parse_strategies(self.strategies)  # unknown or duplicate names fail here, with the list of known ones
+        fixed = [s.name for s in parsed if s.has_fixed_ranks]
+        if self.match_budget is not None and fixed:
+            raise ValueError(
+                f"match_budget={self.match_budget} needs a free rank, but {', '.join(fixed)} sets r= on every term; "
+                "drop r= from one term of each, or leave match_budget out"
+            )
         if len(set(self.seeds)) != len(self.seeds) or not self.seeds:
             raise ValueError(f"seeds must be a non-empty list without repeats, got {self.seeds}")
         return self

@@ -1,7 +1,9 @@
 """Placement: roles per architecture, strategies, resolution to exact module names, counts,
 and budget matching."""
 
-from loraplace.placement.budget import budget_target, match_placement, parse_budget, resolve_matched
+from loraplace.placement.budget import (
+    arm_label, budget_target, match_placement, parse_budget, resolve_arm, resolve_matched, split_arm,
+)
 from loraplace.placement.params import linear_modules, lora_param_count, total_params, trainable_params
 from loraplace.placement.resolve import AdaptedModule, Placement, resolve_placement
 from loraplace.placement.roles import FAMILIES, ArchitectureRoles, roles_for
@@ -11,7 +13,7 @@ from loraplace.placement.strategies import (
 
 __all__ = [
     "AdaptedModule", "ArchitectureRoles", "BUILTIN_STRATEGIES", "FAMILIES", "LayerSelection", "Placement",
-    "Strategy", "Term", "budget_target", "linear_modules", "lora_param_count", "match_placement", "parse_budget",
+    "Strategy", "Term", "arm_label", "budget_target", "resolve_arm", "split_arm", "linear_modules", "lora_param_count", "match_placement", "parse_budget",
     "parse_strategies", "parse_strategy", "resolve_matched", "resolve_placement", "roles_for",
     "split_strategy_list", "total_params", "trainable_params",
 ]

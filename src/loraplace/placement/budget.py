@@ -4,7 +4,7 @@ reference.
 A LoRA placement trains ``sum_m r_m * experts_m * (in_m + out_m)`` parameters, so the rank
 that meets a target is arithmetic, not search: with ``S`` the summed ``experts * (in + out)``
 of the modules whose rank is free, the uniform rank is ``round(target / S)``. When that lands
-more than ``tolerance`` from the target (few, large modules per rank step), the rank is
+more than ``tolerance`` (0.5%) from the target (few, large modules per rank step), the rank is
 ``floor(target / S)`` everywhere and ``+1`` on just enough modules (largest first, then in
 model order) to come nearest the target; PEFT applies such per-module ranks through
 ``rank_pattern``. Ranks a strategy fixes itself (``ffn[r=8]+attention``) are kept; only the
@@ -22,8 +22,9 @@ from loraplace.errors import LoraplaceError
 from loraplace.placement.resolve import Placement, resolve_placement
 from loraplace.placement.strategies import Strategy, parse_strategy
 
-DEFAULT_TOLERANCE = 0.01
-"""A uniform rank within 1% of the target is kept; beyond that some modules get rank + 1."""
+DEFAULT_TOLERANCE = 0.005
+"""A uniform rank within 0.5% of the target is kept; beyond that some modules get rank + 1.
+Half a percent each way keeps any two matched arms within 1% of each other."""
 
 _COUNT = re.compile(r"^(\d+(?:\.\d+)?)([kKmMgG]?)$")
 
@@ -43,7 +44,13 @@ def parse_budget(value: str | int) -> str | int:
         text = str(value).strip().replace("_", "")
         m = _COUNT.match(text)
         if not m:
-            parse_strategy(text)  # raises with the offending part
+            try:
+                parse_strategy(text)
+            except LoraplaceError as e:
+                raise LoraplaceError(
+                    f"match_budget {value!r} is neither a parameter count (like 6291456 or 6.3M) nor a valid "
+                    f"reference strategy: {e}"
+                ) from None
             return "".join(text.split())
         scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}[m[2].lower()]
         count = round(float(m[1]) * scale)
@@ -167,3 +174,28 @@ def resolve_matched(model: nn.Module, strategy: Strategy, r: int, alpha: float, 
     placement = resolve_placement(model, strategy, r, alpha)
     fixed = fixed_rank_modules(model, strategy, r, alpha) if not strategy.is_literal else set()
     return match_placement(placement, target, parse_budget(reference), tolerance, fixed)
+
+
+ARM_SEPARATOR = "~"
+"""Separates a strategy from its budget reference in an arm label: ``attention~full``."""
+
+
+def arm_label(strategy: str, reference: str | int | None) -> str:
+    """The label of a study arm: the strategy, or ``STRATEGY~REFERENCE`` when budget-matched."""
+    return strategy if reference is None else f"{strategy}{ARM_SEPARATOR}{reference}"
+
+
+def split_arm(label: str) -> tuple[str, str | int | None]:
+    """``"attention~full"`` -> ``("attention", "full")``; ``"attention"`` -> ``("attention", None)``."""
+    strategy, sep, reference = label.partition(ARM_SEPARATOR)
+    return (strategy, parse_budget(reference)) if sep else (strategy, None)
+
+
+def resolve_arm(model: nn.Module, label: str, r: int, alpha: float) -> Placement:
+    """The placement of a study arm: a plain strategy at rank ``r``, or (``STRATEGY~REFERENCE``)
+    the strategy with ranks matched to the reference's budget."""
+    spec, reference = split_arm(label)
+    strategy = parse_strategy(spec)
+    if reference is None:
+        return resolve_placement(model, strategy, r, alpha)
+    return resolve_matched(model, strategy, r, alpha, reference)

@@ -5,6 +5,7 @@ so an executor may run them in any process or on any machine."""
 from __future__ import annotations
 
 import json
+import re
 import time
 import traceback
 from pathlib import Path
@@ -56,6 +57,10 @@ class RunResult(BaseModel):
     total_params: int | None = Field(None, description="base parameters + adapter parameters")
     base_params: int | None = None
     trainable_pct: float | None = Field(None, description="trainable / total * 100")
+    ranks: dict[str, list[int]] = Field(default_factory=dict, description="role -> the ranks its modules got")
+    match_budget: str | int | None = Field(None, description="budget reference of a matched arm (strategy or count)")
+    budget_target: int | None = Field(None, description="parameters the matched arm aimed at")
+    budget_deviation_pct: float | None = Field(None, description="(trainable - target) / target * 100")
     # Filled in by the study store (they need other runs): see loraplace.study.store.
     full_lora_params: int | None = None
     params_vs_full_pct: float | None = None
@@ -121,12 +126,91 @@ class RunContext:
         return self._data[key]
 
 
-def wrapped_module_names(peft_model) -> list[str]:
-    """Names (in the base model) of the modules PEFT actually wrapped with LoRA layers."""
-    from peft.tuners.lora import LoraLayer
+def wrapped_adapters(peft_model, adapter: str = "default") -> dict[str, tuple[int, float]]:
+    """What PEFT actually wrapped: name in the base model -> (rank, alpha).
 
-    base = peft_model.get_base_model()
-    return [name for name, module in base.named_modules() if isinstance(module, LoraLayer)]
+    A wrapped module keeps its name; a wrapped MoE expert parameter (``lora.ParamWrapper``,
+    possibly nested as ``experts.base_layer``) is reported as ``<module>.<parameter>``, the
+    name the placement uses.
+    """
+    from peft.tuners.lora import LoraLayer, ParamWrapper
+
+    found = {}
+    for name, module in peft_model.get_base_model().named_modules():
+        if not isinstance(module, LoraLayer) or adapter not in module.r:
+            continue
+        if isinstance(module, ParamWrapper):
+            name = f"{name.replace('.base_layer', '')}.{module.parameter_name}"
+        found[name] = (module.r[adapter], module.lora_alpha[adapter])
+    return found
+
+
+def wrapped_module_names(peft_model) -> list[str]:
+    """Names (in the base model) of the modules and expert parameters PEFT wrapped with LoRA."""
+    return list(wrapped_adapters(peft_model))
+
+
+def lora_config_for(placement, lora: LoraSettings, task_type: str = "CAUSAL_LM"):
+    """The PEFT ``LoraConfig`` that adapts exactly ``placement``: its modules as
+    ``target_modules``, MoE expert parameters as ``target_parameters``, and per-module ranks and
+    alphas through ``rank_pattern`` / ``alpha_pattern``.
+
+    PEFT matches a pattern key ``k`` against a module name ``n`` with
+    ``re.match(rf"(.*\.)?({k})$", n)``: a bare name would also match any module whose name ends in
+    ``.<name>``, and its dots match any character. Keys are therefore ``^`` + the escaped exact
+    name, which matches that one name only.
+
+    Raises:
+        LoraplaceError: expert parameters with ``lora.dropout`` > 0 (PEFT has no dropout for them).
+    """
+    from collections import Counter
+
+    from peft import LoraConfig
+
+    if placement.parameter_names and lora.dropout > 0:
+        raise LoraplaceError(
+            f"strategy {placement.strategy!r} adapts mixture-of-experts parameters, for which PEFT has no "
+            f"adapter dropout; set lora.dropout=0 (got {lora.dropout:g}) or leave the experts out (e.g. attention)"
+        )
+    # The most common rank/alpha is the default; only the others need a pattern.
+    r = Counter(m.r for m in placement.modules).most_common(1)[0][0]
+    alpha = Counter(m.alpha for m in placement.modules).most_common(1)[0][0]
+    key = lambda name: "^" + re.escape(name)  # noqa: E731
+    return LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=lora.dropout, bias="none", task_type=task_type,
+        target_modules=placement.module_names,
+        target_parameters=placement.parameter_names or None,
+        rank_pattern={key(m.name): m.r for m in placement.modules if m.r != r},
+        alpha_pattern={key(m.name): m.alpha for m in placement.modules if m.alpha != alpha},
+    )
+
+
+def check_wrapped(peft_model, placement, trainable: int) -> None:
+    """Fail loudly unless PEFT wrapped exactly the planned modules, at the planned ranks and
+    alphas, and the model trains exactly the planned number of parameters.
+
+    Raises:
+        LoraplaceError: naming up to five differing modules.
+    """
+    wrapped = wrapped_adapters(peft_model)
+    planned = {m.name: (m.r, m.alpha) for m in placement.modules}
+    if set(wrapped) != set(planned):
+        extra = sorted(set(wrapped) - set(planned))[:5]
+        missing = sorted(set(planned) - set(wrapped))[:5]
+        raise LoraplaceError(
+            f"PEFT wrapped a different module set than planned for {placement.strategy!r}: "
+            f"unexpected {extra}, missing {missing}"
+        )
+    differ = [f"{n}: r={wrapped[n][0]} alpha={wrapped[n][1]:g}, planned r={planned[n][0]} alpha={planned[n][1]:g}"
+              for n in planned if (wrapped[n][0], float(wrapped[n][1])) != (planned[n][0], float(planned[n][1]))]
+    if differ:
+        raise LoraplaceError(
+            f"PEFT applied other ranks/alphas than planned for {placement.strategy!r}: " + "; ".join(differ[:5])
+        )
+    if trainable != placement.lora_params:
+        raise LoraplaceError(
+            f"trainable parameters {trainable:,} differ from the plan's {placement.lora_params:,}"
+        )
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -142,14 +226,14 @@ def execute_run(spec: RunSpec, ctx: RunContext,
     A run that fails (non-finite loss, out of memory, ...) returns ``status='failed'`` with the
     reason; input errors (:class:`LoraplaceError`) and Ctrl-C propagate to the caller.
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import set_seed
 
     from loraplace.data import PadCollator
     from loraplace.evaluation import evaluate_nll
     from loraplace.measure import PeakMemory, device_description, library_versions
     from loraplace.models import pick_device
-    from loraplace.placement import parse_strategy, resolve_placement, total_params, trainable_params
+    from loraplace.placement import resolve_arm, total_params, trainable_params
     from loraplace.training import NonFiniteLoss, autocast_dtype, resolve_precision, train_adapters
 
     run_dir = Path(spec.run_dir)
@@ -178,31 +262,24 @@ def execute_run(spec: RunSpec, ctx: RunContext,
                 _write_json(run_dir / "modules.json", {"strategy": "base", "modules": []})
                 model = base
             else:
-                placement = resolve_placement(base, parse_strategy(spec.strategy), spec.lora.r, spec.lora.alpha)
+                # An arm "attention~full" is the strategy with ranks matched to full's budget.
+                placement = resolve_arm(base, spec.strategy, spec.lora.r, spec.lora.alpha)
                 _write_json(run_dir / "modules.json", placement.to_dict())
+                lora_config = lora_config_for(placement, spec.lora)
                 set_seed(spec.seed)  # adapter initialisation depends on the seed only
-                peft_model = get_peft_model(base, LoraConfig(
-                    r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
-                    target_modules=placement.module_names, bias="none", task_type="CAUSAL_LM",
-                ))
-                wrapped = wrapped_module_names(peft_model)
-                if set(wrapped) != set(placement.module_names):
-                    extra = sorted(set(wrapped) - set(placement.module_names))[:5]
-                    missing = sorted(set(placement.module_names) - set(wrapped))[:5]
-                    raise LoraplaceError(
-                        f"PEFT wrapped a different module set than planned for {spec.strategy!r}: "
-                        f"unexpected {extra}, missing {missing}"
-                    )
+                peft_model = get_peft_model(base, lora_config)
                 trainable = trainable_params(peft_model)
-                if trainable != placement.lora_params:
-                    raise LoraplaceError(
-                        f"trainable parameters {trainable:,} differ from the plan's {placement.lora_params:,}"
-                    )
+                check_wrapped(peft_model, placement, trainable)
                 total = total_params(peft_model)
+                ranks = placement.ranks()
+                single_r = {r for rs in ranks.values() for r in rs}
+                budget = placement.budget or {}
                 result.update(
-                    r=spec.lora.r, alpha=spec.lora.alpha, dropout=spec.lora.dropout,
-                    modules=placement.module_names, roles=placement.roles(), warnings=placement.warnings,
+                    r=single_r.pop() if len(single_r) == 1 else None, alpha=spec.lora.alpha, dropout=spec.lora.dropout,
+                    modules=[m.name for m in placement.modules], roles=placement.roles(), warnings=placement.warnings,
                     trainable_params=trainable, total_params=total, trainable_pct=100.0 * trainable / total,
+                    ranks=ranks, match_budget=budget.get("reference"), budget_target=budget.get("target"),
+                    budget_deviation_pct=budget.get("deviation_pct"),
                 )
                 outcome = train_adapters(
                     peft_model, data.train, collator, spec.train, seed=spec.seed, precision=precision,

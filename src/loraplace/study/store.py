@@ -17,6 +17,7 @@ import csv
 import io
 import json
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,8 @@ from loraplace.errors import LoraplaceError
 from loraplace.study.runs import RunResult, RunSpec
 
 CSV_COLUMNS = [
-    "run_id", "strategy", "seed", "status", "r", "alpha", "trainable_params", "total_params", "trainable_pct",
+    "run_id", "strategy", "seed", "status", "r", "alpha", "match_budget", "budget_target", "budget_deviation_pct",
+    "trainable_params", "total_params", "trainable_pct",
     "params_vs_full_pct", "eval_loss", "perplexity", "delta_eval_loss", "delta_eval_loss_pct", "eval_tokens",
     "train_time_s", "train_steps", "train_real_tokens", "train_tokens_per_s", "eval_time_s", "peak_memory_mib",
     "memory_kind", "device", "precision", "error",
@@ -39,19 +41,52 @@ def default_output_dir(config: StudyConfig) -> Path:
     return Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def study_arms(config: StudyConfig) -> list[str]:
+    """The study's arm labels in order: every strategy, each followed by its budget-matched arm
+    (``attention~full``) when ``match_budget`` is set. The reference strategy itself has no
+    matched arm: it would repeat the unmatched one."""
+    from loraplace.placement import arm_label, parse_strategy
+
+    arms = []
+    for strategy in config.strategies:
+        arms.append(strategy)
+        reference = config.match_budget
+        if reference is not None and parse_strategy(strategy).name != reference:
+            arms.append(arm_label(parse_strategy(strategy).name, reference))
+    return arms
+
+
+def run_id_for(arm: str, seed: int) -> str:
+    """A run id that is also a safe folder name: characters of the strategy language that
+    paths or shells treat specially (``/ | * [ ]``, spaces) become ``_``."""
+    return re.sub(r"[^A-Za-z0-9._@+=~,:%-]", "_", arm) + f"-s{seed}"
+
+
 def run_specs(config: StudyConfig, study_dir: Path) -> list[RunSpec]:
-    """The study's jobs: the base model row (once), then every strategy x seed."""
+    """The study's jobs: the base model row (once), then every arm x seed.
+
+    Raises:
+        LoraplaceError: two strategies whose run ids (safe folder names) coincide.
+    """
     common = dict(model=config.model, dataset=config.dataset, lora=config.lora, train=config.train,
                   data=config.data, device=config.device)
     specs = []
     if config.include_base:
         specs.append(RunSpec(run_id="base", kind="base", strategy="base", seed=config.seeds[0],
                              run_dir=str(study_dir / "runs" / "base"), **common))
+    arms = study_arms(config)
     for seed in config.seeds:
-        for strategy in config.strategies:
-            run_id = f"{strategy}-s{seed}"
-            specs.append(RunSpec(run_id=run_id, strategy=strategy, seed=seed,
+        for arm in arms:
+            run_id = run_id_for(arm, seed)
+            specs.append(RunSpec(run_id=run_id, strategy=arm, seed=seed,
                                  run_dir=str(study_dir / "runs" / run_id), **common))
+    ids = [s.run_id for s in specs]
+    clash = sorted({i for i in ids if ids.count(i) > 1})
+    if clash:
+        raise LoraplaceError(
+            f"strategies {', '.join(a for a in arms if run_id_for(a, 0)[:-3] in {c.rsplit('-s', 1)[0] for c in clash})} "
+            f"share the run id {clash[0]!r}; write them differently (e.g. list layers instead of a fraction)"
+        )
     return specs
 
 
