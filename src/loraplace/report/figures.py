@@ -95,13 +95,24 @@ def pareto(groups: list[Group], pal: Palette, out_dir: Path, cost: str) -> list[
         return []
     with plt.rc_context(_STYLE):
         fig, ax = plt.subplots(figsize=(WIDTH, 4.2))
+        xs_all = [a.trainable_params if cost == "params" else a.train_time.mean for a in arms]
+        ys_all = [a.loss.mean for a in arms]
+        x_span = (np.log10(max(xs_all) + 1) - np.log10(min(xs_all) + 1)) if cost == "params" else \
+            (max(xs_all) - min(xs_all))
+        y_span = max(ys_all) - min(ys_all)
+        placed: list[tuple[float, float]] = []
         for a in arms:
             x = a.trainable_params if cost == "params" else a.train_time.mean
+            xn = np.log10(x + 1) if cost == "params" else x
+            # labels of points that (nearly) coincide are stacked instead of overprinted
+            near = sum(1 for px, py in placed if abs(px - xn) <= 0.04 * (x_span or 1) and
+                       abs(py - a.loss.mean) <= 0.06 * (y_span or 1))
+            placed.append((xn, a.loss.mean))
             xerr = 0.0 if cost == "params" else _err(a.train_time)
             ax.errorbar(x, a.loss.mean, yerr=_err(a.loss), xerr=xerr or None, fmt=pal.marker(a), color=pal.color(a),
                         markersize=7, capsize=3, elinewidth=1, markeredgecolor="black", markeredgewidth=0.5,
                         label=a.key, zorder=3)
-            ax.annotate(a.key, (x, a.loss.mean), textcoords="offset points", xytext=(7, 5), fontsize=8)
+            ax.annotate(a.key, (x, a.loss.mean), textcoords="offset points", xytext=(7, 5 - 11 * near), fontsize=8)
         for g in groups:
             front = g.front(cost)
             if len(front) >= 1:
@@ -257,8 +268,7 @@ def placement(arms: list[Arm], out_dir: Path) -> list[Figure]:
     ncols = min(3, len(items))
     nrows = -(-len(items) // ncols)
     uniform = all(int(m.get("r") or 1) == max_r for _, mods in items for m in mods["modules"])
-    cmap = ListedColormap(["#0072B2"]) if uniform else plt.get_cmap("cividis_r").copy()
-    cmap.set_bad("#F2F2F2")
+    cmap = (ListedColormap(["#0072B2"]) if uniform else plt.get_cmap("cividis_r")).with_extremes(bad="#F2F2F2")
     with plt.rc_context({**_STYLE, "axes.grid": False}):
         fig, axes = plt.subplots(nrows, ncols, figsize=(WIDTH, nrows * (0.28 * len(roles) + 1.3) + 0.3),
                                  squeeze=False, sharey=True)
