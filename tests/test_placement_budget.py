@@ -1,0 +1,152 @@
+"""Budget matching: exact arithmetic on the real DialoGPT-medium and SmolLM2-135M configs (meta
+device, built-in config table) and on tiny models; every error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loraplace.errors import LoraplaceError
+from loraplace.placement import (
+    arm_label, budget_target, match_placement, parse_budget, parse_strategy, resolve_arm, resolve_matched,
+    resolve_placement, split_arm,
+)
+
+
+@pytest.fixture(scope="module")
+def dialogpt_medium():
+    from loraplace.models import KNOWN_CONFIGS, meta_model
+    from transformers import GPT2Config
+
+    values = {k: v for k, v in KNOWN_CONFIGS["microsoft/DialoGPT-medium"].items() if k != "model_type"}
+    return meta_model(GPT2Config(**values))
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from loraplace.models import KNOWN_CONFIGS, meta_model
+    from transformers import LlamaConfig
+
+    values = {k: v for k, v in KNOWN_CONFIGS["HuggingFaceTB/SmolLM2-135M-Instruct"].items() if k != "model_type"}
+    return meta_model(LlamaConfig(**values))
+
+
+def test_dialogpt_medium_matched_to_full(dialogpt_medium):
+    model = dialogpt_medium
+    assert budget_target(model, "full", 16, 32) == 6_291_456
+    arms = {s: resolve_matched(model, parse_strategy(s), 16, 32, "full") for s in ("full", "attention", "ffn")}
+    counts = {s: p.lora_params for s, p in arms.items()}
+    # attention: 24 * (4096 + 2048) per rank; 42 everywhere plus 43 on the 24 larger c_attn modules is exact.
+    assert counts == {"full": 6_291_456, "attention": 6_291_456, "ffn": 6_292_480}
+    assert max(counts.values()) / min(counts.values()) - 1 <= 0.01
+    assert arms["attention"].ranks() == {"attn.qkv": [43], "attn.o": [42]}
+    # ffn: 48 modules of 5,120 per rank: 25 everywhere, 26 on the first 29 in model order.
+    assert arms["ffn"].ranks() == {"mlp.up": [25, 26], "mlp.down": [25, 26]}
+    assert sum(m.r == 26 for m in arms["ffn"].modules) == 29
+    assert [m.r for m in arms["ffn"].modules[:30]] == [26] * 29 + [25]
+    budget = arms["ffn"].budget
+    assert budget == {"reference": "full", "target": 6_291_456, "achieved": 6_292_480,
+                      "deviation_pct": pytest.approx(100 * 1024 / 6_291_456), "ranks": arms["ffn"].ranks(),
+                      "method": "uniform+1"}
+    assert arms["full"].budget["method"] == "uniform" and arms["full"].ranks()["attn.qkv"] == [16]
+
+
+def test_smollm2_matched_to_full(smollm2):
+    arms = {s: resolve_matched(smollm2, parse_strategy(s), 16, 32, "full") for s in ("full", "attention", "ffn")}
+    counts = {s: p.lora_params for s, p in arms.items()}
+    assert counts == {"full": 4_884_480, "attention": 4_884_480, "ffn": 4_885_056}
+    assert max(counts.values()) / min(counts.values()) - 1 <= 0.01
+    assert arms["attention"].ranks() == {"attn.q": [42, 43], "attn.k": [42], "attn.v": [42], "attn.o": [42, 43]}
+    assert arms["ffn"].ranks() == {"mlp.gate": [25, 26], "mlp.up": [25, 26], "mlp.down": [25, 26]}
+
+
+def test_literal_strategies_match_too(dialogpt_medium):
+    p = resolve_matched(dialogpt_medium, parse_strategy("paper-attention"), 16, 32, "full")
+    assert p.lora_params == 6_291_456 and len(p.modules) == 72
+
+
+def test_parameter_count_budget(smollm2):
+    p = resolve_matched(smollm2, parse_strategy("qv"), 16, 32, "1M")
+    # q: 576 + 576, v: 576 + 192 per rank and layer: 30 * 1920 = 57,600 per rank.
+    assert p.budget["target"] == 1_000_000 and p.budget["reference"] == 1_000_000
+    assert abs(p.lora_params - 1_000_000) <= 1152
+    assert p.budget["method"] == "uniform+1"
+
+
+def test_uniform_rank_within_half_a_percent_is_kept():
+    from loraplace.placement.resolve import AdaptedModule, Placement
+
+    modules = [AdaptedModule(f"m{i}", "attn.q", i, 100, 100, 4, 8) for i in range(10)]
+    p = match_placement(Placement("x", "f", modules, 10), target=8 * 200 * 10 + 5, reference=16005)
+    assert {m.r for m in p.modules} == {8} and p.budget["method"] == "uniform"
+    assert p.budget["achieved"] == 16_000
+    p = match_placement(Placement("x", "f", modules, 10), target=8 * 2000 + 3 * 200, reference="ref")
+    assert [m.r for m in p.modules] == [9, 9, 9] + [8] * 7 and p.budget["method"] == "uniform+1"
+    assert p.lora_params == 16_600
+
+
+def test_rank_one_floor_warns_and_never_drops_modules():
+    from loraplace.placement.resolve import AdaptedModule, Placement
+
+    modules = [AdaptedModule(f"m{i}", "mlp.up", i, 10, 10, 4, 8) for i in range(3)]
+    p = match_placement(Placement("x", "f", modules, 3), target=10, reference=10)
+    assert [m.r for m in p.modules] == [1, 1, 1] and p.budget["method"] == "rank-1 floor"
+    assert any("below what rank 1 on every module" in w for w in p.warnings)
+
+
+def test_ranks_fixed_by_the_strategy_are_kept(smollm2):
+    p = resolve_matched(smollm2, parse_strategy("ffn[r=8]+attention"), 16, 32, "full")
+    ranks = p.ranks()
+    assert ranks["mlp.gate"] == ranks["mlp.up"] == ranks["mlp.down"] == [8]
+    assert abs(p.lora_params - 4_884_480) / 4_884_480 <= 0.005
+    with pytest.raises(LoraplaceError, match=r"sets r= on every term, so --match-budget has no rank to choose"):
+        resolve_matched(smollm2, parse_strategy("ffn[r=8]+attention[r=4]"), 16, 32, "full")
+
+
+def test_too_wide_ranks_are_warned(smollm2):
+    p = resolve_matched(smollm2, parse_strategy("attn.k@0"), 16, 32, "full")
+    assert any("exceed min(in, out)" in w for w in p.warnings)
+
+
+def test_mixtral_experts_count_in_the_budget():
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    config = MixtralConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                           intermediate_size=64, vocab_size=100, num_local_experts=4)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    full = resolve_placement(model, parse_strategy("full"), 2, 4).lora_params
+    assert full == 2 * 2 * (4 * 64 + 4 * ((32 + 128) + (64 + 32)))
+    p = resolve_matched(model, parse_strategy("attention"), 2, 4, "full")
+    assert p.lora_params == full  # 2 layers * 4 modules * 64 = 512 per rank: rank 10 is exact
+    assert p.ranks() == {"attn.q": [10], "attn.k": [10], "attn.v": [10], "attn.o": [10]}
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("full", "full"), ("attention@last:2", "attention@last:2"), ("6291456", 6_291_456), ("6_291_456", 6_291_456),
+    ("6.3M", 6_300_000), ("500k", 500_000), ("1g", 1_000_000_000), (42, 42),
+])
+def test_parse_budget(value, expected):
+    assert parse_budget(value) == expected
+
+
+@pytest.mark.parametrize("value, fragment", [
+    ("0", "a parameter budget must be at least 1"),
+    (0, "a parameter budget must be at least 1"),
+    ("fulll", "match_budget 'fulll' is neither a parameter count (like 6291456 or 6.3M) nor a valid reference "
+              "strategy: invalid strategy 'fulll'"),
+    ("6.3X", "neither a parameter count"),
+    (True, "neither a parameter count nor a strategy"),
+])
+def test_parse_budget_errors(value, fragment):
+    with pytest.raises(LoraplaceError) as info:
+        parse_budget(value)
+    assert fragment in str(info.value)
+
+
+def test_arm_labels(smollm2):
+    assert arm_label("attention", "full") == "attention~full" and arm_label("ffn", None) == "ffn"
+    assert split_arm("attention@last:2~6.3M") == ("attention@last:2", 6_300_000)
+    assert split_arm("qv") == ("qv", None)
+    assert resolve_arm(smollm2, "attention~full", 16, 32).lora_params == 4_884_480
+    assert resolve_arm(smollm2, "attention", 16, 32).lora_params == 1_843_200
