@@ -251,12 +251,14 @@ def run_study(config, resume: bool = False) -> Path:
     """Run a validated study with progress bars; returns the study folder."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from loraplace.study.checks import check_study
     from loraplace.study.executor import LocalExecutor
     from loraplace.study.store import StudyStore, default_output_dir, run_specs
 
     study_dir = Path(config.output) if config.output else default_output_dir(config)
     store = StudyStore(study_dir)
     try:
+        check_study(config)
         finished = store.init(config, resume)
     except LoraplaceError as e:
         _fail(str(e))
