@@ -175,3 +175,24 @@ def test_gpt2_conv1d_study_runs(tiny_gpt2_dir, alpaca_file, tmp_path):
     assert set(runs["paper-attention-s0"]["modules"]) == set(runs["attention-s0"]["modules"]) | {
         f"transformer.h.{i}.mlp.c_proj" for i in range(2)}
     assert any("mlp.c_proj" in w for w in runs["paper-attention-s0"]["warnings"])
+
+
+def test_ctrl_c_keeps_finished_runs(tiny_llama_dir, alpaca_file, tmp_path, monkeypatch):
+    import loraplace.study.executor as executor
+
+    real = executor.execute_run
+    calls = []
+
+    def interrupt_second(spec, ctx, on_step=None):
+        calls.append(spec.run_id)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(spec, ctx, on_step=on_step)
+
+    monkeypatch.setattr(executor, "execute_run", interrupt_second)
+    out = tmp_path / "s"
+    result, output = run_cli("--model", str(tiny_llama_dir), "--dataset", str(alpaca_file), "-o", str(out), *FAST)
+    assert result.exit_code == 130
+    assert "--resume" in output
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [r["run_id"] for r in runs] == ["base"]
