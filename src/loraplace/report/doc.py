@@ -153,7 +153,7 @@ h1{border-bottom:2px solid #333;padding-bottom:.2em}h2{border-bottom:1px solid #
 table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:.9em;font-variant-numeric:tabular-nums}
 caption{caption-side:top;text-align:left;font-style:italic;padding-bottom:.3em}
 th,td{padding:.25em .7em}thead th{border-top:2px solid #333;border-bottom:1px solid #333}
-tbody tr:last-child td{border-bottom:2px solid #333}td.r,th.r{text-align:right}td.l,th.l{text-align:left}
+tbody tr:last-child td{border-bottom:2px solid #333}td.r,th.r{text-align:right}td.r{white-space:nowrap}td.l,th.l{text-align:left}
 figure{margin:1em 0 2em}figure img{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{font-style:italic;font-size:.9em}code{background:#f3f3f3;padding:0 .2em;border-radius:3px}
 .note{font-size:.9em;color:#444}nav ul{columns:2}
