@@ -8,6 +8,7 @@ import json
 import re
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -267,7 +268,12 @@ def execute_run(spec: RunSpec, ctx: RunContext,
                 _write_json(run_dir / "modules.json", placement.to_dict())
                 lora_config = lora_config_for(placement, spec.lora)
                 set_seed(spec.seed)  # adapter initialisation depends on the seed only
-                peft_model = get_peft_model(base, lora_config)
+                with warnings.catch_warnings():
+                    # PEFT checks rank_pattern keys against wrapped modules only, so keys of expert
+                    # parameters look unused although they apply; check_wrapped verifies every rank.
+                    warnings.filterwarnings("ignore", message="The following (rank|alpha)_pattern keys",
+                                            category=RuntimeWarning)
+                    peft_model = get_peft_model(base, lora_config)
                 trainable = trainable_params(peft_model)
                 check_wrapped(peft_model, placement, trainable)
                 total = total_params(peft_model)

@@ -1,0 +1,155 @@
+"""After PEFT wraps a real (tiny, random-init) model, the wrapped modules, their ranks and alphas,
+and the trainable count equal the plan; mismatches fail loudly."""
+
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+from peft import get_peft_model
+from torch import nn
+
+from loraplace.config import LoraSettings
+from loraplace.errors import LoraplaceError
+from loraplace.placement import parse_strategy, resolve_arm, resolve_placement, trainable_params
+from loraplace.placement.resolve import AdaptedModule, Placement
+from loraplace.study.runs import check_wrapped, lora_config_for, wrapped_adapters
+
+NO_DROPOUT = LoraSettings(r=4, alpha=8, dropout=0.0)
+
+
+def wrap(model, placement, lora=NO_DROPOUT, task_type="CAUSAL_LM"):
+    peft_model = get_peft_model(model, lora_config_for(placement, lora, task_type=task_type))
+    check_wrapped(peft_model, placement, trainable_params(peft_model))
+    return peft_model
+
+
+def tiny_llama(tie=True):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1, vocab_size=40,
+                                        tie_word_embeddings=tie))
+
+
+def test_per_term_ranks_and_alphas_reach_peft():
+    model = tiny_llama()
+    placement = resolve_placement(model, parse_strategy("ffn[r=8]+attention[r=2,alpha=3]"), 4, 8)
+    peft_model = wrap(model, placement)
+    wrapped = wrapped_adapters(peft_model)
+    assert wrapped == {m.name: (m.r, m.alpha) for m in placement.modules}
+    assert wrapped["model.layers.1.mlp.down_proj"] == (8, 8) and wrapped["model.layers.0.self_attn.q_proj"] == (2, 3)
+    assert trainable_params(peft_model) == placement.lora_params == 2 * (8 * 3 * 48 + 2 * (32 * 2 + 24 * 2))
+
+
+def test_budget_matched_mixed_ranks_reach_peft():
+    model = tiny_llama()
+    placement = resolve_arm(model, "ffn~full", 4, 8)
+    assert placement.budget["method"] == "uniform+1" and len({m.r for m in placement.modules}) == 2
+    peft_model = wrap(model, placement)
+    assert trainable_params(peft_model) == placement.lora_params
+
+
+def test_gpt2_conv1d_with_mixed_ranks():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=40, n_positions=32))
+    placement = resolve_placement(model, parse_strategy("attention[r=2]+ffn@1[r=6]"), 4, 8)
+    peft_model = wrap(model, placement)
+    assert wrapped_adapters(peft_model)["transformer.h.1.mlp.c_proj"] == (6, 8)
+    assert "transformer.h.0.mlp.c_proj" not in wrapped_adapters(peft_model)
+
+
+def test_rank_pattern_keys_match_one_exact_name_only():
+    # "proj" is a suffix of "block.proj": PEFT's pattern rule ((.*\.)?KEY$) would give both the
+    # rank of "proj" if the key were the bare name.
+    model = nn.Module()
+    model.proj = nn.Linear(4, 4)
+    model.block = nn.Module()
+    model.block.proj = nn.Linear(4, 4)
+    model.block.other = nn.Linear(4, 4)
+    mods = [AdaptedModule("proj", "?", None, 4, 4, 2, 8), AdaptedModule("block.proj", "?", None, 4, 4, 4, 8),
+            AdaptedModule("block.other", "?", None, 4, 4, 4, 8)]
+    placement = Placement("custom", "custom", mods, 0)
+    config = lora_config_for(placement, NO_DROPOUT, task_type=None)
+    assert config.rank_pattern == {"^proj": 2} and config.r == 4
+    assert re.match(r"(.*\.)?(^proj)$", "block.proj") is None and re.match(r"(.*\.)?(^proj)$", "proj")
+    peft_model = get_peft_model(model, config)
+    check_wrapped(peft_model, placement, trainable_params(peft_model))
+    assert wrapped_adapters(peft_model) == {"proj": (2, 8), "block.proj": (4, 8), "block.other": (4, 8)}
+
+
+def test_wrapped_set_and_rank_mismatches_fail_loudly():
+    model = tiny_llama()
+    placement = resolve_placement(model, parse_strategy("qv"), 4, 8)
+    other = resolve_placement(model, parse_strategy("attention"), 4, 8)
+    higher = resolve_placement(model, parse_strategy("qv[r=5]"), 4, 8)
+    peft_model = get_peft_model(model, lora_config_for(placement, NO_DROPOUT))
+    with pytest.raises(LoraplaceError, match=r"PEFT wrapped a different module set than planned for 'attention': "
+                                             r"unexpected \[\], missing \['model.layers.0.self_attn.k_proj', "
+                                             r"'model.layers.0.self_attn.o_proj'"):
+        check_wrapped(peft_model, other, trainable_params(peft_model))
+    with pytest.raises(LoraplaceError, match=r"other ranks/alphas than planned for 'qv\[r=5\]': "
+                                             r"model.layers.0.self_attn.q_proj: r=4 alpha=8, planned r=5 alpha=8"):
+        check_wrapped(peft_model, higher, trainable_params(peft_model))
+    with pytest.raises(LoraplaceError, match=r"trainable parameters 1 differ from the plan's"):
+        check_wrapped(peft_model, placement, 1)
+
+
+def test_mixtral_experts_wrap_train_and_refuse_dropout():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                             num_attention_heads=2, num_key_value_heads=1, vocab_size=40,
+                                             num_local_experts=3, num_experts_per_tok=2))
+    placement = resolve_placement(model, parse_strategy("mlp.down[r=2]+mlp.gate_up+attn-o"), 4, 8)
+    with pytest.raises(LoraplaceError, match=r"adapts mixture-of-experts parameters.*set lora.dropout=0 \(got 0.1\)"):
+        lora_config_for(placement, LoraSettings(r=4, alpha=8, dropout=0.1))
+    peft_model = wrap(model, placement)
+    wrapped = wrapped_adapters(peft_model)
+    assert wrapped["model.layers.0.mlp.experts.down_proj"] == (2, 8)
+    assert wrapped["model.layers.1.mlp.experts.gate_up_proj"] == (4, 8)
+    assert trainable_params(peft_model) == placement.lora_params == 2 * (
+        3 * 2 * (24 + 16) + 3 * 4 * (16 + 48) + 4 * (16 + 16))
+    assert not any("mlp.gate" in n and "experts" not in n for n in wrapped)
+    out = peft_model(input_ids=torch.randint(0, 40, (2, 6)), labels=torch.randint(0, 40, (2, 6)))
+    out.loss.backward()
+    grads = [p.grad for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads)
+
+
+def test_embed_and_lm_head_wrap():
+    model = tiny_llama(tie=False)
+    placement = resolve_placement(model, parse_strategy("embed+lm_head[r=2]"), 4, 8)
+    peft_model = wrap(model, placement)
+    assert wrapped_adapters(peft_model) == {"model.embed_tokens": (4, 8), "lm_head": (2, 8)}
+    assert trainable_params(peft_model) == 4 * (40 + 16) + 2 * (16 + 40)
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_encoder_decoder_wraps_self_cross_and_ffn(family):
+    from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
+
+    if family == "t5":
+        model = T5ForConditionalGeneration(T5Config(d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+                                                    vocab_size=40))
+    else:
+        model = BartForConditionalGeneration(BartConfig(d_model=16, encoder_layers=2, decoder_layers=2,
+                                                        encoder_attention_heads=2, decoder_attention_heads=2,
+                                                        encoder_ffn_dim=32, decoder_ffn_dim=32, vocab_size=40))
+    placement = resolve_placement(model, parse_strategy("self-attention[r=2]+cross-attention[r=3]+ffn"), 4, 8)
+    wrap(model, placement, task_type="SEQ_2_SEQ_LM")
+
+
+def test_bert_classifier_wraps_without_touching_the_head():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    model = BertForSequenceClassification(BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                                     intermediate_size=32, vocab_size=40))
+    placement = resolve_placement(model, parse_strategy("full"), 4, 8)
+    peft_model = wrap(model, placement, task_type=None)
+    assert not any(n.startswith(("classifier", "bert.pooler")) for n in wrapped_adapters(peft_model))
