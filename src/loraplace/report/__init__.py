@@ -147,8 +147,9 @@ def write_report(study_dirs: list[Path], out_dir: Path | None = None, budget: in
     blocks.append(Para(
         "loraplace reports perplexity = exp(Σᵢ nllᵢ / Σᵢ nᵢ): the exponential of the token-weighted mean NLL over "
         "the response tokens of the eval split. Below, the same per-example NLLs are aggregated the common wrong ways. "
-        "Averaging exponentials (per batch or per example) can only raise the value (Jensen's inequality), which is "
-        "the usual cause of a \"perplexity higher than exp(loss)\" observation."
+        "Exponentiating before averaging (per batch or per example) always gives at least the exponential of the same "
+        "average (Jensen's inequality), so a perplexity computed that way next to a loss averaged the same way is "
+        "higher than exp(loss); weighting batches or examples equally instead of by tokens moves the value either way."
     ))
     missing_any = False
     for s in studies:

@@ -37,14 +37,14 @@ def compact(n: float) -> str:
 
 
 def interval(iv: Interval | None, digits: int = 4, sd: bool = True) -> str:
-    """``10.7615 ± 0.0007 (95% CI 10.7598–10.7632, n=3)``; a single seed says that its CI is
+    """``10.7615 ± 0.0007 (95% CI [10.7598, 10.7632], n=3)``; a single seed says that its CI is
     undefined rather than showing one."""
     if iv is None:
         return "-"
     if not iv.defined:
         return f"{iv.mean:.{digits}f} (n={iv.n}: no CI)"
     spread = f" ± {iv.sd:.{digits}f}" if sd else ""
-    return f"{iv.mean:.{digits}f}{spread} ({iv.confidence:.0%} CI {iv.low:.{digits}f}–{iv.high:.{digits}f}, n={iv.n})"
+    return f"{iv.mean:.{digits}f}{spread} ({iv.confidence:.0%} CI [{iv.low:.{digits}f}, {iv.high:.{digits}f}], n={iv.n})"
 
 
 def ci_only(iv: Interval | None, digits: int = 4) -> str:

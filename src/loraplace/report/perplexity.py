@@ -116,6 +116,7 @@ class Diagnosis:
     agree: list[Aggregation]
     missing: list[Aggregation]
     largest: tuple[Aggregation, float] | None
+    values: dict[str, float | None]
 
 
 def diagnose(aggs: list[Aggregation], tolerance: float = RELATIVE_TOLERANCE) -> Diagnosis:
@@ -138,7 +139,7 @@ def diagnose(aggs: list[Aggregation], tolerance: float = RELATIVE_TOLERANCE) -> 
     higher.sort(key=lambda t: -t[1])
     everything = higher + lower
     largest = max(everything, key=lambda t: abs(t[1])) if everything else None
-    return Diagnosis(correct, higher, lower, agree, missing, largest)
+    return Diagnosis(correct, higher, lower, agree, missing, largest, {a.key: a.value for a in aggs})
 
 
 def explain(d: Diagnosis) -> str:
@@ -152,6 +153,16 @@ def explain(d: Diagnosis) -> str:
                      + (", or by the others listed" if len(d.higher) > 1 else "") + ".")
     else:
         parts.append(f"No aggregation computable here exceeds exp(loss) by more than {RELATIVE_TOLERANCE:.1%}.")
+    pairs = [("mean_batch_exp", "exp_mean_batch", "per-batch"), ("mean_example_ppl", "exp_mean_example", "per-example")]
+    jensen = []
+    for ppl_key, loss_key, what in pairs:
+        ppl, loss = d.values.get(ppl_key), d.values.get(loss_key)
+        if ppl is not None and loss is not None and math.isfinite(ppl) and math.isfinite(loss) and loss > 0:
+            jensen.append(f"with {what} averaging, perplexity = mean of exp is {ppl / loss - 1:+.2%} above "
+                          f"exp(mean {what} loss)")
+    if jensen:
+        parts.append("If the loss shown beside the perplexity was averaged the same way (as a trainer's per-batch "
+                     "eval loss is), the gap between them is Jensen's inequality: " + "; ".join(jensen) + ".")
     if d.lower:
         parts.append("Lower than the correct value: " + "; ".join(f"**{a.name}** ({rel:+.2%})" for a, rel in d.lower) + ".")
     if d.agree:
