@@ -170,7 +170,7 @@ def plan(
         f"{result['base_params']:,} base parameters; LoRA r={r}, alpha={alpha:g}"
         + (f"; budget-matched to {result['match_budget']} = {result['budget_target']:,} parameters"
            if result["match_budget"] is not None else ""),
-        highlight=False,
+        highlight=False, soft_wrap=True,
     )
     table = Table(show_lines=True)
     for col in ("strategy", "adapted roles: layers", "ranks", "modules", "trainable", "% of total", "% of base",
