@@ -12,58 +12,52 @@ from loraplace.placement import parse_strategy, resolve_placement
 from loraplace.placement.roles import FAMILIES, known_model_types, roles_for
 
 
-def meta(config, kind: str = "causal") -> nn.Module:
+def build(family: str, device: str = "meta") -> nn.Module:
+    """A 2-block model of ``family`` with hidden size 32 (intermediate 64 unless fixed by the family),
+    on the meta device or (``device="cpu"``) with random weights."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
+    config, kind = config_of(family)
     auto = {"causal": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM,
             "classify": AutoModelForSequenceClassification}[kind]
-    with torch.device("meta"):
+    with torch.device(device):
         return auto.from_config(config)
 
 
-def build(family: str) -> nn.Module:
-    """A 2-block model of ``family`` with hidden size 32 (intermediate 64 unless fixed by the family)."""
+def config_of(family: str):
+    """``(config, kind)`` of a tiny ``family`` model; kind is causal, seq2seq or classify."""
     import transformers as tf
 
     small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100)
-    if family == "gpt2":
-        return meta(tf.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=64))
-    if family == "gptj":
-        return meta(tf.GPTJConfig(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=64, rotary_dim=8))
-    if family == "gpt_neox":
-        return meta(tf.GPTNeoXConfig(**small))
-    if family == "opt":
-        return meta(tf.OPTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ffn_dim=64,
-                                 vocab_size=100, word_embed_proj_dim=32))
-    if family == "bloom":
-        return meta(tf.BloomConfig(hidden_size=32, n_layer=2, n_head=2, vocab_size=100))
-    if family == "falcon":
-        return meta(tf.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, vocab_size=100))
-    if family == "llama":
-        return meta(tf.LlamaConfig(**small, num_key_value_heads=1))
-    if family == "mistral":
-        return meta(tf.MistralConfig(**small, num_key_value_heads=1))
-    if family == "qwen2":
-        return meta(tf.Qwen2Config(**small, num_key_value_heads=1))
-    if family == "gemma":
-        return meta(tf.GemmaConfig(**small, num_key_value_heads=1, head_dim=16))
-    if family == "phi3":
-        return meta(tf.Phi3Config(**small, pad_token_id=0))
-    if family == "mixtral":
-        return meta(tf.MixtralConfig(**small, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2))
+    causal = {
+        "gpt2": lambda: tf.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=64),
+        "gptj": lambda: tf.GPTJConfig(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=64, rotary_dim=8),
+        "gpt_neox": lambda: tf.GPTNeoXConfig(**small),
+        "opt": lambda: tf.OPTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ffn_dim=64,
+                                    vocab_size=100, word_embed_proj_dim=32),
+        "bloom": lambda: tf.BloomConfig(hidden_size=32, n_layer=2, n_head=2, vocab_size=100),
+        "falcon": lambda: tf.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, vocab_size=100),
+        "llama": lambda: tf.LlamaConfig(**small, num_key_value_heads=1),
+        "mistral": lambda: tf.MistralConfig(**small, num_key_value_heads=1),
+        "qwen2": lambda: tf.Qwen2Config(**small, num_key_value_heads=1),
+        "gemma": lambda: tf.GemmaConfig(**small, num_key_value_heads=1, head_dim=16),
+        "phi3": lambda: tf.Phi3Config(**small, pad_token_id=0),
+        "mixtral": lambda: tf.MixtralConfig(**small, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
+    }
+    if family in causal:
+        return causal[family](), "causal"
     if family == "bert":
-        return meta(tf.BertConfig(**small), "classify")
+        return tf.BertConfig(**small), "classify"
     if family == "roberta":
-        return meta(tf.RobertaConfig(**small), "classify")
+        return tf.RobertaConfig(**small), "classify"
+    t5 = dict(d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, vocab_size=100)
     if family == "t5":
-        return meta(tf.T5Config(d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, vocab_size=100), "seq2seq")
+        return tf.T5Config(**t5), "seq2seq"
     if family == "t5-gated":
-        return meta(tf.T5Config(d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, vocab_size=100,
-                                feed_forward_proj="gated-gelu"), "seq2seq")
+        return tf.T5Config(**t5, feed_forward_proj="gated-gelu"), "seq2seq"
     if family == "bart":
-        return meta(tf.BartConfig(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
-                                  decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=100),
-                    "seq2seq")
+        return tf.BartConfig(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                             decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=100), "seq2seq"
     raise AssertionError(family)
 
 
@@ -245,3 +239,20 @@ def test_every_table_family_is_tested_and_model_types_are_unique():
     assert len(types) == len(set(types))
     assert {f.family for f in FAMILIES} == {"gpt2", "gptj", "gpt_neox", "bloom", "falcon", "opt", "llama", "phi3",
                                             "mixtral", "bert", "t5", "bart"}
+
+
+@pytest.mark.parametrize("family", sorted(SINGLE_STACK) + ["mixtral", "t5", "bart"])
+def test_peft_wraps_exactly_the_full_plan_on_real_weights(family):
+    from peft import get_peft_model
+
+    from loraplace.config import LoraSettings
+    from loraplace.placement import trainable_params
+    from loraplace.study.runs import check_wrapped, lora_config_for, wrapped_adapters
+
+    torch.manual_seed(0)
+    model = build(family, device="cpu")
+    placement = resolve_placement(model, parse_strategy("attention[r=2]+ffn"), 3, 6)
+    task = "SEQ_2_SEQ_LM" if family in ("t5", "bart") else None if family in ("bert", "roberta") else "CAUSAL_LM"
+    peft_model = get_peft_model(model, lora_config_for(placement, LoraSettings(r=3, alpha=6, dropout=0.0), task))
+    check_wrapped(peft_model, placement, trainable_params(peft_model))
+    assert wrapped_adapters(peft_model) == {m.name: (m.r, m.alpha) for m in placement.modules}
