@@ -4,7 +4,6 @@ and the trainable count equal the plan; mismatches fail loudly."""
 from __future__ import annotations
 
 import re
-from types import SimpleNamespace
 
 import pytest
 import torch

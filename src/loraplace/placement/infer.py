@@ -8,15 +8,13 @@ stops the inference: guessing wrong would silently run a different experiment.
 
 from __future__ import annotations
 
-import re
 
 from torch import nn
 
 from loraplace.errors import LoraplaceError
 from loraplace.placement.params import linear_modules
-from loraplace.placement.roles import ArchitectureRoles
+from loraplace.placement.roles import BLOCK_NAME, ArchitectureRoles
 
-_BLOCK_NAME = re.compile(r"^(?P<stack>.+?)\.(?P<layer>\d+)\.(?P<rel>.+)$")
 
 # Last path component -> role, per container kind. Only names whose meaning is unambiguous
 # inside that container are listed.
@@ -95,7 +93,7 @@ def infer_roles(model: nn.Module, model_type: str) -> ArchitectureRoles:
     problems: list[str] = []
     per_block: dict[tuple[str, int], dict[str, str]] = {}
     for name, shape in shapes.items():
-        match = _BLOCK_NAME.match(name)
+        match = BLOCK_NAME.match(name)
         if not match:
             continue  # embeddings, heads: outside the blocks, opt-in roles only
         rel = match["rel"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -14,11 +13,9 @@ from torch import nn
 
 from loraplace.errors import LoraplaceError
 from loraplace.placement.params import linear_modules, lora_param_count
-from loraplace.placement.roles import ALL_ROLES, OUTER_ROLES, ArchitectureRoles, group_of, roles_for
+from loraplace.placement.roles import ALL_ROLES, BLOCK_NAME, OUTER_ROLES, ArchitectureRoles, group_of, roles_for
 from loraplace.placement.strategies import Strategy, Term
 
-# "<stack>.<layer index>.<path inside the block>", e.g. "model.layers.7.self_attn.q_proj".
-_BLOCK_NAME = re.compile(r"^(?P<stack>.+?)\.(?P<layer>\d+)\.(?P<rel>.+)$")
 
 
 @dataclass(frozen=True)
@@ -209,7 +206,7 @@ def _candidates(model: nn.Module, table: ArchitectureRoles) -> list[_Candidate]:
     """Every module (and expert parameter) that has a role, in model order."""
     found: list[_Candidate] = []
     for name, (in_f, out_f) in linear_modules(model).items():
-        match = _BLOCK_NAME.match(name)
+        match = BLOCK_NAME.match(name)
         if not match:
             continue
         role = table.role_of(match["rel"])
@@ -218,7 +215,7 @@ def _candidates(model: nn.Module, table: ArchitectureRoles) -> list[_Candidate]:
     if table.expert_params:
         modules = dict(model.named_modules())
         for name, param in model.named_parameters():
-            match = _BLOCK_NAME.match(name)
+            match = BLOCK_NAME.match(name)
             role = table.expert_role_of(match["rel"]) if match else None
             if role is None or param.dim() != 3:
                 continue
@@ -254,7 +251,7 @@ def _stacks(model: nn.Module) -> dict[str, int]:
     """Block stack path -> number of blocks, from the names of the model's linear modules."""
     stacks: dict[str, int] = {}
     for name in linear_modules(model):
-        match = _BLOCK_NAME.match(name)
+        match = BLOCK_NAME.match(name)
         if match:
             stacks[match["stack"]] = max(stacks.get(match["stack"], 0), int(match["layer"]) + 1)
     return stacks
@@ -362,7 +359,7 @@ def resolve_placement(model: nn.Module, strategy: Strategy, r: int, alpha: float
         config = LoraConfig(target_modules=list(strategy.peft_targets or ()))
         for name in shapes:
             if check_target_module_exists(config, name):
-                match = _BLOCK_NAME.match(name)
+                match = BLOCK_NAME.match(name)
                 chosen[name] = (by_name.get(name) or _Candidate(
                     name, "?", match["stack"] if match else None, int(match["layer"]) if match else None, *shapes[name]
                 ), r, alpha)
@@ -409,5 +406,5 @@ def resolve_placement(model: nn.Module, strategy: Strategy, r: int, alpha: float
 
 
 def _relative(name: str) -> str:
-    match = _BLOCK_NAME.match(name)
+    match = BLOCK_NAME.match(name)
     return match["rel"] if match else name

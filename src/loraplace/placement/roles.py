@@ -32,11 +32,15 @@ a block) and count as FFN roles. The router is listed under ``never`` and is nev
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
 
 from loraplace.errors import LoraplaceError
+
+BLOCK_NAME = re.compile(r"^(?P<stack>.+?)\.(?P<layer>\d+)\.(?P<rel>.+)$")
+"""``<stack>.<layer index>.<path inside the block>``, e.g. ``model.layers.7.self_attn.q_proj``."""
 
 ROLE_GROUPS: Mapping[str, str] = MappingProxyType({"attention": "attn.", "cross-attention": "xattn.", "ffn": "mlp."})
 """Group name -> the prefix its roles share."""
