@@ -138,3 +138,11 @@ def test_unknown_device():
 def test_resume_needs_output():
     code, output = invoke("run", "--resume")
     _one_line_error(code, output, "--resume needs --output")
+
+
+def test_bad_budget_reference_fails_before_training(tiny_gpt2_dir, alpaca_file, tmp_path):
+    # qv has no module in GPT-2, so an arm matched to its budget cannot exist: caught by the preflight.
+    code, output = invoke("run", "--model", str(tiny_gpt2_dir), "--dataset", str(alpaca_file),
+                          "-o", str(tmp_path / "s"), "--match-budget", "qv", "data.eval_size=8")
+    _one_line_error(code, output, "'qv'")
+    assert not (tmp_path / "s" / "results.json").exists()

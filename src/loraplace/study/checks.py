@@ -3,6 +3,8 @@ clear line instead of after the first hour of training."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from loraplace.config import StudyConfig
 
 
@@ -11,12 +13,14 @@ def check_study(config: StudyConfig, allow_fetch: bool = True) -> None:
     device is unusable. Loads the model's config (no weights) and the dataset's rows."""
     from loraplace.data import check_columns, load_rows
     from loraplace.models import load_config, meta_model, pick_device, resolve_model_path
-    from loraplace.placement import parse_strategies, resolve_placement
+    from loraplace.placement import resolve_arm
+    from loraplace.study.store import run_specs
 
     pick_device(config.device)
     model_config, _ = load_config(resolve_model_path(config.model, allow_fetch))
     skeleton = meta_model(model_config)
-    for strategy in parse_strategies(config.strategies):
-        resolve_placement(skeleton, strategy, config.lora.r, config.lora.alpha)
+    # Every arm the study will run, budget-matched ones included, resolved as execute_run does.
+    for label in dict.fromkeys(s.strategy for s in run_specs(config, Path(".")) if s.kind == "lora"):
+        resolve_arm(skeleton, label, config.lora.r, config.lora.alpha)
     rows = load_rows(config.dataset, allow_fetch=allow_fetch)
     check_columns(rows.column_names, config.dataset)
