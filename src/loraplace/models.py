@@ -67,7 +67,8 @@ def load_config(model: str) -> tuple[Any, str]:
         return CONFIG_MAPPING[values.pop("model_type")](**values), "built-in table"
     hub_error: Exception | None = None
     try:
-        return AutoConfig.from_pretrained(model), "hub"
+        # offline() is read per call: huggingface_hub reads HF_HUB_OFFLINE only once, at import.
+        return AutoConfig.from_pretrained(model, local_files_only=assets.offline()), "hub"
     except (OSError, ValueError) as e:
         hub_error = e
     known = ", ".join(sorted(KNOWN_CONFIGS))
@@ -120,7 +121,7 @@ def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=assets.offline())
     except (OSError, ValueError) as e:
         raise LoraplaceError(f"could not load the tokenizer of {path!r}: {_first_line(e)}") from None
     if tokenizer.pad_token is None:
@@ -135,7 +136,7 @@ def load_causal_lm(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=assets.offline())
     except (OSError, ValueError) as e:
         where = "local folder" if os.path.isdir(path) else "hub id"
         raise LoraplaceError(f"could not load model {path!r} ({where}): {_first_line(e)}") from None
