@@ -82,20 +82,34 @@ def load_config(model: str) -> tuple[Any, str]:
 ENCODER_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "albert", "deberta", "deberta-v2")
 
 
-def meta_model(config: Any) -> nn.Module:
-    """The model's module tree with no memory behind its weights (meta device): a causal LM, a
-    seq2seq LM for encoder-decoder configs (T5, BART), a sequence classifier for encoder-only
-    ones (BERT, RoBERTa)."""
+TASKS = ("causal-lm", "seq2seq", "classification")
+"""What a study trains: next-token prediction (decoder-only), source -> target generation
+(encoder-decoder: T5, BART), or sequence classification (encoder-only: BERT, RoBERTa)."""
+
+
+def task_of(config: Any) -> str:
+    """The task a model's architecture implies: ``seq2seq`` for encoder-decoder configs,
+    ``classification`` for encoder-only ones, ``causal-lm`` otherwise."""
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq"
+    if getattr(config, "model_type", None) in ENCODER_MODEL_TYPES:
+        return "classification"
+    return "causal-lm"
+
+
+def _auto_class(task: str):
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
-    if getattr(config, "is_encoder_decoder", False):
-        auto = AutoModelForSeq2SeqLM
-    elif getattr(config, "model_type", None) in ENCODER_MODEL_TYPES:
-        auto = AutoModelForSequenceClassification
-    else:
-        auto = AutoModelForCausalLM
+    return {"causal-lm": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM,
+            "classification": AutoModelForSequenceClassification}[task]
+
+
+def meta_model(config: Any) -> nn.Module:
+    """The model's module tree with no memory behind its weights (meta device), with the head of
+    its task (:func:`task_of`): a causal LM, a seq2seq LM (T5, BART) or a sequence classifier
+    (BERT, RoBERTa)."""
     with torch.device("meta"):
-        return auto.from_config(config)
+        return _auto_class(task_of(config)).from_config(config)
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -130,13 +144,15 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def load_causal_lm(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Load a causal LM's weights (float32 by default: adapters train in float32 and the matmuls
-    run under autocast)."""
-    from transformers import AutoModelForCausalLM
-
+def load_model(path: str, task: str = "causal-lm", num_labels: int | None = None,
+               dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Load a model's weights with the head of ``task`` (float32 by default: adapters train in
+    float32 and the matmuls run under autocast). ``num_labels`` sizes a classification head."""
+    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": assets.offline()}
+    if task == "classification":
+        kwargs["num_labels"] = num_labels
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=assets.offline())
+        model = _auto_class(task).from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         where = "local folder" if os.path.isdir(path) else "hub id"
         raise LoraplaceError(f"could not load model {path!r} ({where}): {_first_line(e)}") from None

@@ -105,12 +105,12 @@ class RunContext:
         return self._tokenizers[model]
 
     def base_model(self, model: str, device: torch.device):
-        from loraplace.models import load_causal_lm, resolve_model_path
+        from loraplace.models import load_model, resolve_model_path
 
         key = f"{model}@{device}"
         if key not in self._models:
             self._models.clear()  # one base model in memory at a time
-            self._models[key] = load_causal_lm(resolve_model_path(model, self.allow_fetch)).to(device)
+            self._models[key] = load_model(resolve_model_path(model, self.allow_fetch)).to(device)
         return self._models[key]
 
     def data(self, spec: RunSpec):
