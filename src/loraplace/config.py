@@ -64,6 +64,10 @@ class StudyConfig(_Strict):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     data: DataSettings = Field(default_factory=DataSettings)
+    task: Literal["auto", "causal-lm", "seq2seq", "classification"] = Field(
+        "auto", description="What to train: auto follows the architecture (decoder-only: causal-lm; "
+        "encoder-decoder such as T5/BART: seq2seq; encoder-only such as BERT: classification)."
+    )
     device: str = Field("auto", description="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")
     output: str | None = Field(None, description="Output folder; default: a new folder under ./runs/.")
     match_budget: str | int | None = Field(

@@ -34,6 +34,7 @@ class RunSpec(BaseModel):
     train: TrainSettings = Field(default_factory=TrainSettings)
     data: DataSettings = Field(default_factory=DataSettings)
     device: str = "auto"
+    task: Literal["auto", "causal-lm", "seq2seq", "classification"] = "auto"
     run_dir: str
 
 
@@ -96,6 +97,7 @@ class RunContext:
         self._models: dict[str, Any] = {}
         self._tokenizers: dict[str, Any] = {}
         self._data: dict[tuple, Any] = {}
+        self._tasks: dict[str, str] = {}
 
     def tokenizer(self, model: str):
         from loraplace.models import load_tokenizer, resolve_model_path
@@ -104,26 +106,48 @@ class RunContext:
             self._tokenizers[model] = load_tokenizer(resolve_model_path(model, self.allow_fetch))
         return self._tokenizers[model]
 
-    def base_model(self, model: str, device: torch.device):
+    def task(self, spec: RunSpec) -> str:
+        """The spec's task; ``auto`` follows the model's architecture (:func:`loraplace.models.task_of`)."""
+        from loraplace.models import load_config, resolve_model_path, task_of
+
+        if spec.task != "auto":
+            return spec.task
+        if spec.model not in self._tasks:
+            self._tasks[spec.model] = task_of(load_config(resolve_model_path(spec.model, self.allow_fetch))[0])
+        return self._tasks[spec.model]
+
+    def base_model(self, model: str, device: torch.device, task: str = "causal-lm", num_labels: int | None = None):
         from loraplace.models import load_model, resolve_model_path
 
-        key = f"{model}@{device}"
+        key = (model, str(device), task, num_labels)
         if key not in self._models:
             self._models.clear()  # one base model in memory at a time
-            self._models[key] = load_model(resolve_model_path(model, self.allow_fetch)).to(device)
+            from transformers import set_seed
+
+            set_seed(0)  # a classification head is initialised at load: the same head for every run
+            loaded = load_model(resolve_model_path(model, self.allow_fetch), task, num_labels).to(device)
+            if loaded.config.pad_token_id is None:  # classifiers find the last token by the pad id
+                loaded.config.pad_token_id = self.tokenizer(model).pad_token_id
+            self._models[key] = loaded
         return self._models[key]
 
-    def data(self, spec: RunSpec):
+    def data(self, spec: RunSpec, task: str = "causal-lm"):
         from loraplace.data import prepare_data
+        from loraplace.tasks import prepare_classification_data, prepare_seq2seq_data
 
-        key = (spec.model, spec.dataset, spec.train.max_length, spec.train.loss_on, spec.data.eval_size,
+        key = (spec.model, spec.dataset, task, spec.train.max_length, spec.train.loss_on, spec.data.eval_size,
                spec.data.split_seed, spec.data.max_train_examples)
         if key not in self._data:
-            self._data[key] = prepare_data(
-                spec.dataset, self.tokenizer(spec.model), eval_size=spec.data.eval_size,
-                max_length=spec.train.max_length, loss_on=spec.train.loss_on, split_seed=spec.data.split_seed,
-                max_train_examples=spec.data.max_train_examples, allow_fetch=self.allow_fetch,
-            )
+            common = dict(eval_size=spec.data.eval_size, max_length=spec.train.max_length,
+                          split_seed=spec.data.split_seed, max_train_examples=spec.data.max_train_examples,
+                          allow_fetch=self.allow_fetch)
+            tokenizer = self.tokenizer(spec.model)
+            if task == "seq2seq":
+                self._data[key] = prepare_seq2seq_data(spec.dataset, tokenizer, **common)
+            elif task == "classification":
+                self._data[key] = prepare_classification_data(spec.dataset, tokenizer, **common)
+            else:
+                self._data[key] = prepare_data(spec.dataset, tokenizer, loss_on=spec.train.loss_on, **common)
         return self._data[key]
 
 

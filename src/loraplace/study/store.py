@@ -69,7 +69,7 @@ def run_specs(config: StudyConfig, study_dir: Path) -> list[RunSpec]:
         LoraplaceError: two strategies whose run ids (safe folder names) coincide.
     """
     common = dict(model=config.model, dataset=config.dataset, lora=config.lora, train=config.train,
-                  data=config.data, device=config.device)
+                  data=config.data, device=config.device, task=config.task)
     specs = []
     if config.include_base:
         specs.append(RunSpec(run_id="base", kind="base", strategy="base", seed=config.seeds[0],
