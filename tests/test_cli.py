@@ -146,3 +146,12 @@ def test_bad_budget_reference_fails_before_training(tiny_gpt2_dir, alpaca_file, 
                           "-o", str(tmp_path / "s"), "--match-budget", "qv", "data.eval_size=8")
     _one_line_error(code, output, "'qv'")
     assert not (tmp_path / "s" / "results.json").exists()
+
+
+def test_device_errors_say_what_to_do():
+    from loraplace.errors import LoraplaceError
+    from loraplace.models import pick_device
+
+    with pytest.raises(LoraplaceError, match="CUDA_VISIBLE_DEVICES=1 and --device cuda"):
+        pick_device("cuda:1")
+    assert pick_device("cpu").type == "cpu"

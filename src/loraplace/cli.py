@@ -218,7 +218,7 @@ def run(
     strategies: Optional[str] = typer.Option(None, "--strategies", "-s", help="Comma-separated strategies."),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated seeds, e.g. 0,1,2."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Study folder (default: ./runs/NAME-TIME)."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto (cuda > mps > cpu), cpu, cuda or mps; choose a GPU with CUDA_VISIBLE_DEVICES."),
     resume: bool = typer.Option(False, "--resume", help="Continue the study in --output, skipping finished runs."),
     report_to: Optional[str] = typer.Option(
         None, "--report-to", help="Trainer loggers, comma-separated: tensorboard, wandb, mlflow (off by default)."),

@@ -68,7 +68,7 @@ class StudyConfig(_Strict):
         "auto", description="What to train: auto follows the architecture (decoder-only: causal-lm; "
         "encoder-decoder such as T5/BART: seq2seq; encoder-only such as BERT: classification)."
     )
-    device: str = Field("auto", description="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")
+    device: str = Field("auto", description="auto (cuda > mps > cpu), cpu, cuda or mps; choose a GPU with CUDA_VISIBLE_DEVICES.")
     output: str | None = Field(None, description="Output folder; default: a new folder under ./runs/.")
     match_budget: str | int | None = Field(
         None, description="Also run every strategy with ranks chosen to train as many parameters as this "

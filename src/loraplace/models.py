@@ -123,7 +123,12 @@ def pick_device(requested: str = "auto") -> torch.device:
     try:
         device = torch.device(requested)
     except RuntimeError:
-        raise LoraplaceError(f"unknown device {requested!r}; use auto, cpu, cuda, cuda:N or mps") from None
+        raise LoraplaceError(f"unknown device {requested!r}; use auto, cpu, cuda or mps") from None
+    if device.type == "cuda" and device.index:
+        # The Trainer trains a single-process run on cuda:0, whatever the model was moved to.
+        raise LoraplaceError(
+            f"--device {requested}: pick the GPU with CUDA_VISIBLE_DEVICES={device.index} and --device cuda"
+        )
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LoraplaceError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
     if device.type == "mps" and not torch.backends.mps.is_available():
