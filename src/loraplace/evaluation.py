@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -52,11 +52,32 @@ def _selective_parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return body, head
 
 
+def _hidden_and_head(model: nn.Module, batch: dict[str, torch.Tensor], selective: bool):
+    """``(hidden (B, T, H), head)`` when the logits are ``head(hidden)``; else ``(logits (B, T, V), None)``."""
+    parts = _selective_parts(model) if selective else None
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+    if "position_ids" in batch:
+        kwargs["position_ids"] = batch["position_ids"]
+    if parts is not None:
+        body, head = parts
+        return body(**kwargs)[0], head
+    return model(**kwargs).logits, None
+
+
+def _nll_at(states: torch.Tensor, head: nn.Module | None, targets: torch.Tensor) -> torch.Tensor:
+    """Per-position NLL (float32) of ``targets (N,)`` from hidden states or logits ``(N, .)``."""
+    logits = head(states) if head is not None else states
+    return F.cross_entropy(logits.float(), targets, reduction="none")
+
+
 def token_nll(model: nn.Module, batch: dict[str, torch.Tensor], selective: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed NLL and labelled-token count per example of a causal-LM batch.
 
     Args:
         batch: ``input_ids``, ``attention_mask``, ``labels``: ``(B, T)``; labels -100 where ignored.
+            Optionally ``position_ids`` (packed rows, attention_mask None: see
+            :class:`loraplace.data.PackedCollator`); then labels must be -100 at each packed
+            sequence's first position, and "per example" means per row.
         selective: project to the vocabulary only at positions that predict a label
             (``(N, hidden) -> (N, vocab)`` with N the labelled tokens) instead of at all B*T
             positions. Same result, less compute; falls back to full logits where unsafe.
@@ -66,29 +87,72 @@ def token_nll(model: nn.Module, batch: dict[str, torch.Tensor], selective: bool 
     """
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE_INDEX  # (B, T-1)
-    parts = _selective_parts(model) if selective else None
-    if parts is not None:
-        body, head = parts
-        hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]  # (B, T, H)
-        logits = head(hidden[:, :-1][mask])  # (N, V)
-        nll = F.cross_entropy(logits.float(), labels[mask], reduction="none")  # (N,)
-    else:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        logits = out.logits[:, :-1][mask]
-        nll = F.cross_entropy(logits.float(), labels[mask], reduction="none")
+    states, head = _hidden_and_head(model, batch, selective)
+    nll = _nll_at(states[:, :-1][mask], head, labels[mask])  # (N,)
     rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)[mask]
     nll_sum = torch.zeros(labels.shape[0], dtype=torch.float32, device=nll.device).index_add(0, rows, nll)
     return nll_sum, mask.sum(dim=1)
 
 
 @dataclass
+class AllTokenNLL:
+    """Per-row sums over every position, for reports that compare loss definitions."""
+
+    nll_sum_all: torch.Tensor  # (B,) NLL of tokens 1..len-1 (prompt and response), float32
+    n_all: torch.Tensor  # (B,) len-1
+    nll_sum_pad: torch.Tensor  # (B,) NLL of predicting the pad token at each padding position
+    n_pad: torch.Tensor  # (B,) padding positions in the row
+
+
+def token_nll_all(model: nn.Module, batch: dict[str, torch.Tensor], pad_token_id: int,
+                  selective: bool = True) -> tuple[torch.Tensor, torch.Tensor, AllTokenNLL]:
+    """:func:`token_nll` plus, per row, the NLL over all non-padding tokens and over padding.
+
+    Needs the logits at every position: the vocabulary projection runs one row at a time, so
+    memory stays at ``(T, vocab)`` floats. Rows are right-padded (``attention_mask`` 1 then 0);
+    padding position j (j >= len) contributes the NLL of predicting ``pad_token_id`` at j from
+    position j-1, which is what a loss over padded labels would add. The labelled sums come from
+    the same logits (label where there is one, else the input token, as target).
+    """
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE_INDEX
+    states, head = _hidden_and_head(model, batch, selective)
+    lengths = batch["attention_mask"].sum(dim=1)
+    width = batch["input_ids"].shape[1]
+    sums, sums_all, sums_pad = [], [], []
+    for i in range(labels.shape[0]):
+        n = int(lengths[i])
+        targets = torch.where(mask[i], labels[i], batch["input_ids"][i, 1:])
+        targets[n - 1:] = pad_token_id  # positions >= n are padding: their target is the pad token
+        row = _nll_at(states[i, :-1], head, targets)  # (T-1,)
+        sums.append(row[mask[i]].sum())
+        sums_all.append(row[: n - 1].sum())
+        sums_pad.append(row[n - 1:].sum())
+    extra = AllTokenNLL(
+        nll_sum_all=torch.stack(sums_all).float(), n_all=(lengths - 1).clamp(min=0),
+        nll_sum_pad=torch.stack(sums_pad).float(), n_pad=width - lengths,
+    )
+    return torch.stack(sums).float(), mask.sum(dim=1), extra
+
+
+@dataclass
 class EvalResult:
-    """Per-example sums on the eval split, in dataset order, plus the batches they formed."""
+    """Per-example sums on the eval split, in dataset order, plus the batches they formed.
+
+    With ``all_tokens=True`` (the run's final evaluation) also, per example: ``nll_sums_all`` /
+    ``n_tokens_all``, the NLL over every non-padding token (prompt and response, positions
+    1..len-1), and ``nll_sums_pad`` / ``n_pad``, the NLL of predicting the pad token at the
+    padding positions of its batch row and how many there are. Empty lists otherwise.
+    """
 
     nll_sums: list[float]
     n_tokens: list[int]
     batch_of: list[int]  # batch index of each example (for per-batch aggregations in reports)
     seconds: float
+    nll_sums_all: list[float] = field(default_factory=list)
+    n_tokens_all: list[int] = field(default_factory=list)
+    nll_sums_pad: list[float] = field(default_factory=list)
+    n_pad: list[int] = field(default_factory=list)
 
     @property
     def nll_sum(self) -> float:
@@ -108,30 +172,65 @@ class EvalResult:
         return perplexity(self.nll_sum, self.tokens)
 
 
+def _batches(dataset, batch_size: int, by_length: bool) -> list[list[int]]:
+    """Index lists of the eval batches: consecutive in dataset order, or (``by_length``) of
+    examples of similar length, which pads less."""
+    order = list(range(len(dataset)))
+    if by_length:
+        lengths = dataset["length"] if "length" in getattr(dataset, "column_names", ()) else [
+            len(dataset[i]["input_ids"]) for i in order]
+        order.sort(key=lambda i: (-lengths[i], i))
+    return [order[first:first + batch_size] for first in range(0, len(order), batch_size)]
+
+
 @torch.no_grad()
 def evaluate_nll(model: nn.Module, dataset, collator, *, batch_size: int, device: torch.device,
-                 autocast_dtype: torch.dtype | None, selective: bool = True) -> EvalResult:
-    """Evaluate summed NLL per example, without gradients, in dataset order."""
+                 autocast_dtype: torch.dtype | None, selective: bool = True, all_tokens: bool = False,
+                 by_length: bool = False) -> EvalResult:
+    """Evaluate summed NLL per example, without gradients; results in dataset order.
+
+    Args:
+        all_tokens: also fill the all-token and padding fields of :class:`EvalResult` (full
+            logits at every position: slower; meant for a run's final evaluation).
+        by_length: batch examples of similar length together (less padding, faster); batches
+            are otherwise consecutive runs of the dataset order. The loss is the same up to
+            float rounding; ``batch_of`` and ``n_pad`` describe the batches actually formed.
+    """
     import time
 
     was_training = model.training
     model.eval()
     start = time.perf_counter()
-    nll_sums: list[float] = []
-    counts: list[int] = []
-    batch_of: list[int] = []
+    n = len(dataset)
+    nll_sums: list[float] = [0.0] * n
+    counts: list[int] = [0] * n
+    batch_of: list[int] = [0] * n
+    sums_all: list[float] = [0.0] * n if all_tokens else []
+    counts_all: list[int] = [0] * n if all_tokens else []
+    sums_pad: list[float] = [0.0] * n if all_tokens else []
+    pads: list[int] = [0] * n if all_tokens else []
     autocast = (
         torch.autocast(device_type=device.type, dtype=autocast_dtype)
         if autocast_dtype is not None else contextlib.nullcontext()
     )
-    for b, first in enumerate(range(0, len(dataset), batch_size)):
-        features = [dataset[i] for i in range(first, min(first + batch_size, len(dataset)))]
+    pad_id = getattr(collator, "pad_token_id", 0)
+    for b, indices in enumerate(_batches(dataset, batch_size, by_length)):
+        features = [dataset[i] for i in indices]
         batch = {k: v.to(device) for k, v in collator(features).items()}
         with autocast:
-            s, n = token_nll(model, batch, selective=selective)
-        nll_sums += s.double().cpu().tolist()
-        counts += n.cpu().tolist()
-        batch_of += [b] * len(features)
+            if all_tokens:
+                s, c, extra = token_nll_all(model, batch, pad_id, selective=selective)
+            else:
+                s, c = token_nll(model, batch, selective=selective)
+        s, c = s.double().cpu().tolist(), c.cpu().tolist()
+        for j, i in enumerate(indices):
+            nll_sums[i], counts[i], batch_of[i] = s[j], c[j], b
+        if all_tokens:
+            values = zip(extra.nll_sum_all.double().cpu().tolist(), extra.n_all.cpu().tolist(),
+                         extra.nll_sum_pad.double().cpu().tolist(), extra.n_pad.cpu().tolist())
+            for i, (sa, na, sp, npad) in zip(indices, values):
+                sums_all[i], counts_all[i], sums_pad[i], pads[i] = sa, int(na), sp, int(npad)
     if was_training:
         model.train()
-    return EvalResult(nll_sums, counts, batch_of, time.perf_counter() - start)
+    return EvalResult(nll_sums, counts, batch_of, time.perf_counter() - start,
+                      nll_sums_all=sums_all, n_tokens_all=counts_all, nll_sums_pad=sums_pad, n_pad=pads)

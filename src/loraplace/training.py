@@ -6,12 +6,15 @@ The Trainer runs the loop; loraplace plugs in through its extension points only:
   :func:`loraplace.evaluation.token_nll`, which projects to the vocabulary only where a label
   is, normalised by the labelled tokens of the whole (accumulated) batch;
 * a collator that pads to the longest example, and length-grouped sampling;
-* ``bf16`` autocast where the hardware runs it fast, with float32 adapter weights;
+* ``bf16`` autocast where the hardware runs it fast, with float32 adapter weights; the frozen base
+  projections are held in bfloat16 while training (:func:`frozen_weights_as`), which saves
+  autocast's per-call weight casts and changes no number;
 * a callback for progress, and a non-finite-loss check that fails the run with its reason.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import platform
 import time
@@ -57,6 +60,44 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
+def _frozen_linears(model: nn.Module) -> list[nn.Linear]:
+    """The frozen ``nn.Linear`` modules of a model whose weight is not shared with the input
+    embedding (a tied vocabulary projection stays as it is: the embedding lookup reads it)."""
+    get_emb = getattr(model, "get_input_embeddings", None)
+    emb = get_emb() if callable(get_emb) else None
+    emb_weight = getattr(emb, "weight", None)
+    return [m for m in model.modules()
+            if type(m) is nn.Linear and not m.weight.requires_grad and m.weight is not emb_weight
+            and m.weight.dtype == torch.float32]
+
+
+@contextlib.contextmanager
+def frozen_weights_as(model: nn.Module, dtype: torch.dtype | None):
+    """Hold the frozen linear weights (the base model's projections) in ``dtype`` inside the block.
+
+    Under autocast a float32 linear weight is cast to bfloat16 at every forward call; holding it in
+    bfloat16 skips that copy and halves its memory, with the same numbers: autocast would round it
+    to the same bfloat16 values. Adapter weights, norms and embeddings stay float32. On exit the
+    weights return to float32 (holding the rounded values, which autocast maps to the same
+    bfloat16 weights), so adapters created later on the same base model start in float32.
+    """
+    if dtype is None or dtype == torch.float32:
+        yield
+        return
+    modules = _frozen_linears(model)
+    for m in modules:
+        m.weight.data = m.weight.data.to(dtype)
+        if m.bias is not None and not m.bias.requires_grad:
+            m.bias.data = m.bias.data.to(dtype)
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.weight.data = m.weight.data.to(torch.float32)
+            if m.bias is not None and m.bias.dtype == dtype:
+                m.bias.data = m.bias.data.to(torch.float32)
+
+
 class PlacementTrainer(Trainer):
     """Trainer whose loss is the token-weighted mean NLL over labelled tokens (selective logits)."""
 
@@ -70,7 +111,10 @@ class PlacementTrainer(Trainer):
         self.label_tokens = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        nll_sum, n_tokens = token_nll(model, inputs)
+        # Accelerate applies mixed precision by wrapping ``model.forward``; token_nll calls the
+        # model's body and head directly (selective logits), so enter the autocast here.
+        with self.accelerator.autocast():
+            nll_sum, n_tokens = token_nll(model, inputs)
         count = n_tokens.sum()
         denom = num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1)
         loss = nll_sum.sum() / denom
@@ -166,7 +210,8 @@ def train_adapters(model: nn.Module, train_dataset, collator, settings: TrainSet
         trainer.add_callback(_PeriodicEval(settings.eval_every, eval_loss))
     trainer.remove_callback(PrinterCallback)  # progress and the log go through on_step and log_history
     start = time.perf_counter()
-    trainer.train()
+    with frozen_weights_as(model, autocast_dtype(precision)):
+        trainer.train()
     seconds = time.perf_counter() - start
     return TrainOutcome(
         seconds=seconds,

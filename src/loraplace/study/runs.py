@@ -324,9 +324,11 @@ def execute_run(spec: RunSpec, ctx: RunContext,
                     final_train_loss=losses[-1] if losses else None,
                 )
                 model = peft_model
-            ev = evaluate_nll(model, data.eval, collator, **eval_kwargs)
+            ev = evaluate_nll(model, data.eval, collator, all_tokens=True, **eval_kwargs)
         _write_json(run_dir / "eval_examples.json",
-                    {"nll_sum": ev.nll_sums, "n_tokens": ev.n_tokens, "batch": ev.batch_of})
+                    {"nll_sum": ev.nll_sums, "n_tokens": ev.n_tokens, "batch": ev.batch_of,
+                     "nll_sum_all_tokens": ev.nll_sums_all, "n_tokens_all": ev.n_tokens_all,
+                     "nll_sum_pad": ev.nll_sums_pad, "n_pad": ev.n_pad})
         result.update(
             eval_loss=ev.loss, perplexity=ev.perplexity, eval_nll_sum=ev.nll_sum, eval_tokens=ev.tokens,
             eval_examples=len(ev.n_tokens), eval_time_s=ev.seconds,

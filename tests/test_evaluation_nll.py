@@ -1,0 +1,108 @@
+"""Eval-side levers keep the numbers: selective logits, all-token sums, length-grouped batches.
+
+Tiny random-init Llama models from a config: no downloads, a few seconds.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loraplace.data import IGNORE_INDEX, PadCollator
+from loraplace.evaluation import evaluate_nll, token_nll, token_nll_all
+
+PAD = 0
+
+
+def tiny_llama(tie: bool = True):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=tie, pad_token_id=PAD)
+    model = LlamaForCausalLM(config).eval()
+    model.config.use_cache = False
+    return model
+
+
+def examples(n: int = 7, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = int(torch.randint(4, 20, (1,), generator=g))
+        ids = torch.randint(1, 97, (length,), generator=g).tolist()
+        prompt = int(torch.randint(1, length - 1, (1,), generator=g))
+        out.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:], "length": length})
+    return out
+
+
+class ListDataset(list):
+    column_names = ("input_ids", "labels", "length")
+
+    def __getitem__(self, key):
+        if key == "length":
+            return [ex["length"] for ex in self]
+        return list.__getitem__(self, key)
+
+
+def reference(model, batch):
+    """Plain full-logits NLL per row over labels, over all real tokens, and over padding."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["input_ids"][:, 1:], reduction="none")
+    labels = batch["labels"][:, 1:]
+    real = batch["attention_mask"][:, 1:].bool()
+    return (nll * (labels != IGNORE_INDEX)).sum(1), (nll * real).sum(1), (nll * ~real).sum(1)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_selective_logits_equal_full_logits(tie):
+    model = tiny_llama(tie)
+    batch = PadCollator(PAD)(examples())
+    with torch.no_grad():
+        sel, n_sel = token_nll(model, batch, selective=True)
+        full, n_full = token_nll(model, batch, selective=False)
+        ref, _, _ = reference(model, batch)
+    assert torch.equal(n_sel, n_full)
+    torch.testing.assert_close(sel, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sel, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_all_token_sums_match_reference():
+    model = tiny_llama()
+    feats = examples()
+    batch = PadCollator(PAD)(feats)
+    with torch.no_grad():
+        s, n, extra = token_nll_all(model, batch, PAD)
+        s_sel, n_sel = token_nll(model, batch)
+        ref_label, ref_all, ref_pad = reference(model, batch)
+    torch.testing.assert_close(s, s_sel, rtol=1e-5, atol=1e-5)
+    assert torch.equal(n, n_sel)
+    torch.testing.assert_close(extra.nll_sum_all, ref_all, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(extra.nll_sum_pad, ref_pad, rtol=1e-5, atol=1e-5)
+    width = batch["input_ids"].shape[1]
+    assert extra.n_all.tolist() == [len(f["input_ids"]) - 1 for f in feats]
+    assert extra.n_pad.tolist() == [width - len(f["input_ids"]) for f in feats]
+
+
+def test_evaluate_nll_all_tokens_and_length_batches():
+    model = tiny_llama()
+    data = ListDataset(examples(11, seed=3))
+    collator = PadCollator(PAD)
+    kw = dict(batch_size=4, device=torch.device("cpu"), autocast_dtype=None)
+    plain = evaluate_nll(model, data, collator, **kw)
+    full = evaluate_nll(model, data, collator, all_tokens=True, **kw)
+    grouped = evaluate_nll(model, data, collator, by_length=True, **kw)
+    assert plain.nll_sums_all == [] and plain.n_pad == []
+    assert full.n_tokens == plain.n_tokens and grouped.n_tokens == plain.n_tokens
+    assert full.batch_of == plain.batch_of == [i // 4 for i in range(11)]
+    assert math.isclose(full.loss, plain.loss, rel_tol=1e-5)
+    assert math.isclose(grouped.loss, plain.loss, rel_tol=1e-5)
+    for i, ex in enumerate(data):  # dataset order is kept, whatever the batching
+        assert full.n_tokens_all[i] == ex["length"] - 1
+        assert plain.nll_sums[i] == pytest.approx(grouped.nll_sums[i], rel=1e-4)
+    longest = [max(data[j]["length"] for j in range(len(data)) if j // 4 == b) for b in range(3)]
+    assert full.n_pad == [longest[i // 4] - data[i]["length"] for i in range(11)]
+    assert all(p > 0 for p, n in zip(full.nll_sums_pad, full.n_pad) if n)
+    assert len(set(grouped.batch_of)) == 3

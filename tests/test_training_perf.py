@@ -1,0 +1,94 @@
+"""Training-side speed levers keep results correct: bf16 frozen base weights under autocast give
+the same numbers as float32 weights under autocast, adapters stay float32, and the base model
+comes back in float32 so the next run's adapters are created as before."""
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from loraplace.config import TrainSettings
+from loraplace.data import PadCollator
+from loraplace.evaluation import token_nll
+from loraplace.training import frozen_weights_as, train_adapters
+
+from test_evaluation_nll import PAD, ListDataset, examples, tiny_llama
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def peft_tiny(seed=0):
+    base = tiny_llama()
+    torch.manual_seed(seed)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS,
+                                            task_type="CAUSAL_LM"))
+    for name, p in model.named_parameters():  # non-zero B so that the adapters matter
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    return base, model
+
+
+def autocast_loss(model, batch):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s, n = token_nll(model, batch)
+    loss = s.sum() / n.sum()
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def test_bf16_frozen_weights_same_loss_and_grads_under_autocast():
+    base, model = peft_tiny()
+    model.train()
+    batch = PadCollator(PAD)(examples())
+    ref_loss, ref_grads = autocast_loss(model, batch)
+    with frozen_weights_as(model, torch.bfloat16):
+        lora = [p for n, p in model.named_parameters() if "lora_" in n]
+        frozen = [m.base_layer.weight for m in model.modules() if hasattr(m, "base_layer") and hasattr(m.base_layer, "weight")]
+        assert lora and all(p.dtype == torch.float32 and p.requires_grad for p in lora)
+        assert frozen and all(w.dtype == torch.bfloat16 for w in frozen)
+        assert base.get_input_embeddings().weight.dtype == torch.float32  # tied head stays float32
+        assert all(m.weight.dtype == torch.float32 for n, m in base.named_modules() if n.endswith("norm"))
+        loss, grads = autocast_loss(model, batch)
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
+    for k in ref_grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=0, atol=0)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_base_comes_back_float32_and_new_adapters_start_float32():
+    base, model = peft_tiny()
+    with frozen_weights_as(model, torch.bfloat16):
+        pass
+    model.unload()
+    torch.manual_seed(1)
+    again = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM"))
+    fresh_base = tiny_llama()
+    torch.manual_seed(1)
+    fresh = get_peft_model(fresh_base, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM"))
+    a = {n: p for n, p in again.named_parameters() if "lora_A" in n}
+    b = {n: p for n, p in fresh.named_parameters() if "lora_A" in n}
+    assert a.keys() == b.keys()
+    for n in a:  # identical float32 initialisation, not rounded through bfloat16
+        assert a[n].dtype == torch.float32
+        torch.testing.assert_close(a[n], b[n], rtol=0, atol=0)
+
+
+def test_train_adapters_bf16_keeps_adapters_float32(tmp_path):
+    _, model = peft_tiny()
+    data = ListDataset(examples(16, seed=5))
+
+
+    import datasets
+
+    ds = datasets.Dataset.from_list(list(data))
+    seen = []
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
+    handle = layer.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    settings = TrainSettings(max_steps=2, batch_size=4, logging_steps=1, eval_every=0)
+    out = train_adapters(model, ds, PadCollator(PAD), settings, seed=0, precision="bf16",
+                         device=torch.device("cpu"), output_dir=tmp_path / "t")
+    handle.remove()
+    assert out.steps == 2 and out.real_tokens > 0
+    assert seen and set(seen) == {torch.bfloat16}  # the training matmuls ran under bf16 autocast
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
