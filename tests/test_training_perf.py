@@ -92,3 +92,43 @@ def test_train_adapters_bf16_keeps_adapters_float32(tmp_path):
     assert seen and set(seen) == {torch.bfloat16}  # the training matmuls ran under bf16 autocast
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_mask_dropout_matches_dropout_distribution():
+    from loraplace.training import MaskDropout
+
+    torch.manual_seed(0)
+    x = torch.ones(200_000)
+    drop = MaskDropout(0.1).train()
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.005
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.9))
+    assert abs(y.mean().item() - 1.0) < 0.01  # unbiased, like nn.Dropout
+    assert torch.equal(drop.eval()(x), x)
+
+
+def test_use_mask_dropout_swaps_peft_dropout():
+    from loraplace.training import MaskDropout, use_mask_dropout
+
+    base = tiny_llama()
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=TARGETS,
+                                            task_type="CAUSAL_LM"))
+    assert use_mask_dropout(model) == 2 * len(TARGETS)  # 2 layers
+    assert all(isinstance(m.lora_dropout["default"], MaskDropout) for m in model.modules() if hasattr(m, "lora_dropout"))
+
+
+def test_eager_attention_same_loss_as_sdpa_and_restored():
+    from loraplace.training import attention_as
+
+    _, model = peft_tiny()
+    batch = PadCollator(PAD)(examples())
+    base = model.get_base_model()
+    assert base.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        ref, _ = token_nll(model, batch)
+        with attention_as(model, "eager") as used:
+            assert used == "eager" and base.config._attn_implementation == "eager"
+            eager, _ = token_nll(model, batch)
+    assert base.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(eager, ref, rtol=1e-4, atol=1e-4)

@@ -9,6 +9,8 @@ The Trainer runs the loop; loraplace plugs in through its extension points only:
 * ``bf16`` autocast where the hardware runs it fast, with float32 adapter weights; the frozen base
   projections are held in bfloat16 while training (:func:`frozen_weights_as`), which saves
   autocast's per-call weight casts and changes no number;
+* on CPU, eager attention (faster backward than SDPA's at these lengths) and a LoRA dropout
+  that draws its mask with ``torch.rand`` (see :class:`MaskDropout`);
 * a callback for progress, and a non-finite-loss check that fails the run with its reason.
 """
 
@@ -98,6 +100,66 @@ def frozen_weights_as(model: nn.Module, dtype: torch.dtype | None):
                 m.bias.data = m.bias.data.to(torch.float32)
 
 
+class MaskDropout(nn.Module):
+    """Inverted dropout, as ``nn.Dropout``: keep each element with probability ``1 - p`` and scale
+    the kept ones by ``1 / (1 - p)``. The mask comes from ``torch.rand`` (``u >= p``) instead of
+    ``bernoulli_``, which is about 30% faster on CPU, where LoRA dropout's random numbers were a
+    quarter of a training step. Same distribution; another random stream (still seeded)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        return x * ((torch.rand_like(x) >= self.p) * (1.0 / (1.0 - self.p)))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def use_mask_dropout(model: nn.Module) -> int:
+    """Swap PEFT's LoRA dropout modules (``nn.Dropout``) for :class:`MaskDropout`; returns how many."""
+    swapped = 0
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if not isinstance(dropouts, nn.ModuleDict):
+            continue
+        for name in list(dropouts.keys()):
+            if type(dropouts[name]) is nn.Dropout and dropouts[name].p > 0:
+                dropouts[name] = MaskDropout(dropouts[name].p)
+                swapped += 1
+    return swapped
+
+
+def fast_attention(device: torch.device) -> str | None:
+    """The attention implementation to train with: ``eager`` on CPU, where PyTorch's SDPA backward
+    (flash-attention for CPU) took twice as long as eager's matmul-softmax-matmul for this
+    project's sequence lengths (<= a few hundred tokens); None (keep the model's) elsewhere."""
+    return "eager" if device.type == "cpu" else None
+
+
+@contextlib.contextmanager
+def attention_as(model: nn.Module, implementation: str | None):
+    """Switch a transformers model's attention implementation inside the block, then restore it."""
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    config = getattr(base, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if implementation is None or current is None or current == implementation or not hasattr(base, "set_attn_implementation"):
+        yield current
+        return
+    try:
+        base.set_attn_implementation(implementation)
+    except (ValueError, ImportError):
+        yield current
+        return
+    try:
+        yield base.config._attn_implementation
+    finally:
+        base.set_attn_implementation(current)
+
+
 class PlacementTrainer(Trainer):
     """Trainer whose loss is the token-weighted mean NLL over labelled tokens (selective logits)."""
 
@@ -159,6 +221,7 @@ class TrainOutcome:
     real_tokens: int
     label_tokens: int
     log_history: list[dict] = field(default_factory=list)
+    choices: dict[str, str] = field(default_factory=dict)  # speed choices made (attention, dropout, weights)
 
     @property
     def tokens_per_second(self) -> float:
@@ -209,8 +272,10 @@ def train_adapters(model: nn.Module, train_dataset, collator, settings: TrainSet
     if eval_loss is not None and settings.eval_every:
         trainer.add_callback(_PeriodicEval(settings.eval_every, eval_loss))
     trainer.remove_callback(PrinterCallback)  # progress and the log go through on_step and log_history
+    choices = {"lora_dropout": "mask" if use_mask_dropout(model) else "none"}
     start = time.perf_counter()
-    with frozen_weights_as(model, autocast_dtype(precision)):
+    with frozen_weights_as(model, autocast_dtype(precision)), attention_as(model, fast_attention(device)) as attn:
+        choices.update(attention=attn, frozen_weights=str(autocast_dtype(precision) or torch.float32))
         trainer.train()
     seconds = time.perf_counter() - start
     return TrainOutcome(
@@ -219,4 +284,5 @@ def train_adapters(model: nn.Module, train_dataset, collator, settings: TrainSet
         real_tokens=trainer.real_tokens,
         label_tokens=trainer.label_tokens,
         log_history=list(trainer.state.log_history),
+        choices=choices,
     )

@@ -314,7 +314,7 @@ def execute_run(spec: RunSpec, ctx: RunContext,
                 outcome = train_adapters(
                     peft_model, data.train, collator, spec.train, seed=spec.seed, precision=precision,
                     device=device, output_dir=run_dir / "trainer", on_step=on_step,
-                    eval_loss=lambda: evaluate_nll(peft_model, data.eval, collator, **eval_kwargs).loss,
+                    eval_loss=lambda: evaluate_nll(peft_model, data.eval, collator, by_length=True, **eval_kwargs).loss,
                 )
                 _write_json(run_dir / "train_log.json", outcome.log_history)
                 losses = [e["loss"] for e in outcome.log_history if "loss" in e]
