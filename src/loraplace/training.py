@@ -113,7 +113,8 @@ class MaskDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        return x * ((torch.rand_like(x) >= self.p) * (1.0 / (1.0 - self.p)))
+        # where() keeps only the boolean mask for backward (as nn.Dropout does), not a float mask.
+        return torch.where(torch.rand_like(x) >= self.p, x * (1.0 / (1.0 - self.p)), 0.0)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
