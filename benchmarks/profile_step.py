@@ -28,7 +28,7 @@ def main() -> None:
     from loraplace import assets
     from loraplace.data import PadCollator, prepare_data
     from loraplace.evaluation import token_nll
-    from loraplace.models import load_causal_lm, load_tokenizer
+    from loraplace.models import load_model, load_tokenizer
     from loraplace.placement import parse_strategy, resolve_placement
     from loraplace.training import attention_as, fast_attention, frozen_weights_as, use_mask_dropout
 
@@ -39,7 +39,7 @@ def main() -> None:
     mid = len(order) // 2
     batch = PadCollator(tok.pad_token_id)([data.train[i] for i in order[mid:mid + 8]])
     real = int(batch["attention_mask"].sum())
-    base = load_causal_lm(str(assets.model_dir()))
+    base = load_model(str(assets.model_dir()))
     placement = resolve_placement(base, parse_strategy("full"), 16, 32)
     torch.manual_seed(0)
     model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.1,

@@ -113,8 +113,9 @@ class MaskDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        # where() keeps only the boolean mask for backward (as nn.Dropout does), not a float mask.
-        return torch.where(torch.rand_like(x) >= self.p, x * (1.0 / (1.0 - self.p)), 0.0)
+        # Multiplying by the boolean mask first keeps only that mask for backward (as nn.Dropout
+        # does), not a float copy of it.
+        return x * (torch.rand_like(x) >= self.p) * (1.0 / (1.0 - self.p))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
