@@ -86,3 +86,71 @@ def test_classification_nll_is_cross_entropy_with_accuracy(tmp_path):
     assert float(nll.mean()) == pytest.approx(float(F.cross_entropy(logits, batch["labels"])), rel=1e-5)
     assert correct.tolist() == (logits.argmax(-1) == batch["labels"]).long().tolist()
     assert 0 < float(nll.mean()) < 2 * math.log(2)
+
+
+def _save(model, path):
+    tok = make_tokenizer()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _run(*args):
+    from typer.testing import CliRunner
+
+    from loraplace.cli import app
+
+    result = CliRunner().invoke(app, ["run", *args, "train.max_steps=2", "train.batch_size=4", "data.eval_size=8",
+                                      "train.eval_every=1", "include_base=true"])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_t5_seq2seq_study_end_to_end(tmp_path, alpaca_file):
+    model_dir = _save(tiny_t5(len(make_tokenizer())), tmp_path / "t5")
+    out = tmp_path / "s"
+    _run("--model", str(model_dir), "--dataset", str(alpaca_file), "-o", str(out),
+         "strategies=self-attention,cross-attention,ffn")
+    runs = {r["run_id"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    assert all(r["status"] == "ok" and r["task"] == "seq2seq" for r in runs.values()), runs
+    cross = set(runs["cross-attention-s0"]["modules"])
+    assert cross == {f"decoder.block.{i}.layer.1.EncDecAttention.{p}" for i in range(2) for p in "qkvo"}
+    assert all(".EncDecAttention." not in m for m in runs["self-attention-s0"]["modules"])
+    for r in runs.values():
+        assert r["perplexity"] == pytest.approx(math.exp(r["eval_loss"]))
+        assert r["eval_accuracy"] is None
+    assert runs["ffn-s0"]["head_params"] == 0
+    assert (out / "report" / "report.md").is_file()
+
+
+def test_bert_classification_study_end_to_end(tmp_path):
+    path = tmp_path / "sst.jsonl"
+    path.write_text("\n".join(json.dumps({"sentence": f"Add {i} and {i}.", "label": ["neg", "pos"][i % 2]})
+                              for i in range(40)))
+    tok = make_tokenizer()
+    model_dir = _save(tiny_bert(len(tok), 2), tmp_path / "bert")
+    out = tmp_path / "s"
+    _run("--model", str(model_dir), "--dataset", str(path), "-o", str(out), "strategies=attention,ffn")
+    runs = {r["run_id"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    assert all(r["status"] == "ok" and r["task"] == "classification" for r in runs.values()), runs
+    # hidden 32, 2 classes: the new head (dense 32x32+32, out_proj... for BERT: classifier 32*2+2) trains in full
+    attn = runs["attention-s0"]
+    assert attn["head_params"] == 32 * 2 + 2
+    assert attn["trainable_params"] == attn["head_params"] + 2 * 4 * 16 * (32 + 32)
+    for r in runs.values():
+        assert 0.0 <= r["eval_accuracy"] <= 1.0 and r["perplexity"] is None
+        examples = json.loads((out / "runs" / r["run_id"] / "eval_examples.json").read_text())
+        assert examples["n_tokens"] == [1] * 8 and len(examples["correct"]) == 8
+    assert (out / "report" / "report.md").is_file()
+
+
+def test_classification_study_needs_label_and_text_columns(tmp_path, alpaca_file):
+    from typer.testing import CliRunner
+
+    from loraplace.cli import app
+
+    model_dir = _save(tiny_bert(len(make_tokenizer()), 2), tmp_path / "bert")
+    result = CliRunner().invoke(app, ["run", "--model", str(model_dir), "--dataset", str(alpaca_file),
+                                      "-o", str(tmp_path / "s")])
+    assert result.exit_code == 2
+    assert "needs a 'label' column and a text column" in result.output

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -153,6 +154,11 @@ class EvalResult:
     n_tokens_all: list[int] = field(default_factory=list)
     nll_sums_pad: list[float] = field(default_factory=list)
     n_pad: list[int] = field(default_factory=list)
+    correct: list[int] = field(default_factory=list)  # classification: 1 where the arg-max class is right
+
+    @property
+    def accuracy(self) -> float | None:
+        return sum(self.correct) / len(self.correct) if self.correct else None
 
     @property
     def nll_sum(self) -> float:
@@ -186,12 +192,15 @@ def _batches(dataset, batch_size: int, by_length: bool) -> list[list[int]]:
 @torch.no_grad()
 def evaluate_nll(model: nn.Module, dataset, collator, *, batch_size: int, device: torch.device,
                  autocast_dtype: torch.dtype | None, selective: bool = True, all_tokens: bool = False,
-                 by_length: bool = False) -> EvalResult:
+                 by_length: bool = False, nll_fn: Callable | None = None) -> EvalResult:
     """Evaluate summed NLL per example, without gradients; results in dataset order.
 
     Args:
         all_tokens: also fill the all-token and padding fields of :class:`EvalResult` (full
             logits at every position: slower; meant for a run's final evaluation).
+        nll_fn: the per-example ``(nll_sum, n_tokens[, correct])`` of a batch for non-causal
+            tasks (:mod:`loraplace.tasks`); ``correct`` fills :attr:`EvalResult.correct`.
+            ``all_tokens`` applies to causal LMs only.
         by_length: batch examples of similar length together (less padding, faster); batches
             are otherwise consecutive runs of the dataset order. The loss is the same up to
             float rounding; ``batch_of`` and ``n_pad`` describe the batches actually formed.
@@ -205,10 +214,12 @@ def evaluate_nll(model: nn.Module, dataset, collator, *, batch_size: int, device
     nll_sums: list[float] = [0.0] * n
     counts: list[int] = [0] * n
     batch_of: list[int] = [0] * n
+    all_tokens = all_tokens and nll_fn is None  # the all-token sums are a causal-LM notion
     sums_all: list[float] = [0.0] * n if all_tokens else []
     counts_all: list[int] = [0] * n if all_tokens else []
     sums_pad: list[float] = [0.0] * n if all_tokens else []
     pads: list[int] = [0] * n if all_tokens else []
+    correct: list[int] = [-1] * n
     autocast = (
         torch.autocast(device_type=device.type, dtype=autocast_dtype)
         if autocast_dtype is not None else contextlib.nullcontext()
@@ -218,7 +229,12 @@ def evaluate_nll(model: nn.Module, dataset, collator, *, batch_size: int, device
         features = [dataset[i] for i in indices]
         batch = {k: v.to(device) for k, v in collator(features).items()}
         with autocast:
-            if all_tokens:
+            if nll_fn is not None:
+                s, c, *rest = nll_fn(model, batch)
+                if rest:
+                    for i, ok in zip(indices, rest[0].cpu().tolist()):
+                        correct[i] = int(ok)
+            elif all_tokens:
                 s, c, extra = token_nll_all(model, batch, pad_id, selective=selective)
             else:
                 s, c = token_nll(model, batch, selective=selective)
@@ -233,4 +249,5 @@ def evaluate_nll(model: nn.Module, dataset, collator, *, batch_size: int, device
     if was_training:
         model.train()
     return EvalResult(nll_sums, counts, batch_of, time.perf_counter() - start,
-                      nll_sums_all=sums_all, n_tokens_all=counts_all, nll_sums_pad=sums_pad, n_pad=pads)
+                      nll_sums_all=sums_all, n_tokens_all=counts_all, nll_sums_pad=sums_pad, n_pad=pads,
+                      correct=correct if all(x >= 0 for x in correct) else [])

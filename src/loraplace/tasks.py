@@ -201,3 +201,31 @@ def classification_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> tupl
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()  # (B, C)
     nll = F.cross_entropy(logits, batch["labels"], reduction="none")
     return nll, torch.ones_like(batch["labels"]), (logits.argmax(dim=-1) == batch["labels"]).long()
+
+
+# ---------------------------------------------------------------------------------- dispatch
+PEFT_TASK_TYPE = {"causal-lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM", "classification": "SEQ_CLS"}
+
+
+def collator_for(task: str, pad_token_id: int):
+    """The batch collator of a task (all pad to the longest example of the batch)."""
+    from loraplace.data import PadCollator
+
+    return {"causal-lm": PadCollator, "seq2seq": Seq2SeqCollator,
+            "classification": ClassificationCollator}[task](pad_token_id)
+
+
+def nll_for(task: str):
+    """The per-example loss function of a task; None for causal LMs, whose
+    :func:`loraplace.evaluation.token_nll` is the default everywhere."""
+    return {"causal-lm": None, "seq2seq": seq2seq_nll, "classification": classification_nll}[task]
+
+
+def check_task_columns(task: str, column_names: list[str], dataset: str) -> None:
+    """Raise :class:`LoraplaceError` when a dataset lacks the columns its task needs."""
+    from loraplace.data import check_columns
+
+    if task == "classification":
+        text_columns(column_names, dataset)
+    else:
+        check_columns(column_names, dataset)

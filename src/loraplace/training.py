@@ -165,8 +165,11 @@ def attention_as(model: nn.Module, implementation: str | None):
 class PlacementTrainer(Trainer):
     """Trainer whose loss is the token-weighted mean NLL over labelled tokens (selective logits)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, nll_fn: Callable = token_nll, **kwargs):
         super().__init__(*args, **kwargs)
+        # Per-example (nll_sum, n_tokens, ...) of a batch: token_nll for causal LMs, the task's
+        # own function for seq2seq and classification (loraplace.tasks).
+        self.nll_fn = nll_fn
         # Our compute_loss divides by num_items_in_batch itself: ask the Trainer to count it and not
         # to divide again by the accumulation steps.
         self.model_accepts_loss_kwargs = True
@@ -178,7 +181,7 @@ class PlacementTrainer(Trainer):
         # Accelerate applies mixed precision by wrapping ``model.forward``; token_nll calls the
         # model's body and head directly (selective logits), so enter the autocast here.
         with self.accelerator.autocast():
-            nll_sum, n_tokens = token_nll(model, inputs)
+            nll_sum, n_tokens = self.nll_fn(model, inputs)[:2]
         count = n_tokens.sum()
         denom = num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1)
         loss = nll_sum.sum() / denom
@@ -233,10 +236,12 @@ class TrainOutcome:
 def train_adapters(model: nn.Module, train_dataset, collator, settings: TrainSettings, *, seed: int,
                    precision: str, device: torch.device, output_dir: Path,
                    on_step: Callable[[int, int, float | None], None] | None = None,
-                   eval_loss: Callable[[], float] | None = None) -> TrainOutcome:
+                   eval_loss: Callable[[], float] | None = None,
+                   nll_fn: Callable = token_nll) -> TrainOutcome:
     """Train the adapters of a PEFT-wrapped model for ``settings.max_steps`` optimizer steps.
 
-    ``eval_loss`` (called every ``settings.eval_every`` steps when given) returns the held-out loss
+    ``nll_fn`` gives the per-example loss sums of a batch (default: causal-LM
+    :func:`~loraplace.evaluation.token_nll`). ``eval_loss`` (called every ``settings.eval_every`` steps when given) returns the held-out loss
     for the eval-loss curve; its time is not excluded from ``seconds``.
 
     The data order depends only on ``seed`` (and the dataset), never on the strategy, so every
@@ -268,7 +273,7 @@ def train_adapters(model: nn.Module, train_dataset, collator, settings: TrainSet
         disable_tqdm=True,
     )
     trainer = PlacementTrainer(
-        model=model, args=args, train_dataset=train_dataset, data_collator=collator,
+        nll_fn=nll_fn, model=model, args=args, train_dataset=train_dataset, data_collator=collator,
         callbacks=[_StepHook(on_step)] if on_step else None,
     )
     if eval_loss is not None and settings.eval_every:

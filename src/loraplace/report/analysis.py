@@ -42,8 +42,13 @@ class Arm:
         return t_interval([r.result.eval_loss for r in self.runs])
 
     @cached_property
-    def perplexity(self) -> Interval:
-        return t_interval([r.result.perplexity for r in self.runs])
+    def perplexity(self) -> Interval | None:
+        """None for classification runs, which record accuracy instead."""
+        return self._opt("perplexity")
+
+    @cached_property
+    def accuracy(self) -> Interval | None:
+        return self._opt("eval_accuracy")
 
     def _opt(self, attr: str) -> Interval | None:
         vals = [getattr(r.result, attr) for r in self.runs if getattr(r.result, attr) is not None]

@@ -41,8 +41,9 @@ def best_overall(g: Group) -> Recommendation | None:
     if not arms:
         return None
     best = min(arms, key=lambda a: a.loss.mean)
-    text = [f"{_arm(best)} has the lowest mean eval loss: {_loss(best)} nats/token, "
-            f"perplexity {fmt.interval(best.perplexity, 2, sd=False)}."]
+    quality = (f"perplexity {fmt.interval(best.perplexity, 2, sd=False)}" if best.perplexity is not None
+               else f"accuracy {fmt.interval(best.accuracy, 3, sd=False)}")
+    text = [f"{_arm(best)} has the lowest mean eval loss: {_loss(best)} nats/token, {quality}."]
     if best.n < 2:
         text.append("With one seed there is no seed-level confidence interval; the paired tests below "
                     "measure the uncertainty from the eval examples only.")

@@ -38,7 +38,8 @@ def summary_table(arms: list[Arm]) -> Table:
         tt = a.train_time
         rows.append([
             a.key, seeds, fmt.params(a.trainable_params), fmt.num(pct, 1), fmt.num(a.loss.mean),
-            fmt.num(a.loss.sd), fmt.ci_only(a.loss), fmt.num(a.perplexity.mean, 3), fmt.ci_only(a.perplexity, 3),
+            fmt.num(a.loss.sd), fmt.ci_only(a.loss), fmt.num(a.perplexity and a.perplexity.mean, 3),
+            fmt.ci_only(a.perplexity, 3),
             "-" if tt is None else (f"{tt.mean:.1f} ± {tt.sd:.1f}" if tt.sd is not None else f"{tt.mean:.1f}"),
             "-" if a.throughput is None else f"{a.throughput.mean:.0f}",
             "-" if a.peak_memory is None else f"{a.peak_memory.mean:.0f}",
@@ -47,12 +48,17 @@ def summary_table(arms: list[Arm]) -> Table:
                         "n_failed": len(a.failed), "seeds": " ".join(map(str, a.seeds)),
                         "trainable_params": a.trainable_params, "params_vs_full_pct": pct,
                         **_iv_fields("eval_loss", a.loss), **_iv_fields("perplexity", a.perplexity),
+                        **_iv_fields("accuracy", a.accuracy),
                         **_iv_fields("train_time_s", a.train_time), **_iv_fields("tokens_per_s", a.throughput),
                         **_iv_fields("peak_memory_mib", a.peak_memory)})
+    if any(a.n and a.accuracy is not None for a in arms):  # classification studies: accuracy beside the loss
+        headers = headers + ["accuracy", "acc 95% CI"]
+        for row, a in zip(rows, arms):
+            row += ["-", "-"] if not a.n or a.accuracy is None else [fmt.num(a.accuracy.mean, 3), fmt.ci_only(a.accuracy, 3)]
     return Table("summary", "Eval loss (nats/token) and perplexity per strategy: mean, sample sd and 95% "
                  "t-distribution CI over seeds (undefined with one seed). Perplexity = exp(token-weighted mean NLL) "
                  "of each run, averaged over seeds.", headers, rows, records,
-                 align="lrrrrrlrlrrr")
+                 align="lrrrrrlrlrrr" + "rl" * (len(headers) > 12))
 
 
 def comparison_table(g: Group, several_groups: bool) -> Table | None:

@@ -11,8 +11,9 @@ from loraplace.config import StudyConfig
 def check_study(config: StudyConfig, allow_fetch: bool = True) -> None:
     """Raise :class:`~loraplace.errors.LoraplaceError` if the model, the dataset, a strategy or the
     device is unusable. Loads the model's config (no weights) and the dataset's rows."""
-    from loraplace.data import check_columns, load_rows
-    from loraplace.models import load_config, meta_model, pick_device, resolve_model_path
+    from loraplace.data import load_rows
+    from loraplace.models import load_config, meta_model, pick_device, resolve_model_path, task_of
+    from loraplace.tasks import check_task_columns
     from loraplace.placement import resolve_arm
     from loraplace.study.store import run_specs
 
@@ -23,4 +24,5 @@ def check_study(config: StudyConfig, allow_fetch: bool = True) -> None:
     for label in dict.fromkeys(s.strategy for s in run_specs(config, Path(".")) if s.kind == "lora"):
         resolve_arm(skeleton, label, config.lora.r, config.lora.alpha)
     rows = load_rows(config.dataset, allow_fetch=allow_fetch)
-    check_columns(rows.column_names, config.dataset)
+    task = config.task if config.task != "auto" else task_of(model_config)
+    check_task_columns(task, rows.column_names, config.dataset)

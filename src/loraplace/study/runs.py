@@ -56,6 +56,7 @@ class RunResult(BaseModel):
     roles: list[str] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)
     trainable_params: int | None = None
+    head_params: int | None = Field(None, description="of trainable_params: a classifier's new head, trained in full")
     total_params: int | None = Field(None, description="base parameters + adapter parameters")
     base_params: int | None = None
     trainable_pct: float | None = Field(None, description="trainable / total * 100")
@@ -66,7 +67,9 @@ class RunResult(BaseModel):
     # Filled in by the study store (they need other runs): see loraplace.study.store.
     full_lora_params: int | None = None
     params_vs_full_pct: float | None = None
+    task: str | None = Field(None, description="causal-lm, seq2seq or classification")
     eval_loss: float | None = None
+    eval_accuracy: float | None = Field(None, description="classification: share of eval examples classified right")
     perplexity: float | None = None
     eval_nll_sum: float | None = None
     eval_tokens: int | None = None
@@ -254,11 +257,11 @@ def execute_run(spec: RunSpec, ctx: RunContext,
     from peft import get_peft_model
     from transformers import set_seed
 
-    from loraplace.data import PadCollator
-    from loraplace.evaluation import evaluate_nll
+    from loraplace.evaluation import evaluate_nll, token_nll
     from loraplace.measure import PeakMemory, device_description, library_versions
     from loraplace.models import pick_device
     from loraplace.placement import resolve_arm, total_params, trainable_params
+    from loraplace.tasks import PEFT_TASK_TYPE, collator_for, nll_for
     from loraplace.training import NonFiniteLoss, autocast_dtype, resolve_precision, train_adapters
 
     run_dir = Path(spec.run_dir)
@@ -266,17 +269,21 @@ def execute_run(spec: RunSpec, ctx: RunContext,
     _write_json(run_dir / "config.json", spec.model_dump())
     device = pick_device(spec.device)
     precision = resolve_precision(spec.train.precision, device)
-    base = ctx.base_model(spec.model, device)
+    task = ctx.task(spec)
     tokenizer = ctx.tokenizer(spec.model)
-    data = ctx.data(spec)
-    collator = PadCollator(tokenizer.pad_token_id)
+    data = ctx.data(spec, task)
+    num_labels = len(data.labels) if task == "classification" else None
+    base = ctx.base_model(spec.model, device, task, num_labels)
+    collator = collator_for(task, tokenizer.pad_token_id)
+    nll_fn = nll_for(task)
     base_count = total_params(base)
     result = dict(
-        run_id=spec.run_id, kind=spec.kind, strategy=spec.strategy, seed=spec.seed, status="ok",
+        run_id=spec.run_id, kind=spec.kind, strategy=spec.strategy, seed=spec.seed, status="ok", task=task,
         model=spec.model, dataset=spec.dataset, base_params=base_count, device=device_description(device),
         precision=precision, versions=library_versions(),
     )
-    eval_kwargs = dict(batch_size=spec.train.eval_batch_size, device=device, autocast_dtype=autocast_dtype(precision))
+    eval_kwargs = dict(batch_size=spec.train.eval_batch_size, device=device, autocast_dtype=autocast_dtype(precision),
+                       nll_fn=nll_fn)
 
     peft_model = None
     memory = PeakMemory(device)
@@ -290,7 +297,7 @@ def execute_run(spec: RunSpec, ctx: RunContext,
                 # An arm "attention~full" is the strategy with ranks matched to full's budget.
                 placement = resolve_arm(base, spec.strategy, spec.lora.r, spec.lora.alpha)
                 _write_json(run_dir / "modules.json", placement.to_dict())
-                lora_config = lora_config_for(placement, spec.lora)
+                lora_config = lora_config_for(placement, spec.lora, task_type=PEFT_TASK_TYPE[task])
                 set_seed(spec.seed)  # adapter initialisation depends on the seed only
                 with warnings.catch_warnings():
                     # PEFT checks rank_pattern keys against wrapped modules only, so keys of expert
@@ -299,7 +306,10 @@ def execute_run(spec: RunSpec, ctx: RunContext,
                                             category=RuntimeWarning)
                     peft_model = get_peft_model(base, lora_config)
                 trainable = trainable_params(peft_model)
-                check_wrapped(peft_model, placement, trainable)
+                # A classifier's new head trains in full beside the adapters (PEFT's modules_to_save).
+                head = sum(p.numel() for n, p in peft_model.named_parameters()
+                           if p.requires_grad and ".modules_to_save." in n)
+                check_wrapped(peft_model, placement, trainable - head)
                 total = total_params(peft_model)
                 ranks = placement.ranks()
                 single_r = {r for rs in ranks.values() for r in rs}
@@ -307,13 +317,13 @@ def execute_run(spec: RunSpec, ctx: RunContext,
                 result.update(
                     r=single_r.pop() if len(single_r) == 1 else None, alpha=spec.lora.alpha, dropout=spec.lora.dropout,
                     modules=[m.name for m in placement.modules], roles=placement.roles(), warnings=placement.warnings,
-                    trainable_params=trainable, total_params=total, trainable_pct=100.0 * trainable / total,
+                    trainable_params=trainable, head_params=head, total_params=total, trainable_pct=100.0 * trainable / total,
                     ranks=ranks, match_budget=budget.get("reference"), budget_target=budget.get("target"),
                     budget_deviation_pct=budget.get("deviation_pct"),
                 )
                 outcome = train_adapters(
                     peft_model, data.train, collator, spec.train, seed=spec.seed, precision=precision,
-                    device=device, output_dir=run_dir / "trainer", on_step=on_step,
+                    device=device, output_dir=run_dir / "trainer", on_step=on_step, nll_fn=nll_fn or token_nll,
                     eval_loss=lambda: evaluate_nll(peft_model, data.eval, collator, by_length=True, **eval_kwargs).loss,
                 )
                 _write_json(run_dir / "train_log.json", outcome.log_history)
@@ -325,12 +335,15 @@ def execute_run(spec: RunSpec, ctx: RunContext,
                 )
                 model = peft_model
             ev = evaluate_nll(model, data.eval, collator, all_tokens=True, **eval_kwargs)
-        _write_json(run_dir / "eval_examples.json",
-                    {"nll_sum": ev.nll_sums, "n_tokens": ev.n_tokens, "batch": ev.batch_of,
-                     "nll_sum_all_tokens": ev.nll_sums_all, "n_tokens_all": ev.n_tokens_all,
-                     "nll_sum_pad": ev.nll_sums_pad, "n_pad": ev.n_pad})
+        examples = {"nll_sum": ev.nll_sums, "n_tokens": ev.n_tokens, "batch": ev.batch_of}
+        optional = {"nll_sum_all_tokens": ev.nll_sums_all, "n_tokens_all": ev.n_tokens_all,
+                    "nll_sum_pad": ev.nll_sums_pad, "n_pad": ev.n_pad, "correct": ev.correct}
+        examples.update({k: v for k, v in optional.items() if v})  # causal LMs / classifiers only
+        _write_json(run_dir / "eval_examples.json", examples)
         result.update(
-            eval_loss=ev.loss, perplexity=ev.perplexity, eval_nll_sum=ev.nll_sum, eval_tokens=ev.tokens,
+            # exp(cross-entropy) of a class label is no perplexity: classification reports accuracy.
+            eval_loss=ev.loss, perplexity=ev.perplexity if task != "classification" else None,
+            eval_accuracy=ev.accuracy, eval_nll_sum=ev.nll_sum, eval_tokens=ev.tokens,
             eval_examples=len(ev.n_tokens), eval_time_s=ev.seconds,
         )
     except NonFiniteLoss as e:
