@@ -71,6 +71,7 @@ def test_every_metric_is_recorded_and_consistent(tiny_study):
     assert attn["delta_eval_loss"] == pytest.approx(attn["eval_loss"] - full["eval_loss"])
     assert attn["delta_eval_loss_pct"] == pytest.approx(100 * attn["delta_eval_loss"] / full["eval_loss"])
     assert full["train_steps"] == 2 and full["train_real_tokens"] > 0
+    assert full["speed_choices"]["attention"] == "eager" and full["speed_choices"]["lora_dropout"] == "mask"
     assert full["train_tokens_per_s"] == pytest.approx(full["train_real_tokens"] / full["train_time_s"])
     assert runs["base"]["trainable_params"] == 0 and runs["base"]["train_time_s"] is None
 

@@ -87,6 +87,8 @@ class RunResult(BaseModel):
     memory_kind: str | None = None
     device: str | None = None
     precision: str | None = None
+    speed_choices: dict[str, str | None] = Field(
+        default_factory=dict, description="how training ran: attention implementation, dropout, frozen-weight dtype")
     versions: dict[str, str] = Field(default_factory=dict)
     finished_at: str | None = None
 
@@ -331,7 +333,7 @@ def execute_run(spec: RunSpec, ctx: RunContext,
                 result.update(
                     train_time_s=outcome.seconds, train_steps=outcome.steps, train_real_tokens=outcome.real_tokens,
                     train_label_tokens=outcome.label_tokens, train_tokens_per_s=outcome.tokens_per_second,
-                    final_train_loss=losses[-1] if losses else None,
+                    final_train_loss=losses[-1] if losses else None, speed_choices=outcome.choices,
                 )
                 model = peft_model
             ev = evaluate_nll(model, data.eval, collator, all_tokens=True, **eval_kwargs)
