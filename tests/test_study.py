@@ -197,3 +197,18 @@ def test_ctrl_c_keeps_finished_runs(tiny_llama_dir, alpaca_file, tmp_path, monke
     assert "--resume" in output
     runs = json.loads((out / "results.json").read_text())["runs"]
     assert [r["run_id"] for r in runs] == ["base"]
+
+
+def test_resume_can_add_seeds(tiny_study, tmp_path):
+    import shutil
+
+    out, data = tiny_study
+    copy = tmp_path / "s"
+    shutil.copytree(out, copy)
+    model = json.loads((copy / "results.json").read_text())["study"]["model"]
+    result, output = run_cli("--model", model, "--dataset", str(data), "-o", str(copy), "--resume", *FAST,
+                             "--seeds", "0,1", "strategies=full,attention,ffn")
+    assert result.exit_code == 0, output
+    assert "7 runs (4 already finished)" in output
+    runs = [r["run_id"] for r in json.loads((copy / "results.json").read_text())["runs"]]
+    assert runs == ["base", "full-s0", "attention-s0", "ffn-s0", "full-s1", "attention-s1", "ffn-s1"]

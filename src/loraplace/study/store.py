@@ -122,10 +122,14 @@ class StudyStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         if resume and existing:
             stored = yaml.safe_load((self.dir / "study.yaml").read_text()) if (self.dir / "study.yaml").exists() else None
-            if stored is not None and StudyConfig.model_validate(stored).model_dump(exclude={"output"}) != config.model_dump(exclude={"output"}):
+            # A resumed study may grow (more seeds, strategies or a budget-matched set of arms);
+            # everything that changes what a finished run means must stay the same.
+            growable = {"output", "seeds", "strategies", "match_budget", "include_base"}
+            if stored is not None and StudyConfig.model_validate(stored).model_dump(exclude=growable) != config.model_dump(exclude=growable):
                 raise LoraplaceError(
-                    f"--resume: the study in {self.dir} was run with a different config; "
-                    "rerun with the same study file and overrides, or use a new --output"
+                    f"--resume: the study in {self.dir} was run with a different config (only seeds, strategies, "
+                    "match_budget and include_base may change on resume); rerun with the same study file and "
+                    "overrides, or use a new --output"
                 )
         (self.dir / "study.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
         return {r.run_id: r for r in self.load() if r.status == "ok"} if resume else {}
