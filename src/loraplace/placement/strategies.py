@@ -293,15 +293,16 @@ def _parse_options(spec: str, text: str, offset: int) -> tuple[int | None, float
     return r, alpha
 
 
-def _split_top_level(text: str, separator: str) -> list[tuple[str, int]]:
-    """Split on ``separator`` outside ``[...]``; returns (part, start offset) pairs."""
+def _split_top_level(text: str, separator: str, unless_digit_follows: bool = False) -> list[tuple[str, int]]:
+    """Split on ``separator`` outside ``[...]`` (and, with ``unless_digit_follows``, not where the
+    next non-blank character is a digit); returns (part, start offset) pairs."""
     parts, depth, start = [], 0, 0
     for i, ch in enumerate(text):
         if ch == "[":
             depth += 1
         elif ch == "]":
             depth -= 1
-        elif ch == separator and depth == 0:
+        elif ch == separator and depth == 0 and not (unless_digit_follows and text[i + 1:].lstrip()[:1].isdigit()):
             parts.append((text[start:i], start))
             start = i + 1
     parts.append((text[start:], start))
@@ -372,17 +373,7 @@ def split_strategy_list(text: str) -> list[str]:
     A comma inside ``[...]`` or followed by a digit (a layer list like ``qv@0,3,5``) does not
     separate strategies: no strategy name starts with a digit.
     """
-    parts, depth, start = [], 0, 0
-    for i, ch in enumerate(text):
-        if ch == "[":
-            depth += 1
-        elif ch == "]":
-            depth -= 1
-        elif ch == "," and depth == 0 and not text[i + 1:].lstrip()[:1].isdigit():
-            parts.append(text[start:i])
-            start = i + 1
-    parts.append(text[start:])
-    return [p.strip() for p in parts if p.strip()]
+    return [p.strip() for p, _ in _split_top_level(text, ",", unless_digit_follows=True) if p.strip()]
 
 
 def parse_strategies(specs: str | list[str]) -> list[Strategy]:
