@@ -62,11 +62,6 @@ def parse_budget(value: str | int) -> str | int:
     return count
 
 
-def budget_label(reference: str | int) -> str:
-    """How a budget appears in run ids: the reference strategy, or the count."""
-    return str(reference)
-
-
 def budget_target(model: nn.Module, reference: str | int, r: int, alpha: float) -> int:
     """The parameter count to match: ``reference`` itself if a count, else the trainable
     parameters of the reference strategy at rank ``r``."""

@@ -175,11 +175,6 @@ def wrapped_adapters(peft_model, adapter: str = "default") -> dict[str, tuple[in
     return found
 
 
-def wrapped_module_names(peft_model) -> list[str]:
-    """Names (in the base model) of the modules and expert parameters PEFT wrapped with LoRA."""
-    return list(wrapped_adapters(peft_model))
-
-
 def lora_config_for(placement, lora: LoraSettings, task_type: str = "CAUSAL_LM"):
     """The PEFT ``LoraConfig`` that adapts exactly ``placement``: its modules as
     ``target_modules``, MoE expert parameters as ``target_parameters``, and per-module ranks and
