@@ -36,6 +36,7 @@ class RunSpec(BaseModel):
     device: str = "auto"
     task: Literal["auto", "causal-lm", "seq2seq", "classification"] = "auto"
     run_dir: str
+    position: int | None = Field(None, description="place of this run in the study's execution order (0 = first)")
 
 
 class RunResult(BaseModel):
@@ -83,8 +84,17 @@ class RunResult(BaseModel):
     train_tokens_per_s: float | None = None
     final_train_loss: float | None = None
     eval_time_s: float | None = None
-    peak_memory_mib: float | None = None
+    peak_memory_mib: float | None = Field(None, description="the run's own peak (see memory_kind)")
     memory_kind: str | None = None
+    memory_start_mib: float | None = Field(
+        None, description="memory in use when the run started (loaded base model and data), same kind as the peak")
+    peak_memory_increase_mib: float | None = Field(
+        None, description="peak_memory_mib - memory_start_mib: what the run itself added on top of the loaded model")
+    position: int | None = Field(None, description="place of this run in the study's execution order (0 = first)")
+    diverged: bool = Field(False, description="training diverged without a NaN: see diverged_reason")
+    diverged_reason: str | None = None
+    worse_than_base: bool | None = Field(
+        None, description="eval loss above the base model's (set by the study store; None without a base run)")
     device: str | None = None
     precision: str | None = None
     speed_choices: dict[str, str | None] = Field(
