@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
+from scipy import stats as sps
 from typer.testing import CliRunner
 
 from loraplace.cli import app
@@ -15,7 +18,7 @@ from loraplace.errors import LoraplaceError
 from loraplace.report import parse_budget, write_report
 from loraplace.report.analysis import build_arms, build_groups
 from loraplace.report.load import load_studies
-from loraplace.report.stats import t_interval
+from loraplace.report.stats import holm, paired_bootstrap, t_interval
 from loraplace.report.synthetic import make_study
 
 FIGURES = ["pareto_params", "pareto_time", "eval_loss", "loss_curves", "time_throughput", "placement"]
@@ -86,8 +89,13 @@ def test_recommendations_follow_from_the_numbers(study, report):
     best = min(lora.values(), key=lambda a: a.loss.mean)
     assert by_kind["best"]["numbers"]["strategy"] == best.key == "full"
     assert by_kind["best"]["numbers"]["eval_loss"] == pytest.approx(best.loss.mean)
-    # "cannot separate" exactly for the arms whose paired test against the best is not significant
-    ties = sorted(k for k, a in lora.items() if a is not best and g.compare(a, best).p_value >= 0.05)
+    # "cannot separate" exactly for the arms whose paired test against the best is not significant after
+    # Holm's adjustment over every pair of arms in the group (base included)
+    arms_ok = [a for a in g.arms if a.n]
+    pairs = [(a, b) for i, a in enumerate(arms_ok) for b in arms_ok[i + 1:]]
+    adjusted = dict(zip([(a.key, b.key) for a, b in pairs], holm([g.compare(a, b).p_value for a, b in pairs])))
+    p_vs_best = {k: adjusted.get((k, best.key), adjusted.get((best.key, k))) for k in lora if k != best.key}
+    ties = sorted(k for k, p in p_vs_best.items() if p >= 0.05)
     assert sorted(by_kind["best"]["numbers"]["indistinguishable"]) == ties
     assert f"{best.loss.mean:.4f}" in by_kind["best"]["text"] and "95% CI" in by_kind["best"]["text"]
 
@@ -118,7 +126,7 @@ def test_comparison_table_marks_non_significant_differences(report):
 
 def test_latex_tables_are_booktabs_and_escaped(report):
     tex = (report.parent / "tables" / "summary.tex").read_text()
-    for cmd in ("\\toprule", "\\midrule", "\\bottomrule", "\\begin{tabular}{lrrrrrlrlrrr}", "\\label{tab:summary}"):
+    for cmd in ("\\toprule", "\\midrule", "\\bottomrule", "\\begin{tabular}{lrrrrrlrlrrrr}", "\\label{tab:summary}"):
         assert cmd in tex
     assert not re.search(r"(?<!\\)% of full", tex) and "\\% of full" in tex
     assert "$\\pm$" in tex and "±" not in tex
@@ -218,3 +226,212 @@ def test_errors_say_what_to_do(tmp_path):
                                         ("12,000", 12_000), ("6.3M", 6_300_000)])
 def test_parse_budget(text, value):
     assert parse_budget(text) == value
+
+
+# ------------------------------------------------------------------ one significance rule (Holm)
+def _constructed_examples(n: int = 200, z: float = 2.2, sd: float = 0.5) -> tuple[dict, dict]:
+    """Per-example losses (one token each) with known paired differences: attention - full has
+    mean d and sd ``sd`` (z = d / (sd / sqrt(n)) = 2.2: two-sided p ~ 0.028, significant alone but
+    not after Holm over three pairs); ffn - full has mean d/2 (z = 1.1), attention - ffn mean d/2
+    with sd sqrt(2)*sd (z ~ 0.78)."""
+    i = np.arange(n)
+    base = 2.0 + 0.3 * np.sin(i)
+    eps = np.where(i % 2 == 0, 1.0, -1.0)  # +-+-: mean 0, sd 1 exactly
+    eta = np.where((i // 2) % 2 == 0, 1.0, -1.0)  # ++--: orthogonal to eps
+    d = z * sd / math.sqrt(n)
+    losses = {"full": base, "attention": base + d + sd * eps, "ffn": base + d / 2 + sd * eta}
+    ones = [1] * n
+    z_of = {("attention", "full"): z, ("ffn", "full"): z / 2, ("attention", "ffn"): z / 2 / math.sqrt(2)}
+    return {k: (v.tolist(), ones) for k, v in losses.items()}, {k: 2 * (1 - sps.norm.cdf(v)) for k, v in z_of.items()}
+
+
+def test_recommendations_and_tables_read_the_same_holm_adjusted_p(tmp_path):
+    examples, p_normal = _constructed_examples()
+    study = make_study(tmp_path / "holm", {"full": 0.0, "attention": 0.0, "ffn": 0.0}, seeds=(0,),
+                       include_base=False, examples=examples)
+    out = write_report([study], resamples=10_000).parent
+    # raw p of each pair, straight from the constructed arrays (the report's bootstrap seed and draws)
+    raw = {}
+    for a, b in p_normal:
+        (na, ta), (nb, tb) = examples[a], examples[b]
+        raw[(a, b)] = paired_bootstrap(na, ta, nb, tb, resamples=10_000).p_value
+        assert raw[(a, b)] == pytest.approx(p_normal[(a, b)], abs=0.025), (a, b)  # ~ the normal p
+    # significant alone, not after Holm over the three pairs
+    p_att = raw[("attention", "full")]
+    assert p_att < 0.05 and min(1.0, 3 * p_att) >= 0.05
+    # the comparison table says "cannot separate" ...
+    comp = {r["strategy"]: r for r in _csv(out / "tables" / "comparison.csv")}
+    assert float(comp["attention"]["p_value"]) == pytest.approx(p_att)
+    assert comp["attention"]["significant"] == "False"
+    assert "n.s. (cannot separate)" in (out / "tables" / "comparison.md").read_text()
+    # ... and so does the recommendation: attention cannot be separated from full
+    recs = {r["kind"]: r for r in json.loads((out / "recommendations.json").read_text())["synthetic"]}
+    assert recs["best"]["numbers"]["strategy"] == "full"
+    assert sorted(recs["best"]["numbers"]["indistinguishable"]) == ["attention", "ffn"]
+    assert "Significantly worse than it" not in recs["best"]["text"]
+    assert "Holm p" in recs["best"]["text"]
+    # both show the Holm p of the one family: every pair of the three arms
+    assert float(comp["attention"]["p_holm"]) == pytest.approx(3 * p_att)
+    pairs = {(r["strategy"], r["reference"]): r for r in _csv(out / "tables" / "pairwise.csv")}
+    pairs = {k if k in raw else k[::-1]: r for k, r in pairs.items()}
+    assert set(pairs) == set(raw)
+    for k, p in zip(raw, holm(list(raw.values()))):
+        assert float(pairs[k]["p_value"]) == pytest.approx(raw[k])
+        assert float(pairs[k]["p_holm"]) == pytest.approx(p)
+    md = (out / "report.md").read_text()
+    assert md.count("Holm-adjusted as one family") == 2  # stated under the recommendations and in the methods
+
+
+# -------------------------------------------------------------------------------------- memory
+def test_memory_is_the_runs_own_increase_and_says_what_it_measures(tmp_path):
+    study = make_study(tmp_path / "m", {"full": -0.3, "attention": -0.2}, seeds=(0, 1), include_base=False)
+    out = write_report([study], resamples=200).parent
+    rows = {r["strategy"]: r for r in _csv(out / "tables" / "summary.csv")}
+    for strategy, roles in (("full", 7), ("attention", 4)):  # synthetic: start 400, added 100 + params/1000
+        params = 4 * roles * 8 * 2 * 64
+        assert float(rows[strategy]["memory_added_mib_mean"]) == pytest.approx(100 + params / 1000)
+        assert float(rows[strategy]["memory_start_mib_mean"]) == pytest.approx(400)
+        assert float(rows[strategy]["peak_memory_mib_mean"]) == pytest.approx(500 + params / 1000)
+    table = (out / "tables" / "summary.md").read_text()
+    assert "added MiB (RSS)" in table and "increase over the loaded model" in table and "process RSS" in table
+    assert "†" not in table
+    methods = (out / "report.md").read_text().split("## Methods")[1]
+    assert "increase over the loaded model" in methods
+
+    cuda = make_study(tmp_path / "c", {"full": -0.3, "attention": -0.2}, seeds=(0,), include_base=False,
+                      memory_kind="cuda_max_allocated")
+    table = (write_report([cuda], resamples=200).parent / "tables" / "summary.md").read_text()
+    assert "added MiB (CUDA alloc.)" in table and "CUDA max allocated" in table
+
+
+def test_old_folders_fall_back_to_the_process_peak_labelled_as_such(tmp_path):
+    study = make_study(tmp_path / "old", {"full": -0.3, "attention": -0.2}, seeds=(0,), include_base=False,
+                       memory=False, order=None)
+    out = write_report([study], resamples=200).parent
+    rows = {r["strategy"]: r for r in _csv(out / "tables" / "summary.csv")}
+    assert rows["full"]["memory_added_mib_mean"] == "" and rows["full"]["peak_is_process_peak"] == "True"
+    assert float(rows["full"]["peak_memory_mib_mean"]) == pytest.approx(500 + 4 * 7 * 8 * 2 * 64 / 1000)
+    table = (out / "tables" / "summary.md").read_text()
+    assert "†" in table and "process peak" in table and "earlier runs" in table
+    assert "\\dag{}" in (out / "tables" / "summary.tex").read_text()
+
+
+# ---------------------------------------------------------------------------------- run order
+TIME_EFFECTS = {"full": -0.30, "attention": -0.10, "ffn": -0.25}  # ffn: better and faster than attention
+TIMES = {"full": 12.0, "attention": 10.0, "ffn": 6.0}
+
+
+def _time_rec(study: Path) -> tuple[dict, str]:
+    out = write_report([study], resamples=300).parent
+    recs = {r["kind"]: r for r in json.loads((out / "recommendations.json").read_text())["synthetic"]}
+    return recs["dominated_time"], (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("seeds", [(0,), (0, 1, 2)])
+def test_time_dominance_is_withheld_when_the_arms_always_ran_in_one_order(tmp_path, seeds):
+    study = make_study(tmp_path / "fixed", TIME_EFFECTS, seeds=seeds, order="fixed", train_times=TIMES)
+    runs = {r["run_id"]: r for r in _runs(study)}
+    assert all(runs[f"attention-s{s}"]["position"] < runs[f"ffn-s{s}"]["position"] for s in seeds)
+    rec, md = _time_rec(study)
+    assert rec["numbers"]["untested_for_order"] == ["attention"]
+    assert "attention" not in rec["numbers"]["dominated"]
+    assert "untested for order" in rec["text"] and "no time-dominance verdict" in rec["text"]
+    assert "Run order: every seed ran the arms in the same relative order" in md  # table and figure notes
+
+
+def test_time_dominance_stands_when_the_order_rotates_across_seeds(tmp_path):
+    study = make_study(tmp_path / "rot", TIME_EFFECTS, seeds=(0, 1, 2), order="rotate", train_times=TIMES)
+    runs = {r["run_id"]: r for r in _runs(study)}
+    firsts = {runs[f"attention-s{s}"]["position"] < runs[f"ffn-s{s}"]["position"] for s in (0, 1, 2)}
+    assert firsts == {True, False}
+    rec, md = _time_rec(study)
+    assert rec["numbers"]["dominated"] == {"attention": ["ffn"]} and rec["numbers"]["untested_for_order"] == []
+    assert "Welch p" in rec["text"] and "arm order varied across seeds" in rec["text"]
+    assert "the arm order varied across seeds" in md
+
+
+def test_time_dominance_says_when_the_order_is_unknown(tmp_path):
+    study = make_study(tmp_path / "old", TIME_EFFECTS, seeds=(0, 1, 2), order=None, train_times=TIMES)
+    assert all(r["position"] is None for r in _runs(study))
+    rec, md = _time_rec(study)
+    assert "run order was not recorded" in rec["text"]
+    assert "Run order: not recorded" in md
+
+
+def test_synthetic_positions_follow_the_study_stores_execution_order(tmp_path):
+    from loraplace.config import StudyConfig
+    from loraplace.study.store import run_specs
+
+    study = make_study(tmp_path / "s", {"full": -0.3, "attention": -0.2, "ffn": -0.1}, seeds=(0, 1, 2))
+    config = StudyConfig.model_validate(json.loads((study / "results.json").read_text())["study"])
+    expected = {s.run_id: s.position for s in run_specs(config, study)}
+    assert {r["run_id"]: r["position"] for r in _runs(study)} == expected
+
+
+# ------------------------------------------------------------------- diverged, worse than base
+def test_diverged_runs_are_listed_and_kept_out_worse_than_base_runs_flagged(tmp_path):
+    reason = "eval loss 10.80 within 2% of ln(vocab) = 10.83"
+    study = make_study(tmp_path / "d", {"full": -0.3, "ffn": -0.25, "qv": 0.7}, seeds=(0, 1, 2),
+                       diverged={"ffn-s1": reason}, run_fields={"ffn-s1": {"eval_loss": 10.8}})
+    runs = {r["run_id"]: r for r in _runs(study)}
+    out = write_report([study], resamples=300).parent
+    rows = {r["strategy"]: r for r in _csv(out / "tables" / "summary.csv")}
+    # diverged: out of the statistics (mean of the two other ffn runs), listed with its reason
+    assert rows["ffn"]["n_ok"] == "2" and rows["ffn"]["n_diverged"] == "1"
+    assert float(rows["ffn"]["eval_loss_mean"]) == pytest.approx((runs["ffn-s0"]["eval_loss"] + runs["ffn-s2"]["eval_loss"]) / 2)
+    comp = {r["strategy"]: r for r in _csv(out / "tables" / "comparison.csv")}
+    assert comp["ffn"]["seeds"] == "0 2"
+    runs_md = (out / "tables" / "runs.md").read_text()
+    assert f"**diverged** (excluded): {reason}" in runs_md
+    md = (out / "report.md").read_text()
+    assert "Diverged runs (1)" in md and f"`ffn-s1` ({reason})" in md
+    recs = json.loads((out / "recommendations.json").read_text())["synthetic"]
+    assert all("10.8" not in r["text"] for r in recs)
+    # worse than base: qv's true loss is 0.2 above the base model's; flagged, kept in the statistics
+    base_loss = runs["base"]["eval_loss"]
+    worse = sorted(k for k, r in runs.items() if r["kind"] == "lora" and k != "ffn-s1" and r["eval_loss"] > base_loss)
+    assert worse == ["qv-s0", "qv-s1", "qv-s2"]
+    assert rows["qv"]["n_ok"] == "3" and rows["qv"]["n_worse_than_base"] == "3" and "qv" in comp
+    flagged = sorted(line.split("|")[1].strip() for line in runs_md.splitlines() if line.startswith("| ") and "**worse than base**" in line)
+    assert flagged == worse
+    assert "worse than the base model (3)" in md and "`qv-s0`, `qv-s1`, `qv-s2`" in md
+
+
+def test_worse_than_base_is_derived_for_folders_stored_without_the_flag(tmp_path):
+    study = make_study(tmp_path / "w", {"full": -0.3, "qv": 0.7}, seeds=(0,))
+    data = json.loads((study / "results.json").read_text())
+    for r in data["runs"]:
+        r.pop("worse_than_base", None)
+    (study / "results.json").write_text(json.dumps(data))
+    runs_md = (write_report([study], resamples=200).parent / "tables" / "runs.md").read_text()
+    assert [line.split("|")[1].strip() for line in runs_md.splitlines()
+            if line.startswith("| ") and "worse than base" in line] == ["qv-s0"]
+
+
+# ---------------------------------------------------------------------------- mixed environments
+def test_mixed_environments_are_named_prominently(tmp_path):
+    versions = {"python": "3.11", "torch": "2.y", "transformers": "5.x", "peft": "0.x", "loraplace": "0.1.0"}
+    study = make_study(tmp_path / "mix", {"full": -0.3, "attention": -0.2}, seeds=(0, 1),
+                       run_fields={"full-s1": {"precision": "bf16"}, "attention-s0": {"versions": versions}})
+    md = (write_report([study], resamples=200).parent / "report.md").read_text()
+    top = md.split("## Recommendations")[0]
+    assert "Warning: mixed environments" in top
+    assert "**precision**: `fp32` for" in top and "`bf16` for `full-s1`" in top and "eval losses" in top
+    assert "**torch version**" in top and "`2.y` for `attention-s0`" in top
+    assert "device" not in top.split("Warning")[1].split("Which runs")[0]  # the device is the same everywhere
+    assert "(**mixed**)" in md.split("## Setup")[1]
+
+
+def test_merged_studies_on_different_devices_are_flagged(tmp_path):
+    a = make_study(tmp_path / "a", {"full": -0.3, "attention": -0.2}, seeds=(0,), name="gpu",
+                   run_fields={r: {"device": "cuda (NVIDIA H200)"} for r in ("base", "full-s0", "attention-s0")})
+    b = make_study(tmp_path / "b", {"full": -0.3, "ffn": -0.25}, seeds=(0,), name="cpu", include_base=False)
+    md = (write_report([a, b], resamples=200).parent / "report.md").read_text()
+    top = md.split("## Recommendations")[0]
+    assert "Warning: mixed environments" in top and "eval losses" not in top  # same precision: times only
+    assert "`cuda (NVIDIA H200)` for `gpu/base`, `gpu/full-s0`, `gpu/attention-s0`" in top
+    assert "`cpu (synthetic)` for `cpu/full-s0`, `cpu/ffn-s0`" in top
+
+
+def test_one_environment_gives_no_warning(report):
+    assert "mixed environments" not in (report.parent / "report.md").read_text().split("## Methods")[0]

@@ -210,3 +210,14 @@ def test_diagnosis_names_the_aggregation_that_inflates_perplexity():
     assert {a.key for a in d.agree} == {"mean_batch_exp", "exp_mean_batch"}  # one batch: invisible
     text = explain(d)
     assert "mean of per-example perplexities" in text and "not recorded" in text
+
+
+def test_flipped_comparison_is_the_bootstrap_of_the_swapped_pair():
+    a, ta, b, tb = _paired_data(n=120, effect=0.03)
+    ab = paired_bootstrap(a, ta, b, tb, resamples=2000, seed=4, labels=("a", "b"))
+    ba = paired_bootstrap(b, tb, a, ta, resamples=2000, seed=4, labels=("b", "a"))  # same draws, swapped
+    f = ab.flipped()
+    assert (f.a, f.b) == ("b", "a")
+    assert f.diff == pytest.approx(ba.diff) and f.p_value == pytest.approx(ba.p_value)
+    assert (f.low, f.high) == pytest.approx((ba.low, ba.high))
+    assert f.per_seed == pytest.approx(ba.per_seed)

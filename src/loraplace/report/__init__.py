@@ -15,11 +15,11 @@ from pathlib import Path
 
 from loraplace.errors import LoraplaceError
 from loraplace.report import doc, figures, tables
-from loraplace.report.analysis import build_arms, build_groups
+from loraplace.report.analysis import build_arms, build_groups, order_note, run_label, worse_than_base
 from loraplace.report.doc import Bullets, Heading, Para
 from loraplace.report.load import load_studies
 from loraplace.report.perplexity import OPTIONAL_FIELDS, diagnose, explain
-from loraplace.report.recommend import recommendations
+from loraplace.report.recommend import recommendations, significance_rule
 from loraplace.report.stats import DEFAULT_RESAMPLES
 
 __all__ = ["write_report", "default_report_dir"]
@@ -65,6 +65,56 @@ def parse_budget(text: str) -> int:
     return int(value)
 
 
+_ENV_LIBS = ("torch", "transformers", "peft", "loraplace")
+
+
+def _names(labels: list[str], limit: int = 8) -> str:
+    shown = ", ".join(f"`{x}`" for x in labels[:limit])
+    return shown + (f" and {len(labels) - limit} more" if len(labels) > limit else "")
+
+
+def _environment_blocks(groups, several_groups: bool) -> list:
+    """A prominent warning per group whose successful runs ran in different environments."""
+    out = []
+    for g in groups:
+        diffs = g.environment()
+        if not diffs:
+            continue
+        where = f" in group **{g.name}**" if several_groups else ""
+        items = [f"**{d.what}**: " + "; ".join(f"`{v}` for {_names(runs)}" for v, runs in d.values.items())
+                 for d in diffs]
+        losses = any(d.affects == "times and losses" for d in diffs)
+        out.append(Para(
+            f"**Warning: mixed environments{where}.** The successful runs differ in "
+            + ", ".join(d.what for d in diffs) + ", so their training times, throughput and memory are not comparable"
+            + (" and, because the precision differs, neither are their eval losses (different numerics): treat "
+               "loss comparisons across precisions with caution" if losses else "")
+            + ". Which runs differ in what:"))
+        out.append(Bullets(items))
+    return out
+
+
+def _flag_blocks(studies) -> list:
+    """One sentence each naming the diverged runs (and why) and the runs worse than the base model."""
+    several = len(studies) > 1
+    diverged, worse = [], []
+    for s in studies:
+        for run in s.runs:
+            if run.diverged:
+                reason = run.result.diverged_reason or run.result.error or "no reason recorded"
+                diverged.append(f"`{run_label(run, s, several)}` ({reason})")
+            elif worse_than_base(run, s):
+                worse.append(run_label(run, s, several))
+    out = []
+    if diverged:
+        out.append(Para(f"**Diverged runs ({len(diverged)}), excluded from every statistic, front, comparison and "
+                        "recommendation** (listed in the runs table): " + "; ".join(diverged) + "."))
+    if worse:
+        out.append(Para(f"**Runs that end worse than the base model ({len(worse)})**, kept in the statistics and "
+                        "flagged in the tables: " + _names(worse, limit=20) + "."))
+    return out
+
+
 def write_report(study_dirs: list[Path], out_dir: Path | None = None, budget: int | None = None,
                  resamples: int = DEFAULT_RESAMPLES) -> Path:
     """Write the report of one or several study folders and return the path of ``report.html``
@@ -105,6 +155,9 @@ def write_report(study_dirs: list[Path], out_dir: Path | None = None, budget: in
             "comparable studies (" + "; ".join(f"**{g.name}**" for g in groups) + "), and figures only place them "
             "side by side."
         ))
+    blocks += _environment_blocks(groups, several_groups)
+    blocks += _flag_blocks(studies)
+    time_note = order_note(groups)
 
     # ---- recommendations
     blocks.append(Heading(2, "Recommendations", "recommendations"))
@@ -115,31 +168,27 @@ def write_report(study_dirs: list[Path], out_dir: Path | None = None, budget: in
         recs = recommendations(g, budget)
         all_recs[g.name] = [r.__dict__ for r in recs]
         blocks.append(Bullets([f"**{r.title}.** {r.text}" for r in recs] or ["No successful LoRA runs to compare."]))
-    blocks.append(Para(
-        "How to read these: a difference counts as real when its paired-bootstrap 95% CI excludes zero (p < 0.05, "
-        "unadjusted, pairwise); otherwise the data cannot separate the two options, and more seeds or a larger eval "
-        "set would be needed to tell them apart."
-    ))
+    blocks.append(Para("**How to read these (the significance rule of the whole report).** " + significance_rule(resamples)))
 
     # ---- tables
     blocks.append(Heading(2, "Results per strategy", "results"))
-    written = [tables.summary_table(arms)]
+    written = [tables.summary_table(arms, time_note)]
     blocks.append(written[-1])
     blocks.append(Heading(2, "Paired comparisons", "comparisons"))
     any_comp = False
     for g in groups:
-        t = tables.comparison_table(g, several_groups)
-        if t is not None:
-            any_comp = True
-            written.append(t)
-            blocks.append(t)
+        for t in (tables.comparison_table(g, several_groups), tables.pairwise_table(g, several_groups)):
+            if t is not None:
+                any_comp = True
+                written.append(t)
+                blocks.append(t)
     if not any_comp:
         blocks.append(Para("No paired comparison was possible (fewer than two successful arms with per-example "
                            "eval data)."))
 
     # ---- figures
     blocks.append(Heading(2, "Figures", "figures"))
-    figs = figures.all_figures(groups, arms, fig_dir)
+    figs = figures.all_figures(groups, arms, fig_dir, time_note)
     blocks += figs or [Para("Nothing to plot: no successful runs.")]
 
     # ---- perplexity methodology
@@ -191,7 +240,24 @@ def write_report(study_dirs: list[Path], out_dir: Path | None = None, budget: in
         f"A paired bootstrap ({resamples:,} resamples) draws eval examples with replacement (the same draw for both "
         "arms and every seed) and, with several seeds, seeds with replacement; each draw recomputes the "
         "token-weighted eval losses and their difference. CI: 2.5th–97.5th percentile; p: two-sided, from the "
-        "bootstrap distribution centred on the null. Holm's method adjusts the comparisons against the reference.",
+        "bootstrap distribution centred on the null.",
+        "Significance, one rule for the whole report. " + significance_rule(),
+        "Memory: for each run, its peak minus the memory in use when it started (the loaded base model and data), "
+        "i.e. the increase over the loaded model, what the run itself needed, shown beside the run's peak and start. "
+        "The measure is the process RSS on CPU and CUDA max allocated memory on a GPU; the table headers name it. "
+        f"Studies stored before the start was recorded show only the process peak (marked {tables.PROCESS_PEAK}), "
+        "which includes the loaded model and memory held from earlier runs of the same process.",
+        "Run order: each run records its place in the study's execution order. When two arms ran in the same "
+        "relative order for every seed (one seed, or every seed in the same order), a time difference between them "
+        "may be an order effect, so the report gives no time-dominance verdict for them (untested for order); when "
+        "the order varied across seeds (the study rotates the arm order per seed) the Welch test over seeds stands."
+        + (" In this report: " + time_note[len("Run order: "):] if time_note else ""),
+        "Diverged runs (training diverged without a NaN, e.g. an eval loss near ln(vocabulary size)) are listed and "
+        "flagged but treated like failed runs: kept out of every statistic, front, comparison and recommendation. "
+        "Runs whose eval loss ends above the base model's are flagged (worse than base) and stay in the statistics.",
+        "Environment: device, precision and the versions of " + ", ".join(_ENV_LIBS) + " are recorded per run; "
+        "when the successful runs of a group differ in any of them, a warning at the top of the report names the "
+        "runs, because their times (and, for precision, their losses) are then not comparable.",
         "Pareto front: strategies for which no other is both cheaper (trainable parameters, or mean training time) and "
         "lower in mean eval loss. Knee: the front point farthest below the chord joining the front's ends, with "
         "parameters on a log scale and both axes scaled to [0, 1].",

@@ -111,7 +111,7 @@ _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$",
                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
 _LATEX_UNICODE = {"±": r"$\pm$", "–": "--", "—": "---", "Δ": r"$\Delta$", "×": r"$\times$", "≤": r"$\leq$",
                   "≥": r"$\geq$", "·": r"$\cdot$", "Σ": r"$\Sigma$", "ᵢ": "", "→": r"$\rightarrow$", "…": r"\dots{}",
-                  "−": "-", "≈": r"$\approx$"}
+                  "−": "-", "≈": r"$\approx$", "†": r"\dag{}"}
 
 
 def latex_escape(text: str) -> str:

@@ -89,7 +89,7 @@ def _legend_outside(ax) -> None:
         ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
 
 
-def pareto(groups: list[Group], pal: Palette, out_dir: Path, cost: str) -> list[Figure]:
+def pareto(groups: list[Group], pal: Palette, out_dir: Path, cost: str, time_note: str = "") -> list[Figure]:
     arms = [a for g in groups for a in g.lora_arms if cost == "params" or a.train_time is not None]
     if not arms:
         return []
@@ -146,8 +146,8 @@ def pareto(groups: list[Group], pal: Palette, out_dir: Path, cost: str) -> list[
         png, svg = _save(fig, out_dir, name)
     what = "trainable parameters" if cost == "params" else "training time (x error bars: 95% t-CI)"
     return [Figure(name, f"Pareto scatter of {what} against mean eval loss; the dashed step line is the Pareto "
-                         f"front (no strategy is both cheaper and better). {_n_note(arms)}", png, svg,
-                   alt=title)]
+                         f"front (no strategy is both cheaper and better). {_n_note(arms)}"
+                         + (f" {time_note}" if cost == "time" and time_note else ""), png, svg, alt=title)]
 
 
 def eval_loss(groups: list[Group], pal: Palette, out_dir: Path) -> list[Figure]:
@@ -174,7 +174,7 @@ def eval_loss(groups: list[Group], pal: Palette, out_dir: Path) -> list[Figure]:
                    png, svg, alt="Eval loss per strategy")]
 
 
-def time_throughput(groups: list[Group], pal: Palette, out_dir: Path) -> list[Figure]:
+def time_throughput(groups: list[Group], pal: Palette, out_dir: Path, time_note: str = "") -> list[Figure]:
     arms = [a for g in groups for a in g.lora_arms if a.train_time is not None]
     if not arms:
         return []
@@ -197,8 +197,8 @@ def time_throughput(groups: list[Group], pal: Palette, out_dir: Path) -> list[Fi
         axes[0].set_yticks(range(len(arms)), [a.key for a in arms])
         axes[0].invert_yaxis()
         png, svg = _save(fig, out_dir, "time_throughput")
-    return [Figure("time_throughput", f"Training time and throughput per strategy. {_n_note(arms)}", png, svg,
-                   alt="Training time and throughput per strategy")]
+    return [Figure("time_throughput", f"Training time and throughput per strategy. {_n_note(arms)}"
+                   + (f" {time_note}" if time_note else ""), png, svg, alt="Training time and throughput per strategy")]
 
 
 def _curve(arm: Arm, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -300,14 +300,15 @@ def placement(arms: list[Arm], out_dir: Path) -> list[Figure]:
                    png, svg, alt="Placement matrices")]
 
 
-def all_figures(groups: list[Group], arms: list[Arm], out_dir: Path) -> list[Figure]:
+def all_figures(groups: list[Group], arms: list[Arm], out_dir: Path, time_note: str = "") -> list[Figure]:
+    """``time_note``: what the run order means for the time comparisons (captions of the time figures)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     pal = Palette(arms)
     figs: list[Figure] = []
     figs += pareto(groups, pal, out_dir, "params")
-    figs += pareto(groups, pal, out_dir, "time")
+    figs += pareto(groups, pal, out_dir, "time", time_note)
     figs += eval_loss(groups, pal, out_dir)
     figs += loss_curves(groups, pal, out_dir)
-    figs += time_throughput(groups, pal, out_dir)
+    figs += time_throughput(groups, pal, out_dir, time_note)
     figs += placement(arms, out_dir)
     return figs

@@ -55,13 +55,25 @@ def ci_only(iv: Interval | None, digits: int = 4) -> str:
     return f"[{iv.low:.{digits}f}, {iv.high:.{digits}f}]"
 
 
-def comparison(c: PairedComparison | None, adjusted: bool = False) -> str:
-    """``Δ +0.0021 (95% CI [+0.0012, +0.003], p=0.001)``."""
+def p_holm(c: PairedComparison) -> str:
+    """The Holm-adjusted p of a comparison for display: a bound when the raw p is one."""
+    if c.p_adjusted is None:
+        return "-"
+    text = fmt_p(c.p_adjusted)
+    if fmt_p(c.p_value, c.resamples).startswith("<") and c.p_adjusted < 1:  # the raw p is only a bound
+        text = "<" + text
+    return text
+
+
+def comparison(c: PairedComparison | None) -> str:
+    """``Δ +0.0021 nats/token (95% CI [+0.0012, +0.003], p = 0.001, Holm p = 0.003)``: the raw p
+    and, when the comparison belongs to an adjusted family, the Holm-adjusted p verdicts read."""
     if c is None:
         return "no paired per-example data"
-    p = c.p_adjusted if adjusted and c.p_adjusted is not None else c.p_value
-    label = "Holm-adjusted p" if adjusted and c.p_adjusted is not None else "p"
-    p_text = fmt_p(p, c.resamples)
-    p_text = p_text if p_text.startswith("<") else f"= {p_text}"
+
+    def eq(text: str) -> str:
+        return text if text.startswith("<") else f"= {text}"
+
+    holm = f", Holm p {eq(p_holm(c))}" if c.p_adjusted is not None else ""
     return (f"Δ {diff(c.diff)} nats/token ({c.confidence:.0%} CI [{diff(c.low)}, {diff(c.high)}], "
-            f"{label} {p_text})")
+            f"p {eq(fmt_p(c.p_value, c.resamples))}{holm})")

@@ -27,6 +27,17 @@ class RunData:
     def ok(self) -> bool:
         return self.result.status == "ok" and self.result.eval_loss is not None
 
+    @property
+    def diverged(self) -> bool:
+        """Training diverged without a NaN (e.g. eval loss near ln(vocab)): listed and flagged,
+        but kept out of the statistics like a failed run."""
+        return bool(self.result.diverged)
+
+    @property
+    def usable(self) -> bool:
+        """Counted in the statistics: finished with an eval loss and did not diverge."""
+        return self.ok and not self.diverged
+
 
 @dataclass
 class Study:

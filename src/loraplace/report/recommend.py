@@ -1,8 +1,9 @@
 """Recommendations computed from the data of one comparable group of arms. Each states the
 numbers and uncertainty it rests on and says when the data cannot separate two options.
 
-Significance in recommendations is the pairwise paired bootstrap at 5% (unadjusted; the
-comparison table against the reference also shows Holm-adjusted p-values)."""
+Significance follows the report's one rule (:func:`significance_rule`): within a group, every
+pair of arms is one Holm-adjusted family and a difference is real when its adjusted p < 0.05;
+the comparison tables show the same raw and adjusted p-values."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 
 from loraplace.report import fmt
 from loraplace.report.analysis import Arm, Group
-from loraplace.report.stats import ALPHA, fmt_p, welch_p
+from loraplace.report.stats import ALPHA, fmt_p
 
 
 @dataclass
@@ -30,10 +31,23 @@ def _arm(a: Arm) -> str:
     return f"**{a.key}** ({fmt.params(a.trainable_params)} trainable parameters)" if a.kind == "lora" else f"**{a.key}**"
 
 
+def significance_rule(resamples: int | None = None) -> str:
+    """The rule every verdict of the report follows, stated once (methods and recommendations)."""
+    boot = f"paired bootstrap ({resamples:,} resamples)" if resamples else "paired bootstrap"
+    return (f"A difference in eval loss counts as real when its Holm-adjusted p < {ALPHA:g}: within each group of "
+            f"comparable arms, every pair of arms (the base model included) is compared by the {boot}, and the "
+            "p-values of all those pairs are Holm-adjusted as one family; recommendations, table verdicts, dominance "
+            "and the comparison with the base model all read that adjusted p (the tables show raw and adjusted p; the "
+            "95% CIs are per comparison, unadjusted). Training-time differences follow the same rule over their own "
+            "family: a Welch test over seeds for every pair of LoRA arms, Holm-adjusted. Otherwise the data cannot "
+            "separate the two options, and more seeds or a larger eval set would be needed to tell them apart.")
+
+
 def _separable(g: Group, a: Arm, b: Arm):
-    """(comparison a-b, True/False/None: significant / not / untested)."""
+    """(comparison a-b, True/False/None: significant / not / untested), by the Holm-adjusted p
+    of the group's family (:attr:`Group.family`)."""
     c = g.compare(a, b)
-    return c, (None if c is None else c.p_value < ALPHA)
+    return c, (None if c is None else c.significant())
 
 
 def best_overall(g: Group) -> Recommendation | None:
@@ -100,7 +114,7 @@ def best_under_budget(g: Group, budget: int | None) -> Recommendation | None:
                    "untested (no paired per-example data)")
         text.append(f"Against the best overall, {_arm(best)}, it is {fmt.comparison(c)}: {verdict}.")
     others = [a for a in fits if a is not pick]
-    ties = [(a, c) for a in others if (c := g.compare(a, pick)) is not None and c.p_value >= ALPHA]
+    ties = [(a, c) for a in others if (c := g.compare(a, pick)) is not None and not c.significant()]
     if ties:
         text.append(f"Also within budget and not separable from **{pick.key}**: "
                     + "; ".join(f"**{a.key}** {fmt.comparison(c)}" for a, c in ties) + ".")
@@ -146,49 +160,79 @@ def dominated(g: Group, cost: str) -> Recommendation | None:
     if not doms:
         return Recommendation(f"dominated{'' if cost == 'params' else '_time'}", title,
                               f"No strategy is dominated on ({what}, eval loss): each is on the front.", {"dominated": {}})
-    parts = []
+    parts, no_verdict, order_of = [], [], {}
     for key, by in doms.items():
         a, b = g.arm(key), g.arm(by[0].key)
         c, sig = _separable(g, a, b)
+        also = f" (also dominated by {', '.join('**' + q.key + '**' for q in by[1:])})" if len(by) > 1 else ""
         if cost == "params":
             cost_text = f"{fmt.params(b.trainable_params)} vs {fmt.params(a.trainable_params)} parameters"
         else:
             cost_text = (f"training time {fmt.interval(b.train_time, 1, sd=False)} s vs "
                          f"{fmt.interval(a.train_time, 1, sd=False)} s")
-            p_time = welch_p([r.result.train_time_s for r in b.runs], [r.result.train_time_s for r in a.runs])
-            if p_time is None:
+            order = g.order(a, b)
+            order_of[key] = order.status
+            if order.status == "fixed":
+                first, second = (b, a) if order.first == b.key else (a, b)
+                when = "in its only seed" if order.pairs == 1 else f"in every one of {order.pairs} seeds"
+                no_verdict.append(key)
+                parts.append(
+                    f"**{key}** has a higher mean training time and a higher mean eval loss than **{b.key}**{also} "
+                    f"({cost_text}; {fmt.comparison(c)} for **{key}**), but **{first.key}** ran before "
+                    f"**{second.key}** {when}, so the time difference may be an order effect (warm-up, caches, "
+                    "memory left by earlier runs): untested for order, no time-dominance verdict. Runs with several "
+                    "seeds in rotated arm order test it.")
+                continue
+            tt = g.time_test(a, b)
+            if tt is None:
                 cost_text += " (one seed: the time difference is untested)"
-            elif p_time >= ALPHA:
-                cost_text += f" (the time difference is within run-to-run variation: Welch p = {p_time:.2f})"
+            elif tt[1] >= ALPHA:
+                cost_text += (f" (the time difference is within run-to-run variation: Welch p = {fmt_p(tt[0])}, "
+                              f"Holm p = {fmt_p(tt[1])})")
             else:
-                cost_text += f" (Welch p = {fmt_p(p_time)})"
+                cost_text += f" (Welch p = {fmt_p(tt[0])}, Holm p = {fmt_p(tt[1])})"
+            if order.status == "unknown":
+                cost_text += ("; the run order was not recorded, so whether the time difference is an order effect "
+                              "is unknown")
+            else:
+                cost_text += "; the arm order varied across seeds"
         verdict = ("the loss gap is significant" if sig else
                    f"the data cannot separate their losses, but **{b.key}** is no worse and costs no more"
                    if sig is False else "the loss gap is untested (no paired per-example data)")
-        also = f" (also dominated by {', '.join('**' + q.key + '**' for q in by[1:])})" if len(by) > 1 else ""
         parts.append(f"**{key}** is dominated by **{b.key}**{also}: {cost_text}, and {fmt.comparison(c)} "
                      f"for **{key}**; {verdict}.")
     if cost == "time":
         parts.append("Times are wall-clock on this machine and vary between runs; see their CIs.")
-    return Recommendation(f"dominated{'' if cost == 'params' else '_time'}", title, " ".join(parts),
-                          {"dominated": {k: [p.key for p in v] for k, v in doms.items()}})
+    numbers = {"dominated": {k: [p.key for p in v] for k, v in doms.items() if k not in no_verdict}}
+    if cost == "time":
+        numbers.update(untested_for_order=no_verdict, order=order_of)
+    return Recommendation(f"dominated{'' if cost == 'params' else '_time'}", title, " ".join(parts), numbers)
 
 
 def versus_base(g: Group) -> Recommendation | None:
     base = g.base_arm
     if base is None or not g.lora_arms:
         return None
-    rows, worse = [], []
+    rows, worse, sig_worse = [], [], []
     for a in g.lora_arms:
         c, sig = _separable(g, a, base)
         rows.append(f"**{a.key}** {fmt.comparison(c)}")
         if sig is not True or (c is not None and c.diff >= 0):
             worse.append(a.key)
+        if sig and c.diff > 0:
+            sig_worse.append(a.key)
     text = (f"Against the base model without adapters (eval loss {fmt.num(base.loss.mean)}): " + "; ".join(rows) + ". ")
     text += ("Every strategy improves significantly on the base model." if not worse else
              "Not significantly better than the base model: " + ", ".join(f"**{k}**" for k in worse)
              + " (the training budget may be too small to tell strategies apart).")
-    return Recommendation("base", "Adapters against the base model", text, {"not_better": worse})
+    if sig_worse:
+        text += " Significantly worse than the base model: " + ", ".join(f"**{k}**" for k in sig_worse) + "."
+    flagged = [r.result.run_id for a in g.lora_arms for r in a.worse_than_base]
+    if flagged:
+        text += (" Runs that end worse than the base model (kept in the statistics, flagged in the tables): "
+                 + ", ".join(f"`{k}`" for k in flagged) + ".")
+    return Recommendation("base", "Adapters against the base model", text,
+                          {"not_better": worse, "significantly_worse": sig_worse, "runs_worse_than_base": flagged})
 
 
 def recommendations(g: Group, budget: int | None = None) -> list[Recommendation]:

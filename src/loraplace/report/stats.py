@@ -90,10 +90,21 @@ class PairedComparison:
     per_seed: tuple[float, ...] = field(default=())
     confidence: float = CONFIDENCE
     p_adjusted: float | None = None  # Holm-adjusted over the family it was tested in
+    family_size: int | None = None  # how many comparisons that family holds
 
     def significant(self, alpha: float = ALPHA) -> bool:
+        """The report's one rule: the Holm-adjusted p (when adjusted) below ``alpha``."""
         p = self.p_adjusted if self.p_adjusted is not None else self.p_value
         return p < alpha
+
+    def flipped(self) -> "PairedComparison":
+        """The same comparison read the other way round (``b - a``): the bootstrap distribution
+        of ``b - a`` is that of ``a - b`` negated, so p-values are unchanged."""
+        return PairedComparison(
+            a=self.b, b=self.a, diff=-self.diff, low=-self.high, high=-self.low, p_value=self.p_value,
+            seeds=self.seeds, examples=self.examples, resamples=self.resamples,
+            per_seed=tuple(-v for v in self.per_seed), confidence=self.confidence, p_adjusted=self.p_adjusted,
+            family_size=self.family_size)
 
 
 def _as_matrix(values) -> np.ndarray:
@@ -103,6 +114,28 @@ def _as_matrix(values) -> np.ndarray:
     if m.ndim != 2:
         raise ValueError("per-example values must be (examples,) or (seeds, examples)")
     return m
+
+
+_DRAWS: dict[tuple[int, int, int], tuple[np.ndarray, dict]] = {}
+
+
+def _example_draws(seed: int, n_ex: int, resamples: int) -> tuple[np.ndarray, np.random.Generator]:
+    """``counts[b, i]``: how often example i is drawn in resample b (sums are then matrix
+    products), and the generator as it stands after drawing them. A report compares every pair
+    of arms on the same eval set with the same seed, so the (costly) draws are kept for the
+    last few shapes; the result is identical to drawing them anew."""
+    key = (seed, n_ex, resamples)
+    if key not in _DRAWS:
+        rng = np.random.default_rng(seed)
+        counts = rng.multinomial(n_ex, np.full(n_ex, 1.0 / n_ex), size=resamples).astype(float)  # (B, N)
+        counts.setflags(write=False)
+        while len(_DRAWS) >= 2:
+            _DRAWS.pop(next(iter(_DRAWS)))
+        _DRAWS[key] = (counts, rng.bit_generator.state)
+    counts, state = _DRAWS[key]
+    rng = np.random.default_rng(seed)
+    rng.bit_generator.state = state
+    return counts, rng
 
 
 def paired_bootstrap(nll_a, tok_a, nll_b, tok_b, *, resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
@@ -132,9 +165,7 @@ def paired_bootstrap(nll_a, tok_a, nll_b, tok_b, *, resamples: int = DEFAULT_RES
     per_seed = na.sum(1) / ta.sum(1) - nb.sum(1) / tb.sum(1)  # (S,)
     diff = float(per_seed.mean())
 
-    rng = np.random.default_rng(seed)
-    # counts[b, i]: how often example i is drawn in resample b; sums are then matrix products.
-    counts = rng.multinomial(n_ex, np.full(n_ex, 1.0 / n_ex), size=resamples).astype(float)  # (B, N)
+    counts, rng = _example_draws(seed, n_ex, resamples)
     loss_a = (counts @ na.T) / (counts @ ta.T)  # (B, S)
     loss_b = (counts @ nb.T) / (counts @ tb.T)
     d = loss_a - loss_b  # (B, S)
