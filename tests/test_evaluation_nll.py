@@ -104,5 +104,23 @@ def test_evaluate_nll_all_tokens_and_length_batches():
         assert plain.nll_sums[i] == pytest.approx(grouped.nll_sums[i], rel=1e-4)
     longest = [max(data[j]["length"] for j in range(len(data)) if j // 4 == b) for b in range(3)]
     assert full.n_pad == [longest[i // 4] - data[i]["length"] for i in range(11)]
-    assert all(p > 0 for p, n in zip(full.nll_sums_pad, full.n_pad) if n)
+    expected_pad = padding_nll_by_hand(model, [[data[j]["input_ids"] for j in range(b * 4, min(b * 4 + 4, 11))]
+                                              for b in range(3)])
+    assert sum(n > 0 for n in full.n_pad) >= 5
+    assert full.nll_sums_pad == pytest.approx(expected_pad, rel=1e-5, abs=1e-5)
     assert len(set(grouped.batch_of)) == 3
+
+
+def padding_nll_by_hand(model, batches: list[list[list[int]]]) -> list[float]:
+    """Per example, in order: the NLL of predicting the pad token at each padding position j of its
+    right-padded batch row, from the log-softmax of the model's logits at position j-1."""
+    out = []
+    with torch.no_grad():
+        for rows in batches:
+            width = max(len(r) for r in rows)
+            ids = torch.tensor([r + [PAD] * (width - len(r)) for r in rows])
+            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+            logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.double(), dim=-1)
+            for i, r in enumerate(rows):
+                out.append(-sum(logp[i, j - 1, PAD].item() for j in range(len(r), width)))
+    return out

@@ -77,19 +77,21 @@ def test_train_adapters_bf16_keeps_adapters_float32(tmp_path):
     _, model = peft_tiny()
     data = ListDataset(examples(16, seed=5))
 
-
     import datasets
 
     ds = datasets.Dataset.from_list(list(data))
     seen = []
     layer = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
-    handle = layer.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    handle = layer.register_forward_hook(lambda mod, inp, out: seen.append((torch.is_grad_enabled(), out.dtype)))
     settings = TrainSettings(max_steps=2, batch_size=4, logging_steps=1, eval_every=0)
     out = train_adapters(model, ds, PadCollator(PAD), settings, seed=0, precision="bf16",
                          device=torch.device("cpu"), output_dir=tmp_path / "t")
     handle.remove()
     assert out.steps == 2 and out.real_tokens > 0
-    assert seen and set(seen) == {torch.bfloat16}  # the training matmuls ran under bf16 autocast
+    trained = {dtype for grad, dtype in seen if grad}
+    checked = {dtype for grad, dtype in seen if not grad}
+    assert trained == {torch.bfloat16}  # the warm-up and training matmuls ran under bf16 autocast
+    assert checked == {torch.float32}  # the selective-logits check: float32, no autocast, no grad
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert all(torch.isfinite(p).all() for p in model.parameters())
 

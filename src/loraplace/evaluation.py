@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraplace.data import IGNORE_INDEX
+from loraplace.errors import LoraplaceError
 
 
 def perplexity(nll_sum: float, n_tokens: int) -> float:
@@ -93,6 +94,71 @@ def token_nll(model: nn.Module, batch: dict[str, torch.Tensor], selective: bool 
     rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)[mask]
     nll_sum = torch.zeros(labels.shape[0], dtype=torch.float32, device=nll.device).index_add(0, rows, nll)
     return nll_sum, mask.sum(dim=1)
+
+
+class SelectiveLossMismatch(LoraplaceError):
+    """The selective-logits loss differs from the loss of the model's own logits."""
+
+
+@torch.no_grad()
+def check_selective_loss(model: nn.Module, batch: dict[str, torch.Tensor], *,
+                         max_tokens: int = 64) -> tuple[float, float] | None:
+    """Compare the selective-logits loss with the model's own full-logits loss on one batch.
+
+    The selective path (:func:`_selective_parts`) computes ``head(body(x))`` itself and knows
+    only a list of logit post-processing config keys (soft-capping, logit scales); a model that
+    post-processes its logits in another way would silently train and evaluate on a wrong loss.
+    This runs both paths on the first ``max_tokens`` positions of ``batch`` with every real token
+    as a target, in eval mode, without autocast and without gradients: two short forward passes.
+
+    Returns:
+        ``(selective, full)`` mean NLL per token, or None where the selective path is not used
+        (the model takes the full-logits path anyway) or the batch has no target.
+
+    Raises:
+        SelectiveLossMismatch: the two differ by more than float rounding of the model's dtype
+            (relative 1e-4 in float32, 2e-2 with 16-bit weights or TF32 matmuls); names the model
+            type and both values.
+    """
+    parts = _selective_parts(model)
+    if parts is None:
+        return None
+    head_weight = getattr(parts[1], "weight", None)
+    device = head_weight.device if head_weight is not None else next(model.parameters()).device
+    ids = batch["input_ids"][:, :max_tokens].to(device)
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask[:, :max_tokens].to(device)
+    small = {"input_ids": ids, "attention_mask": mask, "labels": torch.where(mask.bool(), ids, IGNORE_INDEX)}
+    was_training = model.training
+    model.eval()
+    no_autocast = (torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda", "mps", "xpu")
+                   else contextlib.nullcontext())
+    try:
+        with no_autocast:
+            sel, n = token_nll(model, small, selective=True)
+            full, _ = token_nll(model, small, selective=False)
+    finally:
+        model.train(was_training)
+    count = int(n.sum())
+    if count == 0:
+        return None
+    selective, reference = sel.double().sum().item() / count, full.double().sum().item() / count
+    dtype = head_weight.dtype if head_weight is not None else torch.float32
+    exact_fp32 = dtype in (torch.float32, torch.float64) and torch.get_float32_matmul_precision() == "highest" and not (
+        device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
+    tol = 1e-4 if exact_fp32 else 2e-2  # float32, else 16-bit weights or TF32 matmuls
+    if not (abs(selective - reference) <= tol * max(1.0, abs(reference))):
+        base = _unwrap(model)
+        model_type = getattr(getattr(base, "config", None), "model_type", None) or type(base).__name__
+        raise SelectiveLossMismatch(
+            f"model type {model_type!r} ({type(base).__name__}): the loss from loraplace's selective logits "
+            f"(head(hidden states) at the labelled positions) is {selective:.6f} nats/token, the loss from the "
+            f"model's own logits is {reference:.6f} on the same tokens. The model post-processes its logits "
+            f"(a scale, a soft cap, ...) in a way loraplace does not know, so its fast loss would be wrong; "
+            f"please report the model type to loraplace (the fix is a config key in "
+            f"loraplace.evaluation._selective_parts)"
+        )
+    return selective, reference
 
 
 @dataclass

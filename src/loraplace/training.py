@@ -5,18 +5,28 @@ The Trainer runs the loop; loraplace plugs in through its extension points only:
 * ``compute_loss`` (:class:`PlacementTrainer`): summed NLL over labelled tokens from
   :func:`loraplace.evaluation.token_nll`, which projects to the vocabulary only where a label
   is, normalised by the labelled tokens of the whole (accumulated) batch;
-* a collator that pads to the longest example, and length-grouped sampling;
+* a collator that pads to the longest example, and length-grouped sampling whose shuffles come
+  from a generator of their own, seeded from the run seed (:meth:`PlacementTrainer._get_train_sampler`);
+* ``get_batch_samples``: the labelled-token count of each optimizer step, counted by loraplace
+  (:func:`target_counter`), not by the Trainer, whose count changed meaning across versions;
 * ``bf16`` autocast where the hardware runs it fast, with float32 adapter weights; the frozen base
   projections are held in bfloat16 while training (:func:`frozen_weights_as`), which saves
   autocast's per-call weight casts and changes no number;
 * on CPU, eager attention (faster backward than SDPA's at these lengths) and a LoRA dropout
   that draws its mask with ``torch.rand`` (see :class:`MaskDropout`);
 * a callback for progress, and a non-finite-loss check that fails the run with its reason.
+
+Before the timer starts, :func:`train_adapters` checks the selective-logits loss against the
+model's own logits (:func:`loraplace.evaluation.check_selective_loss`) and runs one untimed
+warm-up forward and backward (:func:`warm_up`) that leaves the random state, the gradients and the
+weights as they were.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
 import math
 import platform
 import time
@@ -29,7 +39,10 @@ from torch import nn
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from loraplace.config import TrainSettings
-from loraplace.evaluation import token_nll
+from loraplace.data import IGNORE_INDEX
+from loraplace.evaluation import check_selective_loss, token_nll
+
+_clock = time.perf_counter  # the training timer (a module attribute so that tests can stand in for it)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -162,35 +175,168 @@ def attention_as(model: nn.Module, implementation: str | None):
         base.set_attn_implementation(current)
 
 
+def _is_token_nll(fn: Callable) -> bool:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return fn is token_nll
+
+
+def target_counter(nll_fn: Callable, model: nn.Module) -> Callable[[dict], torch.Tensor]:
+    """How many targets ``nll_fn`` counts in a batch, from the labels alone (no forward pass).
+
+    ``nll_fn.count_targets(batch)`` where the function has one; else, as the per-example counts of
+    this project's loss functions: one per class label for classification (labels ``(B,)``), every
+    label that is not -100 for encoder-decoders (the decoder's position t predicts label t), and
+    for causal LMs (:func:`~loraplace.evaluation.token_nll`) the labels at positions t >= 1 (position
+    t-1 predicts label t; label 0 is never a target).
+    """
+    own = getattr(nll_fn, "count_targets", None)
+    if callable(own):
+        return own
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    shifted = not getattr(getattr(base, "config", None), "is_encoder_decoder", False)
+
+    def count(batch: dict) -> torch.Tensor:
+        labels = batch["labels"]
+        if shifted and labels.dim() > 1:
+            labels = labels[:, 1:]
+        return (labels != IGNORE_INDEX).sum()
+
+    return count
+
+
 class PlacementTrainer(Trainer):
-    """Trainer whose loss is the token-weighted mean NLL over labelled tokens (selective logits)."""
+    """Trainer whose loss is the token-weighted mean NLL over labelled tokens (selective logits).
+
+    The loss of one optimizer step is (summed NLL over every labelled token of its micro-batches) /
+    (labelled tokens of the step), counted by :func:`target_counter` before the first backward of
+    the step (:meth:`get_batch_samples`) and checked against the counts ``nll_fn`` returns. The
+    Trainer's own count (``num_items_in_batch``) is not used: its meaning changed across
+    transformers versions (shifted or unshifted labels, encoder-decoders).
+    """
+
+    # The loss is already the step's token mean: training_step must not divide it by the
+    # accumulation steps (transformers >= 5 reads this attribute; older versions read
+    # model_accepts_loss_kwargs and a non-None num_items_in_batch, which get_batch_samples returns).
+    loss_is_scaled_for_ga = True
 
     def __init__(self, *args, nll_fn: Callable = token_nll, **kwargs):
         super().__init__(*args, **kwargs)
         # Per-example (nll_sum, n_tokens, ...) of a batch: token_nll for causal LMs, the task's
         # own function for seq2seq and classification (loraplace.tasks).
         self.nll_fn = nll_fn
-        # Our compute_loss divides by num_items_in_batch itself: ask the Trainer to count it and not
-        # to divide again by the accumulation steps.
+        self.count_targets = target_counter(nll_fn, self.model)
+        # For transformers versions without loss_is_scaled_for_ga: with this flag and a non-None
+        # num_items_in_batch, their training_step does not divide by the accumulation steps either.
         self.model_accepts_loss_kwargs = True
-        self.loss_is_scaled_for_ga = True
         self.real_tokens = 0  # non-padding input tokens seen in training
         self.label_tokens = 0
+        self._step_counts: collections.deque[int] = collections.deque()  # per micro-batch, this step
+        self._step_total = 0  # labelled tokens of the current optimizer step
+
+    def _get_train_sampler(self, *args, **kwargs):
+        """The Trainer's sampler (length-grouped), shuffled by a generator of its own seeded from
+        ``data_seed`` (else ``seed``): without one, ``LengthGroupedSampler`` draws each epoch's
+        permutation from the global torch RNG, which LoRA dropout and adapter initialisation also
+        consume, so from the second epoch on the batches would depend on the strategy.
+        (``TrainingArguments.data_seed`` alone does not help: transformers passes it to accelerate,
+        which uses it only to reseed a plain ``RandomSampler``.)"""
+        sampler = super()._get_train_sampler(*args, **kwargs)
+        if sampler is not None and hasattr(sampler, "generator") and sampler.generator is None:
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            sampler.generator = torch.Generator().manual_seed(int(seed))
+        return sampler
+
+    def get_batch_samples(self, epoch_iterator, num_batches, *args, **kwargs):
+        """The micro-batches of one optimizer step, and loraplace's own count of their targets
+        (returned as ``num_items_in_batch``; :meth:`compute_loss` uses its own copy)."""
+        batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, *args, **kwargs)
+        counts = [int(self.count_targets(batch)) for batch in batch_samples]
+        self._step_counts = collections.deque(counts)
+        self._step_total = sum(counts)
+        return batch_samples, torch.tensor(max(self._step_total, 1), device=self.args.device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Accelerate applies mixed precision by wrapping ``model.forward``; token_nll calls the
         # model's body and head directly (selective logits), so enter the autocast here.
         with self.accelerator.autocast():
             nll_sum, n_tokens = self.nll_fn(model, inputs)[:2]
-        count = n_tokens.sum()
-        denom = num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1)
+        count = int(n_tokens.sum())
+        if model.training and self._step_counts:
+            expected = self._step_counts.popleft()
+            if count != expected:
+                raise RuntimeError(
+                    f"loss normalisation: the loss function counted {count} targets in a micro-batch where "
+                    f"loraplace counted {expected} from its labels; give the loss function a "
+                    "count_targets(batch) attribute that counts as it does"
+                )
+            denom = max(self._step_total, 1)
+        else:  # outside an optimizer step (not used by loraplace): this batch's token mean
+            denom = max(count, 1)
         loss = nll_sum.sum() / denom
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"non-finite training loss ({loss.item()}) at step {self.state.global_step}")
         if model.training:
             self.real_tokens += int(inputs["attention_mask"].sum())
-            self.label_tokens += int(count)
+            self.label_tokens += count
         return (loss, None) if return_outputs else loss
+
+
+def _rng_devices(device: torch.device) -> dict:
+    """``fork_rng`` arguments that fork the CPU generator and the one of ``device``."""
+    if device.type == "cpu":
+        return {"devices": []}
+    index = device.index
+    if index is None:
+        index = torch.cuda.current_device() if device.type == "cuda" else 0
+    return {"devices": [index], "device_type": device.type}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def warm_up(model: nn.Module, batch: dict[str, torch.Tensor], nll_fn: Callable, *,
+            autocast: Callable[[], contextlib.AbstractContextManager], device: torch.device) -> float:
+    """One forward and backward of ``batch`` in training mode under ``autocast()``, that leaves
+    everything training depends on as it was; returns its seconds.
+
+    It pays the one-time costs (lazy initialisation, allocator growth, kernel selection) that
+    would otherwise be timed in whichever arm runs first. The random state is forked (LoRA dropout
+    draws from it), every parameter's gradient is put back as it was (None before training), no
+    optimizer exists yet, and the model's train/eval mode is restored. Call it in the same
+    attention implementation and frozen-weight precision as training.
+    """
+    start = _clock()
+    was_training = model.training
+    grads = [(p, p.grad) for p in model.parameters()]
+    try:
+        with torch.random.fork_rng(**_rng_devices(device)):
+            model.train()
+            with autocast():
+                nll_sum, n_tokens = nll_fn(model, batch)[:2]
+            loss = nll_sum.sum() / n_tokens.sum().clamp(min=1)
+            loss.backward()
+            _synchronize(device)
+    finally:
+        for p, grad in grads:
+            p.grad = grad
+        model.train(was_training)
+    return _clock() - start
+
+
+def _first_features(train_dataset, n: int) -> list[dict]:
+    """``n`` examples for the warm-up and the selective-logits check: the longest (the length-grouped
+    sampler starts with the longest example, so the warm-up grows memory to what training needs)."""
+    size = len(train_dataset)
+    order = list(range(size))
+    if "length" in (getattr(train_dataset, "column_names", None) or ()):
+        lengths = list(train_dataset["length"])
+        order.sort(key=lambda i: -lengths[i])
+    return [train_dataset[i] for i in order[:min(n, size)]]
 
 
 class _StepHook(TrainerCallback):
@@ -221,12 +367,14 @@ class _PeriodicEval(TrainerCallback):
 
 @dataclass
 class TrainOutcome:
-    seconds: float
+    seconds: float  # training wall time, after the untimed warm-up
     steps: int
     real_tokens: int
     label_tokens: int
     log_history: list[dict] = field(default_factory=list)
-    choices: dict[str, str] = field(default_factory=dict)  # speed choices made (attention, dropout, weights)
+    choices: dict[str, str] = field(default_factory=dict)  # speed choices made (attention, dropout, weights, warmup)
+    warmup_seconds: float = 0.0  # the untimed warm-up forward and backward (0: none)
+    selective_check: tuple[float, float] | None = None  # (selective, full-logits) loss of the check batch
 
     @property
     def tokens_per_second(self) -> float:
@@ -237,7 +385,8 @@ def train_adapters(model: nn.Module, train_dataset, collator, settings: TrainSet
                    precision: str, device: torch.device, output_dir: Path,
                    on_step: Callable[[int, int, float | None], None] | None = None,
                    eval_loss: Callable[[], float] | None = None,
-                   nll_fn: Callable = token_nll) -> TrainOutcome:
+                   nll_fn: Callable = token_nll, warmup: bool = True,
+                   check_selective: bool = True) -> TrainOutcome:
     """Train the adapters of a PEFT-wrapped model for ``settings.max_steps`` optimizer steps.
 
     ``nll_fn`` gives the per-example loss sums of a batch (default: causal-LM
@@ -246,6 +395,13 @@ def train_adapters(model: nn.Module, train_dataset, collator, settings: TrainSet
 
     The data order depends only on ``seed`` (and the dataset), never on the strategy, so every
     arm of a study sees the same batches in the same order.
+
+    Before the timer starts: with ``check_selective`` (causal LMs with ``token_nll``), the
+    selective-logits loss is compared with the model's own full-logits loss on the first training
+    examples (:func:`~loraplace.evaluation.check_selective_loss`; raises
+    :class:`~loraplace.evaluation.SelectiveLossMismatch`); with ``warmup``, one untimed forward and
+    backward (:func:`warm_up`) whose time is ``TrainOutcome.warmup_seconds``. Neither changes the
+    random state, the gradients or the weights, so the training is the same with or without them.
     """
     args = TrainingArguments(
         output_dir=str(output_dir),
@@ -280,11 +436,24 @@ def train_adapters(model: nn.Module, train_dataset, collator, settings: TrainSet
         trainer.add_callback(_PeriodicEval(settings.eval_every, eval_loss))
     trainer.remove_callback(PrinterCallback)  # progress and the log go through on_step and log_history
     choices = {"lora_dropout": "mask" if use_mask_dropout(model) else "none"}
-    start = time.perf_counter()
+    features = _first_features(train_dataset, settings.batch_size) if (warmup or check_selective) else []
+    run_device = trainer.args.device
+    selective = None
+    if check_selective and features and _is_token_nll(nll_fn):
+        # float32 weights, eval mode, no autocast, random state untouched (forked)
+        with torch.random.fork_rng(**_rng_devices(run_device)):
+            selective = check_selective_loss(trainer.model, collator(features[:2]))
+    warmup_seconds = 0.0
     with frozen_weights_as(model, autocast_dtype(precision)), attention_as(model, fast_attention(device)) as attn:
         choices.update(attention=attn, frozen_weights=str(autocast_dtype(precision) or torch.float32))
+        if warmup and features:
+            batch = {k: v.to(run_device) if torch.is_tensor(v) else v for k, v in collator(features).items()}
+            warmup_seconds = warm_up(trainer.model, batch, nll_fn, autocast=trainer.accelerator.autocast,
+                                     device=run_device)
+        choices["warmup"] = "1 batch, untimed" if warmup_seconds else "none"
+        start = _clock()
         trainer.train()
-    seconds = time.perf_counter() - start
+        seconds = _clock() - start
     return TrainOutcome(
         seconds=seconds,
         steps=trainer.state.global_step,
@@ -292,4 +461,6 @@ def train_adapters(model: nn.Module, train_dataset, collator, settings: TrainSet
         label_tokens=trainer.label_tokens,
         log_history=list(trainer.state.log_history),
         choices=choices,
+        warmup_seconds=warmup_seconds,
+        selective_check=selective,
     )
