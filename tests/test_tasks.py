@@ -100,13 +100,28 @@ def _run(*args):
 
     from loraplace.cli import app
 
+    # float32: the base row's numbers are compared with plain transformers' (no autocast)
     result = CliRunner().invoke(app, ["run", *args, "train.max_steps=2", "train.batch_size=4", "data.eval_size=8",
-                                      "train.eval_every=1", "include_base=true"])
+                                      "train.eval_every=1", "include_base=true", "train.precision=fp32"])
     assert result.exit_code == 0, result.output
     return result
 
 
-def test_t5_seq2seq_study_end_to_end(tmp_path, alpaca_file):
+def _examples(out, run_id):
+    return json.loads((out / "runs" / run_id / "eval_examples.json").read_text())
+
+
+def test_t5_seq2seq_study_end_to_end(tmp_path):
+    from transformers import AutoModelForSeq2SeqLM
+
+    from conftest import alpaca_rows
+
+    # targets of different lengths, so that a per-example mean differs from the token-weighted one
+    rows = alpaca_rows()
+    for i, row in enumerate(rows):
+        row["output"] += " Write a response that completes the request." * (i % 3)
+    alpaca_file = tmp_path / "alpaca.json"
+    alpaca_file.write_text(json.dumps(rows))
     model_dir = _save(tiny_t5(len(make_tokenizer())), tmp_path / "t5")
     out = tmp_path / "s"
     _run("--model", str(model_dir), "--dataset", str(alpaca_file), "-o", str(out),
@@ -116,9 +131,30 @@ def test_t5_seq2seq_study_end_to_end(tmp_path, alpaca_file):
     cross = set(runs["cross-attention-s0"]["modules"])
     assert cross == {f"decoder.block.{i}.layer.1.EncDecAttention.{p}" for i in range(2) for p in "qkvo"}
     assert all(".EncDecAttention." not in m for m in runs["self-attention-s0"]["modules"])
+    # The base row against transformers' own loss: the saved model, one eval example at a time,
+    # model(input_ids, labels=...).loss (token mean) weighted by the example's target tokens.
+    data = prepare_seq2seq_data(str(alpaca_file), make_tokenizer(), eval_size=8, max_length=256, split_seed=1234)
+    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir).eval()
+    nll, counts = [], []
+    with torch.no_grad():
+        for row in data.eval:
+            labels = torch.tensor([row["labels"]])
+            nll.append(float(model(input_ids=torch.tensor([row["input_ids"]]), labels=labels).loss) * labels.numel())
+            counts.append(labels.numel())
+    assert len(set(counts)) > 1
+    base = runs["base"]
+    assert _examples(out, "base")["n_tokens"] == counts and base["eval_tokens"] == sum(counts)
+    assert _examples(out, "base")["nll_sum"] == pytest.approx(nll, rel=1e-5)
+    assert base["eval_loss"] == pytest.approx(sum(nll) / sum(counts), rel=1e-5)
+    assert base["perplexity"] == pytest.approx(math.exp(sum(nll) / sum(counts)), rel=1e-5)
     for r in runs.values():
-        assert r["perplexity"] == pytest.approx(math.exp(r["eval_loss"]))
+        # every arm: the loss and perplexity are those of its per-example sums, on the same tokens
+        examples = _examples(out, r["run_id"])
+        assert examples["n_tokens"] == counts
+        assert r["eval_loss"] == pytest.approx(sum(examples["nll_sum"]) / sum(counts), rel=1e-9)
+        assert r["perplexity"] == pytest.approx(math.exp(sum(examples["nll_sum"]) / sum(counts)), rel=1e-9)
         assert r["eval_accuracy"] is None
+    assert runs["ffn-s0"]["eval_loss"] != base["eval_loss"]  # the arms trained
     assert runs["ffn-s0"]["head_params"] == 0
     assert (out / "report" / "report.md").is_file()
 
@@ -137,10 +173,31 @@ def test_bert_classification_study_end_to_end(tmp_path):
     attn = runs["attention-s0"]
     assert attn["head_params"] == 32 * 2 + 2
     assert attn["trainable_params"] == attn["head_params"] + 2 * 4 * 16 * (32 + 32)
+    # The base row against the saved model run by plain transformers on the eval split (rebuilt
+    # here with datasets: split seed 1234, labels in sorted-name order), one example at a time.
+    import datasets
+    from transformers import AutoModelForSequenceClassification
+
+    rows = datasets.load_dataset("json", data_files=str(path), split="train")
+    eval_rows = rows.train_test_split(test_size=8, seed=1234, shuffle=True)["test"]
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    nll, correct = [], []
+    with torch.no_grad():
+        for row in eval_rows:
+            logits = model(input_ids=torch.tensor([tok(row["sentence"])["input_ids"]])).logits[0]
+            label = ["neg", "pos"].index(row["label"])
+            nll.append(float(F.cross_entropy(logits, torch.tensor(label))))
+            correct.append(int(logits.argmax()) == label)
+    base = runs["base"]
+    assert _examples(out, "base")["nll_sum"] == pytest.approx(nll, rel=1e-5)
+    assert base["eval_loss"] == pytest.approx(sum(nll) / 8, rel=1e-5)
+    assert base["eval_accuracy"] == sum(correct) / 8
     for r in runs.values():
-        assert 0.0 <= r["eval_accuracy"] <= 1.0 and r["perplexity"] is None
-        examples = json.loads((out / "runs" / r["run_id"] / "eval_examples.json").read_text())
+        examples = _examples(out, r["run_id"])
         assert examples["n_tokens"] == [1] * 8 and len(examples["correct"]) == 8
+        assert r["eval_accuracy"] == sum(examples["correct"]) / 8 and r["perplexity"] is None
+        assert r["eval_loss"] == pytest.approx(sum(examples["nll_sum"]) / 8, rel=1e-9)
+    assert runs["attention-s0"]["eval_loss"] != base["eval_loss"]  # the arms trained
     assert (out / "report" / "report.md").is_file()
 
 

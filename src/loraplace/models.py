@@ -165,6 +165,31 @@ def load_model(path: str, task: str = "causal-lm", num_labels: int | None = None
     return model
 
 
+def round_linear_weights(model: nn.Module, dtype: torch.dtype) -> int:
+    """Round the float32 weights (and biases) of the model's ``nn.Linear`` modules to ``dtype``
+    precision, in place, keeping float32 storage: ``w.copy_(w.to(dtype))``. Returns how
+    many modules were rounded.
+
+    These are the modules :func:`loraplace.training.frozen_weights_as` holds in ``dtype`` while
+    training (every plain linear layer of the base model), except a linear layer whose weight is
+    the input embedding (a tied vocabulary projection), which stays as it is. Rounding is
+    idempotent: a later round trip through ``dtype`` changes nothing.
+    """
+    get_emb = getattr(model, "get_input_embeddings", None)
+    emb = get_emb() if callable(get_emb) else None
+    emb_weight = getattr(emb, "weight", None)
+    count = 0
+    with torch.no_grad():
+        for m in model.modules():
+            if type(m) is not nn.Linear or m.weight is emb_weight or m.weight.dtype != torch.float32:
+                continue
+            m.weight.copy_(m.weight.to(dtype))  # in place: storage (and any sharing) is kept
+            if m.bias is not None and m.bias.dtype == torch.float32:
+                m.bias.copy_(m.bias.to(dtype))
+            count += 1
+    return count
+
+
 def _first_line(e: Exception) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__

@@ -131,10 +131,22 @@ class RunContext:
             self._tasks[spec.model] = task_of(load_config(resolve_model_path(spec.model, self.allow_fetch))[0])
         return self._tasks[spec.model]
 
-    def base_model(self, model: str, device: torch.device, task: str = "causal-lm", num_labels: int | None = None):
-        from loraplace.models import load_model, resolve_model_path
+    def base_model(self, model: str, device: torch.device, task: str = "causal-lm", num_labels: int | None = None,
+                   round_to: torch.dtype | None = None):
+        """The loaded base model, shared by the runs (one in memory at a time).
 
-        key = (model, str(device), task, num_labels)
+        ``round_to`` (bfloat16 or float16: the run's autocast dtype, else None) rounds the
+        frozen linear weights once at load (:func:`loraplace.models.round_linear_weights`).
+        Training holds those weights in that dtype and writes them back as float32
+        (:func:`loraplace.training.frozen_weights_as`), which leaves rounded values: rounding them
+        at load instead makes every run of the study, the base row included, see the same weights
+        (bit for bit, whatever ran before), and changes no result, since autocast rounds them to
+        the same values at every matmul. A float32 copy of the weights to restore after each run
+        would cost a second model's memory. The rounding dtype is part of the cache key.
+        """
+        from loraplace.models import load_model, resolve_model_path, round_linear_weights
+
+        key = (model, str(device), task, num_labels, str(round_to))
         if key not in self._models:
             self._models.clear()  # one base model in memory at a time
             from transformers import set_seed
@@ -143,6 +155,8 @@ class RunContext:
             loaded = load_model(resolve_model_path(model, self.allow_fetch), task, num_labels).to(device)
             if loaded.config.pad_token_id is None:  # classifiers find the last token by the pad id
                 loaded.config.pad_token_id = self.tokenizer(model).pad_token_id
+            if round_to is not None:
+                round_linear_weights(loaded, round_to)
             self._models[key] = loaded
         return self._models[key]
 
@@ -248,6 +262,76 @@ def check_wrapped(peft_model, placement, trainable: int) -> None:
         )
 
 
+def unload_adapters(peft_model) -> Any:
+    """Remove every adapter and hand back the base model exactly as it was before
+    ``get_peft_model``.
+
+    ``peft_model.unload()`` alone is not enough: a module PEFT trains in full
+    (``modules_to_save``, e.g. a classifier's new head) sits in a ``ModulesToSaveWrapper`` that
+    keeps the untouched original next to a trained copy, and ``unload`` puts the trained copy
+    into the model, so the next run on the shared base model would start from this run's head.
+    Each such wrapper (any ``AuxiliaryTrainingWrapper``) is first replaced by its original
+    module; ``unload`` then removes the LoRA layers (restoring their untouched base layers).
+    """
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    base = peft_model.get_base_model()
+    wrappers = [(name, m) for name, m in base.named_modules() if isinstance(m, AuxiliaryTrainingWrapper)]
+    for name, wrapper in wrappers:
+        parent_name, _, child = name.rpartition(".")
+        parent = base.get_submodule(parent_name) if parent_name else base
+        setattr(parent, child, wrapper.original_module)
+    return peft_model.unload()
+
+
+UNIFORM_FRACTION = 0.9  # eval loss at or above this share of ln(V) counts as "about uniform"
+GOOD_START_FRACTION = 0.75  # a first training loss at or below this share of ln(V) was clearly better
+
+
+def uniform_loss(model, task: str, num_labels: int | None = None) -> float | None:
+    """The loss of predicting the uniform distribution: ln(number of classes) for a classifier,
+    ln(vocabulary size) otherwise (rows of the output embedding, else ``config.vocab_size``)."""
+    import math
+
+    if task == "classification":
+        return math.log(num_labels) if num_labels and num_labels > 1 else None
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    size = getattr(getattr(out, "weight", None), "shape", (None,))[0]
+    size = size or getattr(getattr(model, "config", None), "vocab_size", None)
+    return math.log(size) if size and size > 1 else None
+
+
+def divergence(log_history: list[dict], eval_loss: float | None, uniform: float | None) -> str | None:
+    """Why a run that finished (no NaN/inf) diverged, or None.
+
+    ``first`` is the first logged training loss (step 1: the model before any update). A run
+    diverged when
+
+    (a) its eval loss is at or above ``UNIFORM_FRACTION`` (0.9) of the uniform-prediction loss
+        ``uniform`` = ln(V) (V: vocabulary size, or number of classes), i.e. it predicts about as
+        badly as a uniform guess or worse, although ``first`` was at most ``GOOD_START_FRACTION``
+        (0.75) of it: the model was clearly better than uniform when training began (a
+        random-init model starts at about ln(V) and is never flagged by this rule); or
+    (b) the loss exploded: a later logged training loss, or the final eval loss, is more than
+        twice ``first`` and at least 1 nat above it.
+    """
+    losses = [float(e["loss"]) for e in log_history if "loss" in e]
+    if not losses:
+        return None
+    first = losses[0]
+    if (uniform is not None and eval_loss is not None and eval_loss >= UNIFORM_FRACTION * uniform
+            and first <= GOOD_START_FRACTION * uniform):
+        return (f"eval loss {eval_loss:.4f} is about the uniform-prediction loss ln(V) = {uniform:.4f} "
+                f"(>= {UNIFORM_FRACTION:g} of it), although the first training loss was {first:.4f}")
+    later = [(f"training loss {x:.4f}", x) for x in losses[1:]]
+    if eval_loss is not None:
+        later.append((f"eval loss {eval_loss:.4f}", eval_loss))
+    for what, x in later:
+        if x > 2 * first and x >= first + 1.0:
+            return f"{what} exploded: more than twice the first training loss {first:.4f} and >= 1 nat above it"
+    return None
+
+
 def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))
@@ -259,7 +343,14 @@ def execute_run(spec: RunSpec, ctx: RunContext,
     """Run one job end to end and write its files into ``spec.run_dir``.
 
     A run that fails (non-finite loss, out of memory, ...) returns ``status='failed'`` with the
-    reason; input errors (:class:`LoraplaceError`) and Ctrl-C propagate to the caller.
+    reason; input errors (:class:`LoraplaceError`) and Ctrl-C propagate to the caller. A run that
+    finishes but diverged without a NaN (:func:`divergence`) stays ``ok`` with ``diverged=True``
+    and its reason.
+
+    Runs are independent of what ran before in the process: the shared base model comes back
+    unchanged after each arm (:func:`unload_adapters`; frozen weights rounded once at load, see
+    :meth:`RunContext.base_model`), and memory is the run's own (:class:`loraplace.measure.PeakMemory`:
+    released at the start, then start, peak and increase).
     """
     from peft import get_peft_model
     from transformers import set_seed
@@ -280,13 +371,14 @@ def execute_run(spec: RunSpec, ctx: RunContext,
     tokenizer = ctx.tokenizer(spec.model)
     data = ctx.data(spec, task)
     num_labels = len(data.labels) if task == "classification" else None
-    base = ctx.base_model(spec.model, device, task, num_labels)
+    base = ctx.base_model(spec.model, device, task, num_labels, round_to=autocast_dtype(precision))
     collator = collator_for(task, tokenizer.pad_token_id)
     nll_fn = nll_for(task)
     base_count = total_params(base)
     result = dict(
         run_id=spec.run_id, kind=spec.kind, strategy=spec.strategy, seed=spec.seed, status="ok", task=task,
-        model=spec.model, dataset=spec.dataset, base_params=base_count, device=device_description(device),
+        model=spec.model, dataset=spec.dataset, position=spec.position, base_params=base_count,
+        device=device_description(device),
         precision=precision, versions=library_versions(),
     )
     eval_kwargs = dict(batch_size=spec.train.eval_batch_size, device=device, autocast_dtype=autocast_dtype(precision),
@@ -353,6 +445,9 @@ def execute_run(spec: RunSpec, ctx: RunContext,
             eval_accuracy=ev.accuracy, eval_nll_sum=ev.nll_sum, eval_tokens=ev.tokens,
             eval_examples=len(ev.n_tokens), eval_time_s=ev.seconds,
         )
+        if spec.kind != "base":
+            reason = divergence(outcome.log_history, ev.loss, uniform_loss(base, task, num_labels))
+            result.update(diverged=reason is not None, diverged_reason=reason)
     except NonFiniteLoss as e:
         result.update(status="failed", error=str(e))
     except (LoraplaceError, KeyboardInterrupt):
@@ -362,8 +457,10 @@ def execute_run(spec: RunSpec, ctx: RunContext,
         (run_dir / "error.txt").write_text(traceback.format_exc())
     finally:
         if peft_model is not None:
-            peft_model.unload()  # restores the base modules so the next run reuses the loaded model
-    result.update(peak_memory_mib=memory.peak_mib, memory_kind=memory.kind,
+            # restores the base modules (and a classifier's untrained head) for the next run
+            unload_adapters(peft_model)
+    result.update(peak_memory_mib=memory.peak_mib, memory_kind=memory.kind, memory_start_mib=memory.start_mib,
+                  peak_memory_increase_mib=memory.increase_mib,
                   finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     record = RunResult(**result)
     _write_json(run_dir / "result.json", record.model_dump())
