@@ -121,3 +121,109 @@ def test_collator_pads_to_longest_with_ignored_labels():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert batch["input_ids"].dtype == torch.long
+
+
+@pytest.mark.parametrize("name,content,detail", [
+    ("empty.jsonl", "", "it is empty"),
+    ("empty.json", "", "it is empty"),
+    ("array.json", "[]\n", "an empty JSON array"),
+    ("blank.jsonl", "\n  \n\n", "only blank lines"),
+    ("blank.json", "\n\n", "only blank lines"),
+    ("empty.csv", "", "it is empty"),
+    ("header.csv", "instruction,output\n", None),
+])
+def test_a_file_without_rows_is_named(tmp_path, name, content, detail):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(LoraplaceError) as info:
+        load_rows(str(path))
+    message = str(info.value)
+    assert f"dataset file {str(path)!r} holds no rows" in message
+    if detail:
+        assert detail in message
+
+
+def _alpaca_lines(n):
+    return [json.dumps(row) for row in alpaca_rows(n)]
+
+
+def test_a_malformed_jsonl_line_is_named_with_its_number_and_column(tmp_path):
+    lines = _alpaca_lines(9)
+    lines[6] = '{"instruction": "x" "output": "y"}'  # line 7: a missing comma after column 19
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    expected = f"dataset file {str(path)!r} line 7: not valid JSON (Expecting ',' delimiter: column 21)"
+    with pytest.raises(LoraplaceError) as info:
+        load_rows(str(path))
+    assert str(info.value) == expected
+    # The column is the position of the first character after the string "x" (1-based).
+    assert lines[6][21 - 1] == '"' and lines[6][: 21 - 1].endswith('"x" ')
+
+
+def test_blank_lines_do_not_shift_the_reported_line(tmp_path):
+    lines = _alpaca_lines(3) + ["", "", '{"instruction": "x", "output": }']
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(lines))
+    with pytest.raises(LoraplaceError, match=r"line 6: not valid JSON \(Expecting value: column 32\)"):
+        load_rows(str(path))
+
+
+def test_a_jsonl_row_that_is_not_an_object_is_named(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(_alpaca_lines(4) + ['["instruction", "output"]'] + _alpaca_lines(2)))
+    with pytest.raises(LoraplaceError, match=r"'.*data\.jsonl' line 5: a row must be a JSON object .*got an array"):
+        load_rows(str(path))
+
+
+def test_a_jsonl_row_with_a_repeated_key_is_named(tmp_path):
+    # pyarrow (and so datasets) cannot load a row whose key appears twice.
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(_alpaca_lines(2) + ['{"instruction": "a", "output": "b", "output": "c"}']))
+    with pytest.raises(LoraplaceError, match=r"line 3: key 'output' appears twice"):
+        load_rows(str(path))
+
+
+def test_a_json_array_syntax_error_is_named_with_line_and_column(tmp_path):
+    path = tmp_path / "data.json"
+    text = json.dumps(alpaca_rows(3), indent=1)
+    lines = text.splitlines()
+    bad = next(i for i, line in enumerate(lines) if '"output"' in line)
+    lines[bad] = lines[bad].replace('"output":', '"output"')  # drop the colon
+    path.write_text("\n".join(lines))
+    column = lines[bad].index('"output"') + len('"output"') + 2  # 1-based column after the key and a space
+    with pytest.raises(LoraplaceError) as info:
+        load_rows(str(path))
+    assert str(info.value) == (f"dataset file {str(path)!r} line {bad + 1}: not valid JSON "
+                               f"(Expecting ':' delimiter: column {column})")
+
+
+def test_a_json_array_item_that_is_not_an_object_is_named(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(alpaca_rows(2) + ["just text"]))
+    with pytest.raises(LoraplaceError, match=r"array item 2: a row must be a JSON object .*got a string"):
+        load_rows(str(path))
+
+
+def test_a_utf16_file_is_named_as_not_utf8(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes("\n".join(_alpaca_lines(2)).encode("utf-16"))  # starts with the BOM ff fe
+    with pytest.raises(LoraplaceError, match=r"'.*data\.jsonl' line 1: not UTF-8 text \(byte 0xff at byte offset 0\)"):
+        load_rows(str(path))
+
+
+def test_an_unreadable_csv_names_the_file_and_the_reader_error(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text('instruction,output\n"unterminated,x\n')
+    with pytest.raises(LoraplaceError, match=r"dataset file '.*data\.csv' could not be read: \w+: .*EOF inside string"):
+        load_rows(str(path))
+
+
+@pytest.mark.parametrize("layout", ["jsonl", "json-array", "json-lines-in-.json"])
+def test_valid_json_files_still_load_every_row(tmp_path, layout):
+    rows = alpaca_rows(7)
+    suffix = ".jsonl" if layout == "jsonl" else ".json"
+    path = tmp_path / f"data{suffix}"
+    path.write_text(json.dumps(rows, indent=2) if layout == "json-array" else
+                    "\n".join(json.dumps(r) for r in rows) + "\n\n")
+    loaded = load_rows(str(path))
+    assert [dict(r) for r in loaded.select_columns(list(rows[0]))] == rows

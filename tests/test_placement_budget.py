@@ -31,13 +31,36 @@ def smollm2():
     return meta_model(LlamaConfig(**values))
 
 
+def _per_rank(config: dict) -> dict[str, int]:
+    """LoRA parameters per unit of rank, per module role, summed over the layers: r * (in + out)
+    by hand from the config values (not from the model's modules)."""
+    if "n_embd" in config:  # GPT-2: c_attn h -> 3h, attn.c_proj h -> h, c_fc h -> 4h, mlp.c_proj 4h -> h
+        h, n = config["n_embd"], config["n_layer"]
+        return {"attn.qkv": n * (h + 3 * h), "attn.o": n * 2 * h, "mlp.up": n * 5 * h, "mlp.down": n * 5 * h}
+    h, i, n = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    kv = config["num_key_value_heads"] * config["head_dim"]
+    return {"attn.q": n * 2 * h, "attn.k": n * (h + kv), "attn.v": n * (h + kv), "attn.o": n * 2 * h,
+            "mlp.gate": n * (h + i), "mlp.up": n * (h + i), "mlp.down": n * (h + i)}
+
+
+def _config(name: str) -> dict:
+    from loraplace.models import KNOWN_CONFIGS
+
+    return KNOWN_CONFIGS[name]
+
+
 def test_dialogpt_medium_matched_to_full(dialogpt_medium):
     model = dialogpt_medium
-    assert budget_target(model, "full", 16, 32) == 6_291_456
+    per_rank = _per_rank(_config("microsoft/DialoGPT-medium"))
+    attention, ffn = per_rank["attn.qkv"] + per_rank["attn.o"], per_rank["mlp.up"] + per_rank["mlp.down"]
+    full = 16 * (attention + ffn)
+    assert full == 6_291_456 and budget_target(model, "full", 16, 32) == full
     arms = {s: resolve_matched(model, parse_strategy(s), 16, 32, "full") for s in ("full", "attention", "ffn")}
     counts = {s: p.lora_params for s, p in arms.items()}
-    # attention: 24 * (4096 + 2048) per rank; 42 everywhere plus 43 on the 24 larger c_attn modules is exact.
-    assert counts == {"full": 6_291_456, "attention": 6_291_456, "ffn": 6_292_480}
+    # attention: 42 everywhere plus 43 on the 24 larger c_attn modules (4 * 1024 per rank) is exact.
+    # ffn: rank 25 leaves 147,456; one more rank on 29 of the 48 modules (5 * 1024 each) is 1,024 over.
+    assert full - 42 * attention == 24 * 4 * 1024 and 29 * 5 * 1024 - (full - 25 * ffn) == 1024
+    assert counts == {"full": full, "attention": full, "ffn": 25 * ffn + 29 * 5 * 1024}
     assert max(counts.values()) / min(counts.values()) - 1 <= 0.01
     assert arms["attention"].ranks() == {"attn.qkv": [43], "attn.o": [42]}
     # ffn: 48 modules of 5,120 per rank: 25 everywhere, 26 on the first 29 in model order.
@@ -54,7 +77,14 @@ def test_dialogpt_medium_matched_to_full(dialogpt_medium):
 def test_smollm2_matched_to_full(smollm2):
     arms = {s: resolve_matched(smollm2, parse_strategy(s), 16, 32, "full") for s in ("full", "attention", "ffn")}
     counts = {s: p.lora_params for s, p in arms.items()}
-    assert counts == {"full": 4_884_480, "attention": 4_884_480, "ffn": 4_885_056}
+    per_rank = _per_rank(_config("HuggingFaceTB/SmolLM2-135M-Instruct"))
+    attention = sum(v for k, v in per_rank.items() if k.startswith("attn."))
+    ffn = sum(v for k, v in per_rank.items() if k.startswith("mlp."))
+    full = 16 * (attention + ffn)
+    # attention: rank 42 leaves 46,080 = 40 q/o modules (1152 per rank) at 43. ffn: rank 25 leaves
+    # 132,480; one more rank on 63 of the 90 modules (576 + 1536 = 2112 each) overshoots by 576.
+    assert full == 4_884_480 and full - 42 * attention == 40 * 1152 and 63 * 2112 - (full - 25 * ffn) == 576
+    assert counts == {"full": full, "attention": full, "ffn": 25 * ffn + 63 * 2112}
     assert max(counts.values()) / min(counts.values()) - 1 <= 0.01
     assert arms["attention"].ranks() == {"attn.q": [42, 43], "attn.k": [42], "attn.v": [42], "attn.o": [42, 43]}
     assert arms["ffn"].ranks() == {"mlp.gate": [25, 26], "mlp.up": [25, 26], "mlp.down": [25, 26]}
@@ -148,5 +178,7 @@ def test_arm_labels(smollm2):
     assert arm_label("attention", "full") == "attention~full" and arm_label("ffn", None) == "ffn"
     assert split_arm("attention@last:2~6.3M") == ("attention@last:2", 6_300_000)
     assert split_arm("qv") == ("qv", None)
-    assert resolve_arm(smollm2, "attention~full", 16, 32).lora_params == 4_884_480
-    assert resolve_arm(smollm2, "attention", 16, 32).lora_params == 1_843_200
+    per_rank = _per_rank(_config("HuggingFaceTB/SmolLM2-135M-Instruct"))
+    attention = sum(v for k, v in per_rank.items() if k.startswith("attn."))
+    assert resolve_arm(smollm2, "attention~full", 16, 32).lora_params == 16 * sum(per_rank.values())
+    assert resolve_arm(smollm2, "attention", 16, 32).lora_params == 16 * attention == 1_843_200

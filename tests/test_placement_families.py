@@ -3,13 +3,15 @@ classes on the meta device (no downloads, no weights), exact module names and ex
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
 
 from loraplace.errors import LoraplaceError
 from loraplace.placement import parse_strategy, resolve_placement
-from loraplace.placement.roles import FAMILIES, known_model_types, roles_for
+from loraplace.placement.roles import BLOCK_NAME, FAMILIES, known_model_types, roles_for
 
 
 def build(family: str, device: str = "meta") -> nn.Module:
@@ -41,6 +43,10 @@ def config_of(family: str):
         "mistral": lambda: tf.MistralConfig(**small, num_key_value_heads=1),
         "qwen2": lambda: tf.Qwen2Config(**small, num_key_value_heads=1),
         "gemma": lambda: tf.GemmaConfig(**small, num_key_value_heads=1, head_dim=16),
+        "gemma2": lambda: tf.Gemma2Config(**small, num_key_value_heads=1, head_dim=16),
+        "qwen3": lambda: tf.Qwen3Config(**small, num_key_value_heads=1, head_dim=16),
+        "olmo": lambda: tf.OlmoConfig(**small, num_key_value_heads=1, pad_token_id=1, eos_token_id=2),
+        "olmo2": lambda: tf.Olmo2Config(**small, num_key_value_heads=1, pad_token_id=1, eos_token_id=2),
         "phi3": lambda: tf.Phi3Config(**small, pad_token_id=0),
         "mixtral": lambda: tf.MixtralConfig(**small, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
     }
@@ -92,6 +98,10 @@ SINGLE_STACK = {
     "mistral": ("model.layers", LLAMA_LIKE),
     "qwen2": ("model.layers", LLAMA_LIKE),
     "gemma": ("model.layers", LLAMA_LIKE),
+    "gemma2": ("model.layers", LLAMA_LIKE),
+    "qwen3": ("model.layers", LLAMA_LIKE),
+    "olmo": ("model.layers", LLAMA_LIKE),
+    "olmo2": ("model.layers", LLAMA_LIKE),
     "phi3": ("model.layers", {
         "attn.qkv": ("self_attn.qkv_proj", 32, 96), "attn.o": ("self_attn.o_proj", 32, 32),
         "mlp.gate_up": ("mlp.gate_up_proj", 32, 128), "mlp.down": ("mlp.down_proj", 64, 32)}),
@@ -148,7 +158,7 @@ def test_phi3_fused_gate_up_counts_twice_the_intermediate():
     assert p.lora_params == 2 * 2 * (32 + 128)
 
 
-def test_mixtral_experts_are_ffn_and_the_router_is_never_adapted():
+def test_mixtral_experts_are_ffn_parameters():
     model = build("mixtral")
     ffn = resolve_placement(model, parse_strategy("ffn"), 2, 4)
     assert [(m.name, m.role, m.num_experts, m.in_features, m.out_features, m.is_parameter) for m in ffn.modules] == [
@@ -160,18 +170,84 @@ def test_mixtral_experts_are_ffn_and_the_router_is_never_adapted():
     # PEFT gives each expert its own rank-r pair: experts * r * (in + out).
     assert ffn.lora_params == 2 * 4 * 2 * ((32 + 128) + (64 + 32))
     assert ffn.module_names == [] and len(ffn.parameter_names) == 4
-    full = resolve_placement(model, parse_strategy("full"), 2, 4)
-    everything = {m.name for m in full.modules}
-    assert not any(".mlp.gate" in n and "experts" not in n for n in everything)
-    assert {m.role for m in full.modules} == {"attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate_up", "mlp.down"}
-    assert "mlp.gate" in roles_for("mixtral").never
+    assert {m.role for m in resolve_placement(model, parse_strategy("full"), 2, 4).modules} == {
+        "attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate_up", "mlp.down"}
 
 
-def test_router_listed_as_linear_is_still_never_adapted():
-    # Some MoE models keep the router as an nn.Linear called mlp.gate; the table's `never` wins
-    # even if a role path says otherwise.
+def _routers(model) -> list[str]:
+    """The MoE routers, found by what they compute: the block module holding a (num_local_experts,
+    hidden_size) weight (one logit per expert), whatever it is called or whatever its class."""
+    config = model.config
+    return [name for name, module in model.named_modules() if BLOCK_NAME.match(name) and any(
+        tuple(p.shape) == (config.num_local_experts, config.hidden_size) for p in module.parameters(recurse=False))]
+
+
+def test_the_mixtral_router_exists_and_no_strategy_adapts_it():
+    model = build("mixtral")
+    routers = _routers(model)
+    # transformers 5 names it mlp.gate (MixtralTopKRouter); 4.x had block_sparse_moe.gate (nn.Linear).
+    assert routers == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
+    table = roles_for(model.config.model_type)
+    assert {BLOCK_NAME.match(n)["rel"] for n in routers} <= set(table.never)
+    for spec in ("full", "ffn", "mlp.*", "attention+ffn", "full+embed+lm_head"):
+        names = [m.name for m in resolve_placement(model, parse_strategy(spec), 2, 4).modules]
+        assert not [n for n in names for router in routers if n == router or n.startswith(router + ".")], spec
+
+
+def test_the_mixtral_router_stays_frozen_and_unwrapped_under_peft():
+    from peft import get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    from loraplace.config import LoraSettings
+    from loraplace.study.runs import lora_config_for
+
+    torch.manual_seed(0)
+    model = build("mixtral", device="cpu")
+    routers = _routers(model)
+    router_class = type(model.get_submodule(routers[0]))
+    placement = resolve_placement(model, parse_strategy("full"), 2, 4)
+    peft_model = get_peft_model(model, lora_config_for(placement, LoraSettings(r=2, alpha=4, dropout=0.0), "CAUSAL_LM"))
+    base = peft_model.get_base_model()
+    for name in routers:
+        router = base.get_submodule(name)
+        assert type(router) is router_class and not isinstance(router, LoraLayer), name
+        assert not any(isinstance(m, LoraLayer) for m in router.modules()), name
+        assert not any(p.requires_grad for p in router.parameters()), name
+
+
+def _with_linear_routers(model):
+    """The tiny Mixtral with each router replaced by an ``nn.Linear(hidden, experts)``, as some MoE
+    models (and transformers 4.x Mixtral) keep it."""
+    config = model.config
+    for name in _routers(model):
+        parent, _, leaf = name.rpartition(".")
+        with torch.device("meta"):
+            model.get_submodule(parent).add_module(
+                leaf, nn.Linear(config.hidden_size, config.num_local_experts, bias=False))
+    return model
+
+
+def test_a_router_that_is_a_linear_module_is_never_adapted(monkeypatch):
+    import loraplace.placement.resolve as resolve
+
+    model = _with_linear_routers(build("mixtral"))
+    routers = _routers(model)
+    assert all(isinstance(model.get_submodule(n), nn.Linear) for n in routers) and len(routers) == 2
+    # The real table: no strategy picks the linear router.
+    for spec in ("full", "ffn", "mlp.*"):
+        assert not set(routers) & set(resolve_placement(model, parse_strategy(spec), 2, 4).module_names), spec
+    # A table whose role paths claim the router as mlp.gate: `never` still wins ...
     table = roles_for("mixtral")
-    assert table.role_of("mlp.gate") is None
+    router_paths = tuple(sorted({BLOCK_NAME.match(n)["rel"] for n in routers}))
+    claims = dataclasses.replace(table, roles={**table.roles, "mlp.gate": router_paths})
+    monkeypatch.setattr(resolve, "roles_for", lambda model_type: claims)
+    adapted = resolve_placement(model, parse_strategy("ffn"), 2, 4)
+    assert not set(routers) & set(adapted.module_names)
+    assert "mlp.gate" not in {m.role for m in adapted.modules}
+    # ... while without `never` the same table would adapt it: the check above can fail.
+    monkeypatch.setattr(resolve, "roles_for", lambda model_type: dataclasses.replace(claims, never=()))
+    unguarded = resolve_placement(model, parse_strategy("ffn"), 2, 4)
+    assert {m.name for m in unguarded.modules if m.role == "mlp.gate"} == set(routers)
 
 
 T5_SELF = {"attn.q": "SelfAttention.q", "attn.k": "SelfAttention.k", "attn.v": "SelfAttention.v",
@@ -234,11 +310,47 @@ def test_embed_and_lm_head_are_opt_in():
     assert p.lora_params == 2 * (100 + 32) * 2
 
 
-def test_every_table_family_is_tested_and_model_types_are_unique():
+def _parametrized(test, argname: str = "family") -> list:
+    """The values a test is parametrized with (read from its pytest mark, so this follows the decorator)."""
+    for mark in getattr(test, "pytestmark", []):
+        if mark.name == "parametrize" and mark.args[0] == argname:
+            return list(mark.args[1])
+    raise AssertionError(f"{test.__name__} is not parametrized over {argname!r}")
+
+
+def test_every_table_family_and_model_type_is_tested():
     types = known_model_types()
-    assert len(types) == len(set(types))
-    assert {f.family for f in FAMILIES} == {"gpt2", "gptj", "gpt_neox", "bloom", "falcon", "opt", "llama", "phi3",
-                                            "mixtral", "bert", "t5", "bart"}
+    assert len(types) == len(set(types)), "a model_type appears in two role tables"
+    # Exact names and counts: the parametrized test, plus families with a test of their own.
+    own_test = {"mixtral": test_mixtral_experts_are_ffn_parameters,
+                "t5": test_t5_keeps_self_attention_cross_attention_and_ffn_apart, "bart": test_bart_roles_per_stack}
+    exact = _parametrized(test_full_attention_ffn_on_every_single_stack_family) + sorted(own_test)
+    peft = _parametrized(test_peft_wraps_exactly_the_full_plan_on_real_weights)
+    every_family = {table.family for table in FAMILIES}
+    for names in (exact, peft):
+        model_types = {config_of(name)[0].model_type for name in names}
+        assert {roles_for(t).family for t in model_types} == every_family
+        assert model_types == set(types), sorted(set(types) - model_types)
+    # Each builds a model whose placement resolves with its written table (not inferred).
+    for name in sorted(set(exact) | set(peft)):
+        model = build(name)
+        placement = resolve_placement(model, parse_strategy("full"), 2, 4)
+        assert placement.family == roles_for(model.config.model_type).family, name
+        assert placement.modules and not placement.warnings, name
+
+
+# attention at r=2 and ffn at r=3 (a term's rank wins over the default 3), counted by hand:
+# LoRA adds r * (in + out) per module and, for MoE experts, per expert.
+def _expected_trainable(family: str) -> int:
+    if family in SINGLE_STACK:
+        _, roles = SINGLE_STACK[family]
+        per_block = sum((2 if role.startswith("attn.") else 3) * (i + o) for role, (_, i, o) in roles.items())
+        return 2 * per_block
+    if family == "mixtral":  # q, k, v, o 32 -> 32 (2 KV heads of 16); 4 experts of gate_up 32 -> 128, down 64 -> 32
+        return 2 * (2 * 4 * (32 + 32) + 3 * 4 * ((32 + 128) + (64 + 32)))
+    if family in ("t5", "bart"):  # 16 self- and 8 cross-attention 32 -> 32 modules; 8 FFN modules 32 <-> 64
+        return 2 * 16 * (32 + 32) + 2 * 8 * (32 + 32) + 3 * 8 * (32 + 64)
+    raise AssertionError(family)
 
 
 @pytest.mark.parametrize("family", sorted(SINGLE_STACK) + ["mixtral", "t5", "bart"])
@@ -256,3 +368,7 @@ def test_peft_wraps_exactly_the_full_plan_on_real_weights(family):
     peft_model = get_peft_model(model, lora_config_for(placement, LoraSettings(r=3, alpha=6, dropout=0.0), task))
     check_wrapped(peft_model, placement, trainable_params(peft_model))
     assert wrapped_adapters(peft_model) == {m.name: (m.r, m.alpha) for m in placement.modules}
+    # Counted from the LoRA tensors PEFT created, against the hand count.
+    lora_tensors = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
+    assert all(p.requires_grad for p in lora_tensors.values())
+    assert sum(p.numel() for p in lora_tensors.values()) == trainable_params(peft_model) == _expected_trainable(family)

@@ -3,7 +3,6 @@ and the trainable count equal the plan; mismatches fail loudly."""
 
 from __future__ import annotations
 
-import re
 
 import pytest
 import torch
@@ -44,12 +43,27 @@ def test_per_term_ranks_and_alphas_reach_peft():
     assert trainable_params(peft_model) == placement.lora_params == 2 * (8 * 3 * 48 + 2 * (32 * 2 + 24 * 2))
 
 
+def lora_ranks(peft_model) -> dict[str, int]:
+    """Rank of every LoRA pair as PEFT built it: the rows of its A matrix."""
+    return {name: module.lora_A["default"].weight.shape[0] for name, module in peft_model.get_base_model().named_modules()
+            if hasattr(module, "lora_A") and "default" in module.lora_A}
+
+
+def lora_tensor_count(peft_model) -> int:
+    return sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n and p.requires_grad)
+
+
 def test_budget_matched_mixed_ranks_reach_peft():
     model = tiny_llama()
     placement = resolve_arm(model, "ffn~full", 4, 8)
-    assert placement.budget["method"] == "uniform+1" and len({m.r for m in placement.modules}) == 2
     peft_model = wrap(model, placement)
-    assert trainable_params(peft_model) == placement.lora_params
+    # Hidden 16, intermediate 32, one KV head of 8: full at r=4 is 2 layers * 4 * (q 32 + k 24 + v 24 + o 32 +
+    # gate 48 + up 48 + down 48) = 2,048. The ffn's six modules have 48 per rank: rank 7 gives 2,016, and
+    # one module at rank 8 gives 2,064, the closest reachable count (16 over instead of 32 under).
+    assert 2 * 4 * (32 + 24 + 24 + 32 + 3 * 48) == 2048
+    assert lora_tensor_count(peft_model) == trainable_params(peft_model) == 5 * 7 * 48 + 8 * 48 == 2064
+    assert sorted(lora_ranks(peft_model).values()) == [7, 7, 7, 7, 7, 8]
+    assert placement.budget["method"] == "uniform+1" and placement.budget["target"] == 2048
 
 
 def test_gpt2_conv1d_with_mixed_ranks():
@@ -60,6 +74,12 @@ def test_gpt2_conv1d_with_mixed_ranks():
     peft_model = wrap(model, placement)
     assert wrapped_adapters(peft_model)["transformer.h.1.mlp.c_proj"] == (6, 8)
     assert "transformer.h.0.mlp.c_proj" not in wrapped_adapters(peft_model)
+    # attn.c_proj (16 -> 16) is adapted in both layers at r=2 although mlp.c_proj shares its last name.
+    assert lora_ranks(peft_model) == {
+        "transformer.h.0.attn.c_attn": 2, "transformer.h.0.attn.c_proj": 2, "transformer.h.1.attn.c_attn": 2,
+        "transformer.h.1.attn.c_proj": 2, "transformer.h.1.mlp.c_fc": 6, "transformer.h.1.mlp.c_proj": 6}
+    # c_attn 16 -> 48, attn.c_proj 16 -> 16 at r=2 in 2 layers; c_fc 16 -> 64 and mlp.c_proj 64 -> 16 at r=6 in 1.
+    assert lora_tensor_count(peft_model) == 2 * 2 * ((16 + 48) + (16 + 16)) + 6 * ((16 + 64) + (64 + 16))
 
 
 def test_rank_pattern_keys_match_one_exact_name_only():
@@ -73,12 +93,19 @@ def test_rank_pattern_keys_match_one_exact_name_only():
     mods = [AdaptedModule("proj", "?", None, 4, 4, 2, 8), AdaptedModule("block.proj", "?", None, 4, 4, 4, 8),
             AdaptedModule("block.other", "?", None, 4, 4, 4, 8)]
     placement = Placement("custom", "custom", mods, 0)
+    # A plain nn.Module has no task: task_type=None is what PEFT takes for it.
     config = lora_config_for(placement, NO_DROPOUT, task_type=None)
     assert config.rank_pattern == {"^proj": 2} and config.r == 4
-    assert re.match(r"(.*\.)?(^proj)$", "block.proj") is None and re.match(r"(.*\.)?(^proj)$", "proj")
+    # PEFT's own matching rule (the one it applies to rank_pattern keys) on both names.
+    from peft.utils.other import get_pattern_key
+
+    assert get_pattern_key(config.rank_pattern.keys(), "proj") == "^proj"
+    assert get_pattern_key(config.rank_pattern.keys(), "block.proj") == "block.proj"  # no key: default rank
     peft_model = get_peft_model(model, config)
     check_wrapped(peft_model, placement, trainable_params(peft_model))
-    assert wrapped_adapters(peft_model) == {"proj": (2, 8), "block.proj": (4, 8), "block.other": (4, 8)}
+    # The ranks PEFT built, read from the A matrices, and the count by hand: r * (4 + 4) each.
+    assert lora_ranks(peft_model) == {"proj": 2, "block.proj": 4, "block.other": 4}
+    assert lora_tensor_count(peft_model) == 2 * 8 + 4 * 8 + 4 * 8
 
 
 def test_wrapped_set_and_rank_mismatches_fail_loudly():
@@ -114,7 +141,12 @@ def test_mixtral_experts_wrap_train_and_refuse_dropout():
     assert wrapped["model.layers.1.mlp.experts.gate_up_proj"] == (4, 8)
     assert trainable_params(peft_model) == placement.lora_params == 2 * (
         3 * 2 * (24 + 16) + 3 * 4 * (16 + 48) + 4 * (16 + 16))
-    assert not any("mlp.gate" in n and "experts" not in n for n in wrapped)
+    # The router (model.layers.N.mlp.gate, one logit per expert) stays as it was: frozen, not LoRA.
+    from peft.tuners.lora import LoraLayer
+
+    for layer in peft_model.get_base_model().model.layers:
+        assert type(layer.mlp.gate).__name__ == "MixtralTopKRouter" and layer.mlp.gate.weight.shape == (3, 16)
+        assert not isinstance(layer.mlp.gate, LoraLayer) and not layer.mlp.gate.weight.requires_grad
     out = peft_model(input_ids=torch.randint(0, 40, (2, 6)), labels=torch.randint(0, 40, (2, 6)))
     out.loss.backward()
     grads = [p.grad for n, p in peft_model.named_parameters() if p.requires_grad]
@@ -141,14 +173,42 @@ def test_encoder_decoder_wraps_self_cross_and_ffn(family):
                                                         encoder_attention_heads=2, decoder_attention_heads=2,
                                                         encoder_ffn_dim=32, decoder_ffn_dim=32, vocab_size=40))
     placement = resolve_placement(model, parse_strategy("self-attention[r=2]+cross-attention[r=3]+ffn"), 4, 8)
-    wrap(model, placement, task_type="SEQ_2_SEQ_LM")
+    peft_model = wrap(model, placement, task_type="SEQ_2_SEQ_LM")
+    # Both: 16 self-attention modules 16 -> 16 (encoder and decoder, 2 blocks, q k v o) at r=2, 8
+    # cross-attention modules 16 -> 16 at r=3, 8 FFN modules 16 <-> 32 at r=4.
+    expected = 16 * 2 * (16 + 16) + 8 * 3 * (16 + 16) + 8 * 4 * (16 + 32)
+    assert lora_tensor_count(peft_model) == trainable_params(peft_model) == expected
+    assert sorted(set(lora_ranks(peft_model).values())) == [2, 3, 4] and len(lora_ranks(peft_model)) == 32
 
 
-def test_bert_classifier_wraps_without_touching_the_head():
+def test_bert_classifier_head_trains_in_full_beside_the_adapters():
+    """With the task type the study uses for classifiers (SEQ_CLS), PEFT trains the new head in full
+    (modules_to_save) and puts no LoRA layer on it; the adapters alone match the plan."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.other import ModulesToSaveWrapper
     from transformers import BertConfig, BertForSequenceClassification
 
-    model = BertForSequenceClassification(BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                                     intermediate_size=32, vocab_size=40))
+    from loraplace.tasks import PEFT_TASK_TYPE
+
+    config = BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                        vocab_size=40, num_labels=3)
+    model = BertForSequenceClassification(config)
     placement = resolve_placement(model, parse_strategy("full"), 4, 8)
-    peft_model = wrap(model, placement, task_type=None)
+    task_type = PEFT_TASK_TYPE["classification"]
+    assert task_type == "SEQ_CLS"
+    peft_model = get_peft_model(model, lora_config_for(placement, NO_DROPOUT, task_type=task_type))
+    head_module = peft_model.get_base_model().classifier
+    assert isinstance(head_module, ModulesToSaveWrapper)
+    assert not any(isinstance(m, LoraLayer) for m in head_module.modules())
     assert not any(n.startswith(("classifier", "bert.pooler")) for n in wrapped_adapters(peft_model))
+    trainable = {n: p.numel() for n, p in peft_model.named_parameters() if p.requires_grad}
+    head = {n: c for n, c in trainable.items() if "lora_" not in n}
+    assert head == {"base_model.model.classifier.modules_to_save.default.weight": config.hidden_size * config.num_labels,
+                    "base_model.model.classifier.modules_to_save.default.bias": config.num_labels}
+    # The adapters: 2 layers * r=4 * (q, k, v, o 16 + 16 each; intermediate 16 + 32; output 32 + 16).
+    lora = 2 * 4 * (4 * (16 + 16) + 2 * (16 + 32))
+    assert sum(trainable.values()) - sum(head.values()) == lora
+    assert trainable_params(peft_model) == lora + 16 * 3 + 3
+    check_wrapped(peft_model, placement, trainable_params(peft_model) - sum(head.values()))
+    # The head that trains is a copy; the original stays frozen beside it.
+    assert not any(p.requires_grad for p in head_module.original_module.parameters())

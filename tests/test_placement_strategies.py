@@ -116,11 +116,22 @@ def test_builtins_keep_their_roles():
     assert parse_strategy("full") is BUILTIN_STRATEGIES["full"]
 
 
-def test_the_same_list_on_the_command_line_and_in_yaml():
+def test_the_same_list_on_the_command_line_and_in_yaml(llama12):
     text = "full, attention@last:12, qv@0,3,5, ffn[r=8,alpha=16]+attention[r=16]"
-    assert split_strategy_list(text) == ["full", "attention@last:12", "qv@0,3,5",
-                                         "ffn[r=8,alpha=16]+attention[r=16]"]
-    assert [s.name for s in parse_strategies(text)] == [s.name for s in parse_strategies(split_strategy_list(text))]
+    # Split by hand: commas inside a layer list (0,3,5) or an option block ([r=8,alpha=16]) stay.
+    by_hand = ["full", "attention@last:12", "qv@0,3,5", "ffn[r=8,alpha=16]+attention[r=16]"]
+    assert split_strategy_list(text) == by_hand
+    from_text, from_list = parse_strategies(text), parse_strategies(by_hand)  # command line vs YAML list
+    assert [s.name for s in from_text] == [s.name for s in from_list] == by_hand
+    # ... and they place the same modules: qv@0,3,5 is q and v in layers 0, 3 and 5.
+    for a, b in zip(from_text, from_list):
+        assert resolve_placement(llama12, a, 4, 8).to_dict() == resolve_placement(llama12, b, 4, 8).to_dict()
+    qv = resolve_placement(llama12, from_text[2], 4, 8)
+    assert qv.module_names == [f"model.layers.{i}.self_attn.{m}_proj" for i in (0, 3, 5) for m in ("q", "v")]
+    mixed = resolve_placement(llama12, from_text[3], 4, 8)
+    assert {(m.role, m.r, m.alpha) for m in mixed.modules if m.layer == 0} == {
+        ("mlp.gate", 8, 16), ("mlp.up", 8, 16), ("mlp.down", 8, 16),
+        ("attn.q", 16, 8), ("attn.k", 16, 8), ("attn.v", 16, 8), ("attn.o", 16, 8)}
 
 
 def test_yaml_and_overrides_accept_the_language(tmp_path):

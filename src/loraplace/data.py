@@ -31,21 +31,19 @@ ALPACA_PROMPT = (
 
 
 def load_rows(dataset: str, allow_fetch: bool = True):
-    """A ``datasets.Dataset`` of raw rows from an embedded alias, local file/folder, or hub id."""
+    """A ``datasets.Dataset`` of raw rows from an embedded alias, local file/folder, or hub id.
+
+    A local file that holds no rows, or that cannot be read, fails with a message that names the
+    file and, for JSON files, the line (and column) of the first problem.
+    """
     import datasets
 
     if dataset in (assets.EMBEDDED_DATASET, f"embedded:{assets.EMBEDDED_DATASET}"):
         dataset = str(assets.ensure_dataset(allow_fetch=allow_fetch))
     path = Path(dataset)
+    if path.is_file():
+        return _load_local_file(dataset, path)
     try:
-        if path.is_file():
-            builder = LOCAL_BUILDERS.get(path.suffix.lower())
-            if builder is None:
-                raise LoraplaceError(
-                    f"dataset file {dataset!r} has an unsupported extension; use one of "
-                    + ", ".join(LOCAL_BUILDERS)
-                )
-            return datasets.load_dataset(builder, data_files=str(path), split="train")
         if path.is_dir():
             return datasets.load_dataset(str(path), split="train")
         if path.suffix.lower() in LOCAL_BUILDERS or dataset.startswith((".", "/", "~")):
@@ -59,6 +57,133 @@ def load_rows(dataset: str, allow_fetch: bool = True):
             f"could not load dataset {dataset!r}: {first}. Give a hub id (e.g. tatsu-lab/alpaca) or a "
             "local .json/.jsonl/.csv/.parquet file"
         ) from None
+
+
+def _load_local_file(dataset: str, path: Path):
+    import datasets
+
+    suffix = path.suffix.lower()
+    builder = LOCAL_BUILDERS.get(suffix)
+    if builder is None:
+        raise LoraplaceError(
+            f"dataset file {dataset!r} has an unsupported extension; use one of " + ", ".join(LOCAL_BUILDERS)
+        )
+    no_rows = f"dataset file {dataset!r} holds no rows"
+    if path.stat().st_size == 0:
+        raise LoraplaceError(f"{no_rows} (it is empty)")
+    try:
+        rows = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as e:  # noqa: BLE001 - datasets wraps the reader's error in DatasetGenerationError
+        if builder == "json":
+            problem = _json_problem(path)
+        elif builder == "csv" and not path.read_bytes().strip():
+            problem = "holds no rows (it has only blank lines)"
+        else:
+            problem = None
+        if problem is None:
+            # datasets' "no data" errors: StopIteration, or ValueError 'Instruction "train" corresponds to no data'
+            if isinstance(e, StopIteration) or "corresponds to no data" in str(e):
+                raise LoraplaceError(no_rows) from None
+            problem = _root_cause(e)
+        raise LoraplaceError(f"dataset file {dataset!r} {problem}") from None
+    if len(rows) == 0:
+        raise LoraplaceError(no_rows)
+    return rows
+
+
+def _root_cause(e: BaseException) -> str:
+    """The innermost error's first line: datasets' own message ("An error occurred while
+    generating the dataset") says nothing about what was wrong."""
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        nxt = e.__cause__ or e.__context__
+        if nxt is None:
+            break
+        e = nxt
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"could not be read: {type(e).__name__}" + (f": {first}" if first else "")
+
+
+def _json_problem(path: Path) -> str | None:
+    """What is wrong with a .json/.jsonl file, as "line N: ...", "holds no rows", or None.
+
+    A file is read as one JSON document (an array of row objects, or an object) and, when that
+    fails and it does not start with '[', as JSON lines (one object per non-blank line), which is
+    how ``datasets`` reads both extensions.
+    """
+    import json
+
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        return f"line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte offset {e.start})"
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    if not text.strip():
+        return "holds no rows (it has only blank lines)"
+
+    def duplicate_keys(pairs):
+        keys = [k for k, _ in pairs]
+        for k in keys:
+            if keys.count(k) > 1:
+                raise _DuplicateKey(k)
+        return dict(pairs)
+
+    def row_problem(row, where: str) -> str | None:
+        if not isinstance(row, dict):
+            return f"{where}: a row must be a JSON object ({{...}}), got {_json_type(row)}"
+        return None
+
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            rows = json.loads(text, object_pairs_hook=duplicate_keys)
+        except _DuplicateKey as e:
+            return f"has a row where key {e.args[0]!r} appears twice"
+        except json.JSONDecodeError as e:
+            return f"line {e.lineno}: not valid JSON ({e.msg}: column {e.colno})"
+        if not rows:
+            return "holds no rows (an empty JSON array)"
+        for i, row in enumerate(rows):
+            problem = row_problem(row, f"array item {i}")
+            if problem:
+                return problem
+        return None
+    try:  # one JSON document (a single object, possibly over several lines)
+        document = json.loads(text, object_pairs_hook=duplicate_keys)
+    except (json.JSONDecodeError, _DuplicateKey):
+        document = None
+    else:
+        return row_problem(document, "line 1")
+    rows_seen = 0
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line, object_pairs_hook=duplicate_keys)
+        except _DuplicateKey as e:
+            return f"line {number}: key {e.args[0]!r} appears twice"
+        except json.JSONDecodeError as e:
+            return f"line {number}: not valid JSON ({e.msg}: column {e.colno})"
+        problem = row_problem(row, f"line {number}")
+        if problem:
+            return problem
+        rows_seen += 1
+    return None if rows_seen else "holds no rows"
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _json_type(value) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array",
+            dict: "an object"}.get(type(value), type(value).__name__)
 
 
 def to_messages(row: dict[str, Any]) -> list[dict[str, str]]:
