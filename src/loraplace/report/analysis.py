@@ -22,8 +22,8 @@ from loraplace.report.stats import (DEFAULT_RESAMPLES, Interval, PairedCompariso
                                      t_interval, welch_p)
 
 ENV_LIBRARIES = ("torch", "transformers", "peft", "loraplace")
-MEMORY_KINDS = {"rss": "process RSS (CPU)", "cuda_max_allocated": "CUDA max allocated",
-                "cuda": "CUDA max allocated"}
+MEMORY_KINDS = {"rss": "process RSS (CPU)", "cuda_allocated": "CUDA allocated",
+                "cuda_max_allocated": "CUDA max allocated"}
 
 
 @dataclass

@@ -28,7 +28,7 @@ def _memory_short(kinds: set[str]) -> str:
     if len(kinds) != 1:
         return "mixed" if kinds else "?"
     kind = next(iter(kinds))
-    return {"rss": "RSS", "cuda_max_allocated": "CUDA alloc.", "cuda": "CUDA alloc."}.get(kind, kind)
+    return {"rss": "RSS", "cuda_allocated": "CUDA alloc.", "cuda_max_allocated": "CUDA alloc."}.get(kind, kind)
 
 
 def memory_note(arms: list[Arm]) -> str:

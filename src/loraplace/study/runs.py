@@ -355,7 +355,7 @@ def execute_run(spec: RunSpec, ctx: RunContext,
     from peft import get_peft_model
     from transformers import set_seed
 
-    from loraplace.evaluation import evaluate_nll, token_nll
+    from loraplace.evaluation import check_selective_loss, evaluate_nll, token_nll
     from loraplace.measure import PeakMemory, device_description, library_versions
     from loraplace.models import pick_device
     from loraplace.placement import resolve_arm, total_params, trainable_params
@@ -391,6 +391,8 @@ def execute_run(spec: RunSpec, ctx: RunContext,
             if spec.kind == "base":
                 result.update(trainable_params=0, total_params=base_count, trainable_pct=0.0)
                 _write_json(run_dir / "modules.json", {"strategy": "base", "modules": []})
+                if nll_fn is None:  # the base row is evaluated with the fast loss too: check it first
+                    check_selective_loss(base, collator([data.train[i] for i in range(min(2, len(data.train)))]))
                 model = base
             else:
                 # An arm "attention~full" is the strategy with ranks matched to full's budget.
