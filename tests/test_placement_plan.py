@@ -4,6 +4,7 @@ tiny random-init GPT-2."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -74,6 +75,16 @@ EXPECTED_COLUMNS = {
 ENCODER_DECODER = {"t5", "bart"}
 
 
+def _meta_model(family: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+
+    auto = (AutoModelForSeq2SeqLM if family in ENCODER_DECODER else
+            AutoModelForSequenceClassification if family in ("bert", "roberta") else AutoModelForCausalLM)
+    with torch.device("meta"):
+        return auto.from_config(_configs()[family])
+
+
 @pytest.fixture(scope="module")
 def config_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("configs")
@@ -113,7 +124,18 @@ def test_plan_matrix_on_every_family(config_dirs, family):
     modules = rows["full"]["modules"]
     assert len({m["name"] for m in modules}) == len(modules) and all(m["r"] == 4 for m in modules)
     assert {m["role"] for m in modules} == set(columns)
-    assert sum(m["params"] for m in modules) == rows["full"]["trainable_params"]
+    # Parameter counts from the weights of a model built from the same config (not from the plan's
+    # shapes): LoRA adds r * (in + out) per module, per expert for a 3-D MoE parameter. A weight is
+    # (out, in) for nn.Linear and (in, out) for GPT-2's Conv1D: either way in + out is the sum of its
+    # last two dimensions.
+    model = _meta_model(family)
+    expected = {}
+    for m in modules:
+        weight = model.get_parameter(m["name"]) if m.get("is_parameter") else model.get_submodule(m["name"]).weight
+        experts = weight.shape[0] if weight.dim() == 3 else 1
+        expected[m["name"]] = 4 * experts * (weight.shape[-1] + weight.shape[-2])
+    assert {m["name"]: m["params"] for m in modules} == expected
+    assert rows["full"]["trainable_params"] == sum(expected.values())
 
 
 def test_plan_table_shows_the_matrix(config_dirs):
@@ -136,12 +158,19 @@ def test_plan_dialogpt_medium_match_budget_full():
                           "--match-budget", "full", "--json")
     assert code == 0, output
     plan = json.loads(output)
-    assert plan["match_budget"] == "full" and plan["budget_target"] == 6_291_456
+    # DialoGPT-medium: 24 blocks, hidden 1024, FFN 4096. Per block and rank: c_attn 1024 + 3072,
+    # attn.c_proj 1024 + 1024, c_fc 1024 + 4096, mlp.c_proj 4096 + 1024.
+    attention, ffn = 24 * ((1024 + 3072) + (1024 + 1024)), 24 * ((1024 + 4096) + (4096 + 1024))
+    full = 16 * (attention + ffn)
+    assert plan["match_budget"] == "full" and plan["budget_target"] == full == 6_291_456
     rows = {r["strategy"]: r for r in plan["strategies"]}
     assert list(rows) == ["full", "attention", "attention~full", "ffn", "ffn~full"]
     counts = {k: r["trainable_params"] for k, r in rows.items()}
-    assert counts == {"full": 6_291_456, "attention": 2_359_296, "attention~full": 6_291_456, "ffn": 3_932_160,
-                      "ffn~full": 6_292_480}
+    # attention~full: rank 42 everywhere plus 1 on the 24 c_attn modules (4096 each) is exact.
+    # ffn~full: rank 25 everywhere leaves 147,456; one more rank on 29 of the 48 modules (5120 each)
+    # overshoots by 1,024, on 28 it falls 4,096 short.
+    assert counts == {"full": full, "attention": 16 * attention, "attention~full": 42 * attention + 24 * 4096,
+                      "ffn": 16 * ffn, "ffn~full": 25 * ffn + 29 * 5120}
     matched = [counts["full"], counts["attention~full"], counts["ffn~full"]]
     assert max(matched) / min(matched) - 1 <= 0.01
     assert rows["attention~full"]["ranks"] == {"attn.qkv": [43], "attn.o": [42]}
@@ -189,20 +218,28 @@ def test_study_arms_and_config_errors(tmp_path):
     config = load_study(None, {"strategies": "full,attention@last:1/2,ffn", "match_budget": "full",
                                "seeds": "0,1", "include_base": False})
     specs = run_specs(config, tmp_path)
+    # A label with characters unsafe in folder names (":" and "/") gets them replaced by "_" and the
+    # first 8 hex digits of the SHA-256 of the exact label appended.
+    tag = lambda arm: "." + hashlib.sha256(arm.encode()).hexdigest()[:8]  # noqa: E731
+    half = f"attention@last_1_2{tag('attention@last:1/2')}-s0"
+    half_matched = f"attention@last_1_2~full{tag('attention@last:1/2~full')}-s0"
     assert [(s.run_id, s.strategy) for s in specs[:5]] == [
-        ("full-s0", "full"), ("attention@last:1_2-s0", "attention@last:1/2"),
-        ("attention@last:1_2~full-s0", "attention@last:1/2~full"), ("ffn-s0", "ffn"), ("ffn~full-s0", "ffn~full")]
-    assert len(specs) == 10 and specs[5].run_id == "full-s1"
-    assert Path(specs[2].run_dir) == tmp_path / "runs" / "attention@last:1_2~full-s0"
+        ("full-s0", "full"), (half, "attention@last:1/2"),
+        (half_matched, "attention@last:1/2~full"), ("ffn-s0", "ffn"), ("ffn~full-s0", "ffn~full")]
+    # Seed 1 runs the same five arms, the order rotated by one (so no arm is always timed first).
+    arms = ["full", "attention@last:1/2", "attention@last:1/2~full", "ffn", "ffn~full"]
+    assert [(s.strategy, s.seed) for s in specs] == [(a, 0) for a in arms] + [(a, 1) for a in arms[1:] + arms[:1]]
+    assert specs[9].run_id == "full-s1"
+    assert Path(specs[2].run_dir) == tmp_path / "runs" / half_matched
     assert load_study(None, {"match_budget": "6.3M"}).match_budget == 6_300_000
     with pytest.raises(LoraplaceError, match=r"match_budget 'nope' is neither"):
         load_study(None, {"match_budget": "nope"})
     with pytest.raises(LoraplaceError, match=r"needs a free rank, but ffn\[r=8\] sets r= on every term"):
         load_study(None, {"strategies": "ffn[r=8],attention", "match_budget": "full"})
-    # "attn.*" and "attn.?" are different strategies whose safe folder names coincide.
-    clash = load_study(None, {"strategies": "attn.*,attn.?", "include_base": False})
-    with pytest.raises(LoraplaceError, match=r"strategies attn.\*, attn.\? share the run id 'attn._-s0'"):
-        run_specs(clash, tmp_path)
+    # "attn.*" and "attn.?" sanitise to the same text; the hash of the exact label keeps them apart.
+    both = run_specs(load_study(None, {"strategies": "attn.*,attn.?", "include_base": False}), tmp_path)
+    assert [s.run_id for s in both] == [f"attn._{tag('attn.*')}-s0", f"attn._{tag('attn.?')}-s0"]
+    assert len({s.run_dir for s in both}) == 2
 
 
 # ------------------------------------------------------------------ end to end on a tiny GPT-2

@@ -11,7 +11,8 @@ from loraplace.cli import app
 from loraplace.study.runs import RUN_FILES
 
 runner = CliRunner()
-FAST = ["train.max_steps=2", "train.batch_size=4", "data.eval_size=8", "train.eval_every=1", "train.logging_steps=1"]
+FAST = ["train.max_steps=2", "train.batch_size=4", "data.eval_size=8", "train.eval_every=1", "train.logging_steps=1",
+        "train.precision=fp32"]
 
 
 def run_cli(*args):
@@ -20,21 +21,33 @@ def run_cli(*args):
 
 
 @pytest.fixture(scope="module")
-def tiny_study(tiny_llama_dir, tmp_path_factory):
+def tiny_study_run(tiny_llama_dir, tmp_path_factory):
+    """The tiny study, run once through the CLI (not a terminal): its folder, data, output, wall time."""
+    import time
+
     from conftest import alpaca_rows
 
     data = tmp_path_factory.mktemp("data") / "alpaca.json"
     data.write_text(json.dumps(alpaca_rows()))
     out = tmp_path_factory.mktemp("study") / "s"
+    start = time.perf_counter()
     result, output = run_cli("--model", str(tiny_llama_dir), "--dataset", str(data), "-o", str(out), *FAST)
+    wall = time.perf_counter() - start
     assert result.exit_code == 0, output
-    return out, data
+    return {"out": out, "data": data, "output": output, "wall_s": wall}
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tiny_study_run):
+    return tiny_study_run["out"], tiny_study_run["data"]
 
 
 def test_study_writes_every_file(tiny_study):
     out, _ = tiny_study
-    for name in ("study.yaml", "results.json", "results.csv", "results.md"):
+    for name in ("study.yaml", "environment.json", "results.json", "results.csv", "results.md"):
         assert (out / name).is_file(), name
+    assert not (out / ".lock").exists()  # released when the run ended
+    assert not list(out.glob(".*.tmp")) and not list(out.glob("*.tmp"))
     for run_id in ("base", "full-s0", "attention-s0", "ffn-s0"):
         for name in RUN_FILES:
             if run_id == "base" and name == "train_log.json":
@@ -42,38 +55,102 @@ def test_study_writes_every_file(tiny_study):
             assert (out / "runs" / run_id / name).is_file(), (run_id, name)
 
 
-def test_every_metric_is_recorded_and_consistent(tiny_study):
-    out, _ = tiny_study
+def _independent_eval(model_dir, data_file):
+    """Per-example (NLL sum, labelled-token count) of the saved tiny model on the study's eval split,
+    computed with plain transformers: ``model(input_ids, labels=labels).loss`` (mean over the shifted
+    labelled tokens) times the number of those tokens, one example at a time, float32, no padding."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loraplace.data import prepare_data
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    data = prepare_data(str(data_file), tokenizer, eval_size=8, max_length=256, loss_on="response",
+                        split_seed=1234)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    sums, counts = [], []
+    with torch.no_grad():
+        for ex in data.eval:
+            ids, labels = torch.tensor([ex["input_ids"]]), torch.tensor([ex["labels"]])
+            n = int((labels[0, 1:] != -100).sum())
+            sums.append(float(model(input_ids=ids, labels=labels).loss) * n)
+            counts.append(n)
+    lengths = [len(x) for x in data.train["input_ids"]]
+    return sums, counts, lengths
+
+
+def test_every_metric_is_recorded_and_consistent(tiny_study_run, tiny_llama_dir):
+    out, data, wall = tiny_study_run["out"], tiny_study_run["data"], tiny_study_run["wall_s"]
     runs = {r["run_id"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
     assert list(runs) == ["base", "full-s0", "attention-s0", "ffn-s0"]
+    sums, counts, train_lengths = _independent_eval(tiny_llama_dir, data)
     for r in runs.values():
         assert r["status"] == "ok", r
-        # perplexity is exp of the token-weighted mean NLL, from the same sums
-        assert r["eval_loss"] == pytest.approx(r["eval_nll_sum"] / r["eval_tokens"], rel=1e-12)
-        assert r["perplexity"] == pytest.approx(math.exp(r["eval_loss"]), rel=1e-12)
         examples = json.loads((out / "runs" / r["run_id"] / "eval_examples.json").read_text())
-        assert sum(examples["n_tokens"]) == r["eval_tokens"]
-        assert sum(examples["nll_sum"]) == pytest.approx(r["eval_nll_sum"], rel=1e-9)
+        # every run is scored on the same labelled tokens, counted here from the tokenized split
+        assert examples["n_tokens"] == counts and r["eval_tokens"] == sum(counts)
         assert r["peak_memory_mib"] > 0 and r["memory_kind"] == "rss" and r["device"].startswith("cpu")
-        assert r["versions"]["torch"] == torch.__version__ and r["eval_time_s"] > 0
-    # the same eval tokens for every run
-    assert len({r["eval_tokens"] for r in runs.values()}) == 1
+        assert r["versions"]["torch"] == torch.__version__ and 0 < r["eval_time_s"] < wall
+    # The base row's loss and perplexity against plain transformers on the saved model.
+    base = runs["base"]
+    base_examples = json.loads((out / "runs" / "base" / "eval_examples.json").read_text())
+    assert base_examples["nll_sum"] == pytest.approx(sums, rel=1e-4)
+    assert base["eval_loss"] == pytest.approx(sum(sums) / sum(counts), rel=1e-4)
+    assert base["perplexity"] == pytest.approx(math.exp(sum(sums) / sum(counts)), rel=1e-4)
     full, attn, ffn = runs["full-s0"], runs["attention-s0"], runs["ffn-s0"]
     # hidden 32, intermediate 64, 4 heads of 8, 2 KV heads (k/v out 16), 2 layers, r=16:
     # attention: q 16*(32+32) + k 16*(32+16) + v 16*(32+16) + o 16*(32+32) = 3,584 per layer
     # ffn: gate 16*(32+64) + up 16*(32+64) + down 16*(64+32) = 4,608 per layer
     assert attn["trainable_params"] == 2 * 3584
     assert ffn["trainable_params"] == 2 * 4608
-    assert full["trainable_params"] == attn["trainable_params"] + ffn["trainable_params"]
-    assert full["trainable_pct"] == pytest.approx(100 * full["trainable_params"] / full["total_params"])
-    assert full["total_params"] == full["base_params"] + full["trainable_params"]
+    assert full["trainable_params"] == 2 * (3584 + 4608)
+    # Base parameters by hand: tied embedding V*32; per layer q 32*32, k 32*16, v 32*16, o 32*32,
+    # gate/up 32*64 each, down 64*32, two RMSNorms of 32; a final norm of 32; no biases.
+    vocab = json.loads((tiny_llama_dir / "config.json").read_text())["vocab_size"]
+    base_params = vocab * 32 + 2 * (1024 + 512 + 512 + 1024 + 3 * 2048 + 64) + 32
+    assert base["base_params"] == base["total_params"] == base_params and base["trainable_params"] == 0
+    for r, trainable in ((full, 16384), (attn, 7168), (ffn, 9216)):
+        assert r["total_params"] == base_params + trainable
+        assert r["trainable_pct"] == pytest.approx(100 * trainable / (base_params + trainable))
     assert attn["params_vs_full_pct"] == pytest.approx(100 * 7168 / 16384)
     assert attn["delta_eval_loss"] == pytest.approx(attn["eval_loss"] - full["eval_loss"])
-    assert attn["delta_eval_loss_pct"] == pytest.approx(100 * attn["delta_eval_loss"] / full["eval_loss"])
-    assert full["train_steps"] == 2 and full["train_real_tokens"] > 0
+    assert attn["delta_eval_loss_pct"] == pytest.approx(100 * (attn["eval_loss"] - full["eval_loss"]) / full["eval_loss"])
+    for r in (full, attn, ffn):
+        assert r["worse_than_base"] == (r["eval_loss"] > base["eval_loss"])
+    assert base["worse_than_base"] is None
+    assert full["train_steps"] == 2
+    # 2 steps of batch 4 see 8 training examples: their real (unpadded) tokens lie between 8x the
+    # shortest and 8x the longest example (padding to the longest in a batch, or to max_length,
+    # would exceed the upper bound on these short examples).
+    assert 8 * min(train_lengths) <= full["train_real_tokens"] <= 8 * max(train_lengths) < 8 * 256
+    # the timed training is part of the CLI's wall time, so tokens/s is at least tokens / wall time
+    assert 0 < full["train_time_s"] < wall and full["train_tokens_per_s"] >= full["train_real_tokens"] / wall
     assert full["speed_choices"]["attention"] == "eager" and full["speed_choices"]["lora_dropout"] == "mask"
-    assert full["train_tokens_per_s"] == pytest.approx(full["train_real_tokens"] / full["train_time_s"])
-    assert runs["base"]["trainable_params"] == 0 and runs["base"]["train_time_s"] is None
+    assert runs["base"]["train_time_s"] is None
+
+
+def test_plain_progress_lines_when_not_a_terminal(tiny_study_run):
+    # CliRunner's output is not a terminal: one line per run start and end, and step lines.
+    output = tiny_study_run["output"]
+    assert "[1/4] start base: base model (no adapters): eval" in output
+    assert "[2/4] start full-s0: train 2 steps + eval" in output
+    assert "  full-s0 step 1/2" in output and "  full-s0 step 2/2 loss " in output, output
+    for k, run_id in enumerate(["full-s0", "attention-s0", "ffn-s0"], start=2):
+        assert f"[{k}/4] done {run_id}: eval loss " in output
+    assert "[1/4] done base: eval loss " in output
+
+
+def test_positions_follow_the_execution_order(tiny_study):
+    out, _ = tiny_study
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [r["position"] for r in runs] == [0, 1, 2, 3]
+
+
+def test_study_is_named_after_its_model_and_data(tiny_study, tiny_llama_dir):
+    import yaml
+
+    out, _ = tiny_study
+    name = yaml.safe_load((out / "study.yaml").read_text())["name"]
+    assert name == f"{tiny_llama_dir.name}-alpaca" and name.startswith("tiny-llama")
 
 
 def test_module_lists_match_their_labels(tiny_study):

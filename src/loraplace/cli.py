@@ -226,6 +226,9 @@ def run(
         None, "--match-budget", help="Also run each strategy with ranks chosen to train as many parameters as this "
         "reference strategy (e.g. full) or count (e.g. 6291456, 6.3M); runs STRATEGY~REFERENCE beside STRATEGY.",
     ),
+    allow_mixed: bool = typer.Option(
+        False, "--allow-mixed", help="With --resume: continue even if this machine resolves device/precision "
+        "differently or has other library versions than the study's earlier runs (the study is marked mixed)."),
 ) -> None:
     """Train and evaluate every placement strategy and write the results table."""
     from loraplace.config import load_study, parse_override
@@ -242,61 +245,167 @@ def run(
         config = load_study(study_path, values)
         if resume and not config.output:
             raise LoraplaceError("--resume needs --output STUDY_DIR (the folder of the study to continue)")
+        if config.output and Path(config.output).exists() and not Path(config.output).is_dir():
+            from loraplace.study.store import _not_a_folder
+
+            raise LoraplaceError(_not_a_folder(Path(config.output)))
     except LoraplaceError as e:
         _fail(str(e))
-    run_study(config, resume=resume)
+    run_study(config, resume=resume, allow_mixed=allow_mixed)
 
 
-def run_study(config, resume: bool = False) -> Path:
-    """Run a validated study with progress bars; returns the study folder."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+class _BarProgress:
+    """Rich progress bars, for a terminal."""
+
+    def __init__(self, total: int, done: int, max_steps: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.max_steps = max_steps
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
+        self.study_task = self.progress.add_task("study", total=total, completed=done, info="")
+        self.step_task = self.progress.add_task("run", total=1, info="", visible=False)
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def start(self, spec, k: int) -> None:
+        label = "base model (no adapters): eval" if spec.kind == "base" else f"{spec.run_id}: train"
+        self.progress.update(self.step_task, description=label, total=self.max_steps, completed=0, info="",
+                             visible=True)
+
+    def step(self, spec, step: int, total: int, loss) -> None:
+        self.progress.update(self.step_task, completed=step, total=total,
+                             info=f"loss {loss:.3f}" if loss is not None else "")
+
+    def end(self, result, k: int, seconds: float) -> None:
+        self.progress.advance(self.study_task)
+        if result.status != "ok":
+            self.progress.console.print(f"[red]run {result.run_id} failed:[/] {result.error}", highlight=False)
+
+
+class _LineProgress:
+    """Plain lines, for logs, ``nohup`` and CI (rich's live bars print nothing there until the
+    end): a line when each run starts and ends, and a step line every ``logging_steps`` steps
+    (or after 30 s without a line)."""
+
+    def __init__(self, total: int, every: int, quiet_s: float = 30.0):
+        self.total, self.every, self.quiet_s = total, max(1, every), quiet_s
+        self._last = 0.0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def _print(self, text: str) -> None:
+        import time
+
+        console.print(text, highlight=False, markup=False, soft_wrap=True)
+        self._last = time.monotonic()
+
+    def start(self, spec, k: int) -> None:
+        what = "base model (no adapters): eval" if spec.kind == "base" else f"train {spec.train.max_steps} steps + eval"
+        self._print(f"[{k}/{self.total}] start {spec.run_id}: {what}")
+
+    def step(self, spec, step: int, total: int, loss) -> None:
+        import time
+
+        if step % self.every == 0 or step == total or time.monotonic() - self._last >= self.quiet_s:
+            self._print(f"  {spec.run_id} step {step}/{total}" + (f" loss {loss:.3f}" if loss is not None else ""))
+
+    def end(self, result, k: int, seconds: float) -> None:
+        if result.status == "ok":
+            outcome = f"eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "ok"
+        else:
+            outcome = f"failed: {result.error}"
+        self._print(f"[{k}/{self.total}] done {result.run_id}: {outcome} ({seconds:.1f} s)")
+
+
+def run_study(config, resume: bool = False, allow_mixed: bool = False) -> Path:
+    """Run a validated study (progress bars on a terminal, plain lines otherwise); returns the
+    study folder. Holds the folder's lock while it runs (see :class:`loraplace.study.store.StudyLock`)."""
+    import contextlib
+    import signal
+    import threading
+    import time
 
     from loraplace.study.checks import check_study
     from loraplace.study.executor import LocalExecutor
-    from loraplace.study.store import StudyStore, default_output_dir, run_specs
+    from loraplace.study.store import StudyStore, default_output_dir, resolve_environment, run_specs
 
     study_dir = Path(config.output) if config.output else default_output_dir(config)
     store = StudyStore(study_dir)
-    try:
-        check_study(config)
-        finished = store.init(config, resume)
-    except LoraplaceError as e:
-        _fail(str(e))
-    specs = run_specs(config, study_dir)
-    results = {s.run_id: finished[s.run_id] for s in specs if s.run_id in finished}
-    todo = [s for s in specs if s.run_id not in finished]
-    console.print(f"study [bold]{config.name}[/]: {len(specs)} runs ({len(results)} already finished) -> {study_dir}")
+    with contextlib.ExitStack() as stack:
+        try:
+            check_study(config)
+            environment = resolve_environment(config)
+            lock = stack.enter_context(store.lock())
+        except LoraplaceError as e:
+            _fail(str(e))
+        if lock.note:
+            err_console.print(f"note: {lock.note}", highlight=False, soft_wrap=True)
+        if threading.current_thread() is threading.main_thread():
+            # `kill PID` (SIGTERM) ends the study like Ctrl-C: finished runs saved, lock released.
+            def _terminate(signum, frame):
+                raise KeyboardInterrupt
 
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
-    study_task = progress.add_task("study", total=len(specs), completed=len(results), info="")
-    step_task = progress.add_task("run", total=1, info="", visible=False)
+            previous = signal.signal(signal.SIGTERM, _terminate)
+            stack.callback(signal.signal, signal.SIGTERM, previous)
+        try:
+            study = store.init(config, resume, environment=environment, allow_mixed=allow_mixed)
+            # The plan: this command's runs, in the order (and with the positions) of the whole study.
+            wanted = {_identity(s) for s in run_specs(config, study_dir)}
+            specs = [s for s in run_specs(study, study_dir) if _identity(s) in wanted]
+            finished = store.finished_for(specs)
+        except LoraplaceError as e:
+            _fail(str(e))
+        if store.mixed_note:
+            err_console.print(f"[yellow]warning:[/] {store.mixed_note}", highlight=False, soft_wrap=True)
+        todo = [s for s in specs if s.run_id not in finished]
+        planned = {_identity(s) for s in specs}
+        others = sum(_identity(r) not in planned for r in store.rows)
+        console.print(f"study [bold]{study.name}[/]: {len(specs)} runs ({len(finished)} already finished) -> {study_dir}"
+                      + (f"; {others} other stored runs are kept" if resume and others > 0 else ""),
+                      highlight=False)
+        if console.is_terminal:
+            progress = _BarProgress(len(specs), len(finished), config.train.max_steps)
+        else:
+            progress = _LineProgress(len(specs), config.train.logging_steps)
+        started: dict[str, float] = {}
 
-    def on_start(spec):
-        label = "base model (no adapters): eval" if spec.kind == "base" else f"{spec.run_id}: train"
-        progress.update(step_task, description=label, total=config.train.max_steps, completed=0,
-                        info="", visible=True)
+        def on_start(spec):
+            started[spec.run_id] = time.monotonic()
+            progress.start(spec, spec_place[spec.run_id])
 
-    def on_step(spec, step, total, loss):
-        progress.update(step_task, completed=step, total=total, info=f"loss {loss:.3f}" if loss is not None else "")
+        def on_step(spec, step, total, loss):
+            progress.step(spec, step, total, loss)
 
-    executor = LocalExecutor(on_step=on_step, on_start=on_start)
-    try:
-        with progress:
-            for result in executor.submit(todo):
-                results[result.run_id] = result
-                store.save(config, [results[s.run_id] for s in specs if s.run_id in results])
-                progress.advance(study_task)
-                if result.status != "ok":
-                    progress.console.print(f"[red]run {result.run_id} failed:[/] {result.error}")
-    except LoraplaceError as e:
-        _fail(str(e))
-    except KeyboardInterrupt:
-        err_console.print(
-            f"interrupted: {len(results)} finished runs are saved in {study_dir}; continue with "
-            f"`loraplace run ... --output {study_dir} --resume`"
-        )
-        raise typer.Exit(130)
+        spec_place = {s.run_id: len(finished) + i + 1 for i, s in enumerate(todo)}
+        positions = {s.run_id: s.position for s in specs}
+        executor = LocalExecutor(on_step=on_step, on_start=on_start)
+        try:
+            with progress:
+                for result in executor.submit(todo):
+                    if result.position is None:
+                        result = result.model_copy(update={"position": positions.get(result.run_id)})
+                    store.record(result)
+                    progress.end(result, spec_place.get(result.run_id, 0),
+                                 time.monotonic() - started.get(result.run_id, time.monotonic()))
+        except LoraplaceError as e:
+            _fail(str(e))
+        except KeyboardInterrupt:
+            done = sum(r.status == "ok" for r in store.rows)
+            err_console.print(
+                f"interrupted: {done} finished runs are saved in {study_dir}; continue with "
+                f"`loraplace run ... --output {study_dir} --resume`"
+            )
+            raise typer.Exit(130)
     print_results(study_dir)
     try:  # the results are saved already: a failing report must not lose them
         from loraplace.report import write_report
@@ -307,6 +416,12 @@ def run_study(config, resume: bool = False) -> Path:
         err_console.print(f"[yellow]warning:[/] the report could not be written ({type(e).__name__}: {e}); the results "
                           f"are saved in {study_dir}; retry with `loraplace report {study_dir}`", highlight=False)
     return study_dir
+
+
+def _identity(spec) -> tuple:
+    """What makes a run (a spec or a stored row) the same run: kind, exact arm label and seed (the
+    base row has no seed)."""
+    return ("base",) if spec.kind == "base" else (spec.kind, spec.strategy, spec.seed)
 
 
 def print_results(study_dir: Path) -> None:

@@ -3,6 +3,7 @@ overridden from the command line (``train.lr=1e-4``, as torchtune does)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -145,8 +146,28 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw) if raw.strip() else None
 
 
+def _basename(source: str) -> str:
+    """``Qwen/Qwen2.5-0.5B`` -> ``Qwen2.5-0.5B``; ``./data/chats.jsonl`` -> ``chats``."""
+    name = source.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    for ext in (".jsonl", ".json", ".csv", ".parquet", ".yaml", ".yml", ".txt"):
+        if name.lower().endswith(ext) and len(name) > len(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def study_name_for(model: str, dataset: str) -> str:
+    """A study name from what it runs: ``<model-basename>-<dataset-basename>``, reduced to
+    characters that are safe in folder names (``tiny-llama-alpaca``)."""
+    raw = f"{_basename(model)}-{_basename(dataset)}"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", raw).strip("-.")
+    return re.sub(r"-{2,}", "-", name)[:80] or "study"
+
+
 def load_study(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> StudyConfig:
     """A validated study config from a YAML file (or the defaults) plus dotted-key overrides.
+
+    When the overrides set ``model`` or ``dataset`` but not ``name``, the study is named after what
+    it runs (:func:`study_name_for`), not after the file or the default (``quick``).
 
     Raises:
         LoraplaceError: missing file, invalid YAML, unknown key or invalid value (named).
@@ -163,9 +184,15 @@ def load_study(path: str | Path | None = None, overrides: dict[str, Any] | None 
         if loaded is not None and not isinstance(loaded, dict):
             raise LoraplaceError(f"{path} must hold a mapping of study keys, got {type(loaded).__name__}")
         data = loaded or {}
+    given = {key for key, value in (overrides or {}).items() if value is not None}
     for key, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(data, key, value)
+    if given & {"model", "dataset"} and "name" not in given:
+        # The study file's (or the default) name described its own model and data, not these.
+        defaults = StudyConfig.model_fields
+        data["name"] = study_name_for(str(data.get("model", defaults["model"].default)),
+                                      str(data.get("dataset", defaults["dataset"].default)))
     try:
         return StudyConfig.model_validate(data)
     except ValidationError as e:
