@@ -18,8 +18,9 @@ from loraplace.cli import app
 from loraplace.config import load_study, study_name_for
 from loraplace.errors import LoraplaceError
 from loraplace.study.runs import RunResult
+from loraplace.study.files import atomic_write_text
 from loraplace.study.store import (
-    StudyLock, StudyStore, atomic_write_text, default_output_dir, legacy_run_id_for, merge_configs, run_id_for,
+    StudyLock, StudyStore, default_output_dir, legacy_run_id_for, merge_configs, run_id_for,
     run_specs, with_baseline_fields,
 )
 

@@ -155,7 +155,7 @@ def dominated(g: Group, cost: str) -> Recommendation | None:
     if not pts:
         return None
     what = "parameters" if cost == "params" else "training time"
-    title = f"Dominated strategies (trainable parameters vs eval loss)" if cost == "params" else \
+    title = "Dominated strategies (trainable parameters vs eval loss)" if cost == "params" else \
         "Dominated strategies (training time vs eval loss)"
     if not doms:
         return Recommendation(f"dominated{'' if cost == 'params' else '_time'}", title,

@@ -4,7 +4,6 @@ so an executor may run them in any process or on any machine."""
 
 from __future__ import annotations
 
-import json
 import re
 import time
 import traceback
@@ -17,6 +16,7 @@ from pydantic import BaseModel, Field
 
 from loraplace.config import DataSettings, LoraSettings, TrainSettings
 from loraplace.errors import LoraplaceError
+from loraplace.study.files import atomic_write_json, atomic_write_text
 
 RUN_FILES = ("config.json", "modules.json", "train_log.json", "eval_examples.json", "result.json")
 
@@ -332,12 +332,6 @@ def divergence(log_history: list[dict], eval_loss: float | None, uniform: float 
     return None
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)
-
-
 def execute_run(spec: RunSpec, ctx: RunContext,
                 on_step: Callable[[int, int, float | None], None] | None = None) -> RunResult:
     """Run one job end to end and write its files into ``spec.run_dir``.
@@ -364,7 +358,7 @@ def execute_run(spec: RunSpec, ctx: RunContext,
 
     run_dir = Path(spec.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(run_dir / "config.json", spec.model_dump())
+    atomic_write_json(run_dir / "config.json", spec.model_dump())
     device = pick_device(spec.device)
     precision = resolve_precision(spec.train.precision, device)
     task = ctx.task(spec)
@@ -390,14 +384,14 @@ def execute_run(spec: RunSpec, ctx: RunContext,
         with memory:
             if spec.kind == "base":
                 result.update(trainable_params=0, total_params=base_count, trainable_pct=0.0)
-                _write_json(run_dir / "modules.json", {"strategy": "base", "modules": []})
+                atomic_write_json(run_dir / "modules.json", {"strategy": "base", "modules": []})
                 if nll_fn is None:  # the base row is evaluated with the fast loss too: check it first
                     check_selective_loss(base, collator([data.train[i] for i in range(min(2, len(data.train)))]))
                 model = base
             else:
                 # An arm "attention~full" is the strategy with ranks matched to full's budget.
                 placement = resolve_arm(base, spec.strategy, spec.lora.r, spec.lora.alpha)
-                _write_json(run_dir / "modules.json", placement.to_dict())
+                atomic_write_json(run_dir / "modules.json", placement.to_dict())
                 lora_config = lora_config_for(placement, spec.lora, task_type=PEFT_TASK_TYPE[task])
                 set_seed(spec.seed)  # adapter initialisation depends on the seed only
                 with warnings.catch_warnings():
@@ -427,7 +421,7 @@ def execute_run(spec: RunSpec, ctx: RunContext,
                     device=device, output_dir=run_dir / "trainer", on_step=on_step, nll_fn=nll_fn or token_nll,
                     eval_loss=lambda: evaluate_nll(peft_model, data.eval, collator, by_length=True, **eval_kwargs).loss,
                 )
-                _write_json(run_dir / "train_log.json", outcome.log_history)
+                atomic_write_json(run_dir / "train_log.json", outcome.log_history)
                 losses = [e["loss"] for e in outcome.log_history if "loss" in e]
                 result.update(
                     train_time_s=outcome.seconds, train_steps=outcome.steps, train_real_tokens=outcome.real_tokens,
@@ -440,7 +434,7 @@ def execute_run(spec: RunSpec, ctx: RunContext,
         optional = {"nll_sum_all_tokens": ev.nll_sums_all, "n_tokens_all": ev.n_tokens_all,
                     "nll_sum_pad": ev.nll_sums_pad, "n_pad": ev.n_pad, "correct": ev.correct}
         examples.update({k: v for k, v in optional.items() if v})  # causal LMs / classifiers only
-        _write_json(run_dir / "eval_examples.json", examples)
+        atomic_write_json(run_dir / "eval_examples.json", examples)
         result.update(
             # exp(cross-entropy) of a class label is no perplexity: classification reports accuracy.
             eval_loss=ev.loss, perplexity=ev.perplexity if task != "classification" else None,
@@ -456,7 +450,7 @@ def execute_run(spec: RunSpec, ctx: RunContext,
         raise
     except Exception as e:  # a failed run is recorded and the study goes on
         result.update(status="failed", error=f"{type(e).__name__}: {e}")
-        (run_dir / "error.txt").write_text(traceback.format_exc())
+        atomic_write_text(run_dir / "error.txt", traceback.format_exc())
     finally:
         if peft_model is not None:
             # restores the base modules (and a classifier's untrained head) for the next run
@@ -465,5 +459,5 @@ def execute_run(spec: RunSpec, ctx: RunContext,
                   peak_memory_increase_mib=memory.increase_mib,
                   finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     record = RunResult(**result)
-    _write_json(run_dir / "result.json", record.model_dump())
+    atomic_write_json(run_dir / "result.json", record.model_dump())
     return record

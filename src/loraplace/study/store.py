@@ -36,7 +36,6 @@ import math
 import os
 import re
 import socket
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ import yaml
 
 from loraplace.config import StudyConfig
 from loraplace.errors import LoraplaceError
+from loraplace.study.files import atomic_write_text, fsync_dir
 from loraplace.study.runs import RunResult, RunSpec
 
 CSV_COLUMNS = [
@@ -57,41 +57,6 @@ CSV_COLUMNS = [
 
 # Library versions whose change may change a run's numbers: a resume must match them.
 PINNED_LIBRARIES = ("torch", "transformers", "peft", "accelerate", "datasets", "loraplace")
-
-
-# ---------------------------------------------------------------------------------- atomic files
-def atomic_write_text(path: Path, text: str) -> None:
-    """Replace ``path`` by ``text`` so that a reader (or a crash at any point) sees either the old
-    file or the new one, never a mix: write a unique temp file in the same folder, flush and fsync
-    it, ``os.replace`` it over ``path``, then fsync the folder so the rename itself is durable.
-    The temp file is removed if anything fails."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (no-op where folders cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------ lock
@@ -165,7 +130,7 @@ class StudyLock:
                 json.dump(me, f)
                 f.flush()
                 os.fsync(f.fileno())
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
             self._held = True
             return self
         raise LoraplaceError(f"could not take the lock {self.path}; another process keeps taking it")
@@ -604,10 +569,6 @@ class StudyStore:
         atomic_write_text(self.dir / "results.csv", buf.getvalue())
         atomic_write_text(self.dir / "results.md", markdown_table(config, results))
         atomic_write_text(self.results_path, json.dumps(payload, indent=2))
-
-    @staticmethod
-    def _atomic_write(path: Path, text: str) -> None:  # kept for callers of the old name
-        atomic_write_text(path, text)
 
 
 def _what(x: RunResult | RunSpec) -> str:
