@@ -108,7 +108,7 @@ def test_second_arm_equals_the_arm_in_a_fresh_process(tiny_bert_study, tmp_path)
     done = subprocess.run([sys.executable, "-c", _ALONE, str(spec_file), str(torch.get_num_threads())],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    from loraplace.study.runs import RunResult
+    from loraplace.study.records import RunResult
 
     b_alone = RunResult.model_validate_json(done.stdout.strip().splitlines()[-1])
     _same(b_after_a, b_alone, b.run_dir, alone.run_dir)

@@ -8,7 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from loraplace.cli import app
-from loraplace.study.runs import RUN_FILES
+from loraplace.study.records import RUN_FILES
 
 runner = CliRunner()
 FAST = ["train.max_steps=2", "train.batch_size=4", "data.eval_size=8", "train.eval_every=1", "train.logging_steps=1",

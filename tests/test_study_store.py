@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from loraplace.cli import app
 from loraplace.config import load_study, study_name_for
 from loraplace.errors import LoraplaceError
-from loraplace.study.runs import RunResult
+from loraplace.study.records import RunResult
 from loraplace.study.files import atomic_write_text
 from loraplace.study.store import (
     StudyLock, StudyStore, default_output_dir, legacy_run_id_for, merge_configs, run_id_for,

@@ -13,6 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from loraplace.errors import LoraplaceError
 
 
+TaskChoice = Literal["auto", "causal-lm", "seq2seq", "classification"]
+"""What a study trains; ``auto`` follows the architecture (see :mod:`loraplace.tasks`)."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -65,7 +69,7 @@ class StudyConfig(_Strict):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     data: DataSettings = Field(default_factory=DataSettings)
-    task: Literal["auto", "causal-lm", "seq2seq", "classification"] = Field(
+    task: TaskChoice = Field(
         "auto", description="What to train: auto follows the architecture (decoder-only: causal-lm; "
         "encoder-decoder such as T5/BART: seq2seq; encoder-only such as BERT: classification)."
     )

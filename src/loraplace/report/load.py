@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from loraplace.errors import LoraplaceError
-from loraplace.study.runs import RunResult
+from loraplace.study.records import RunResult
 
 
 @dataclass

@@ -11,7 +11,7 @@ import numpy as np
 
 from loraplace.config import StudyConfig
 from loraplace.evaluation import perplexity
-from loraplace.study.runs import RunResult
+from loraplace.study.records import RunResult
 from loraplace.study.store import StudyStore
 
 ROLES = {"attn": ["attn.q", "attn.k", "attn.v", "attn.o"], "mlp": ["mlp.gate", "mlp.up", "mlp.down"]}

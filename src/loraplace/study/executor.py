@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Iterator, Protocol
 
-from loraplace.study.runs import RunContext, RunResult, RunSpec, execute_run
+from loraplace.study.records import RunResult, RunSpec
+from loraplace.study.runs import RunContext, execute_run
 
 StepHook = Callable[[RunSpec, int, int, "float | None"], None]
 

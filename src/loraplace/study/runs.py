@@ -9,99 +9,13 @@ import time
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import torch
-from pydantic import BaseModel, Field
-
-from loraplace.config import DataSettings, LoraSettings, TrainSettings
+from loraplace.config import LoraSettings
 from loraplace.errors import LoraplaceError
 from loraplace.study.files import atomic_write_json, atomic_write_text
-
-RUN_FILES = ("config.json", "modules.json", "train_log.json", "eval_examples.json", "result.json")
-
-
-class RunSpec(BaseModel):
-    """Everything one run needs. ``kind='base'`` evaluates the model without adapters."""
-
-    run_id: str
-    kind: Literal["lora", "base"] = "lora"
-    strategy: str
-    seed: int = 0
-    model: str
-    dataset: str
-    lora: LoraSettings = Field(default_factory=LoraSettings)
-    train: TrainSettings = Field(default_factory=TrainSettings)
-    data: DataSettings = Field(default_factory=DataSettings)
-    device: str = "auto"
-    task: Literal["auto", "causal-lm", "seq2seq", "classification"] = "auto"
-    run_dir: str
-    position: int | None = Field(None, description="place of this run in the study's execution order (0 = first)")
-
-
-class RunResult(BaseModel):
-    """One row of the results table. Counts are exact; times in seconds; memory in MiB."""
-
-    run_id: str
-    kind: Literal["lora", "base"]
-    strategy: str
-    seed: int
-    status: Literal["ok", "failed"]
-    error: str | None = None
-    model: str
-    dataset: str
-    r: int | None = None
-    alpha: float | None = None
-    dropout: float | None = None
-    modules: list[str] = Field(default_factory=list, description="exact names of the adapted modules")
-    roles: list[str] = Field(default_factory=list)
-    warnings: list[str] = Field(default_factory=list)
-    trainable_params: int | None = None
-    head_params: int | None = Field(None, description="of trainable_params: a classifier's new head, trained in full")
-    total_params: int | None = Field(None, description="base parameters + adapter parameters")
-    base_params: int | None = None
-    trainable_pct: float | None = Field(None, description="trainable / total * 100")
-    ranks: dict[str, list[int]] = Field(default_factory=dict, description="role -> the ranks its modules got")
-    match_budget: str | int | None = Field(None, description="budget reference of a matched arm (strategy or count)")
-    budget_target: int | None = Field(None, description="parameters the matched arm aimed at")
-    budget_deviation_pct: float | None = Field(None, description="(trainable - target) / target * 100")
-    # Filled in by the study store (they need other runs): see loraplace.study.store.
-    full_lora_params: int | None = None
-    params_vs_full_pct: float | None = None
-    task: str | None = Field(None, description="causal-lm, seq2seq or classification")
-    eval_loss: float | None = None
-    eval_accuracy: float | None = Field(None, description="classification: share of eval examples classified right")
-    perplexity: float | None = None
-    eval_nll_sum: float | None = None
-    eval_tokens: int | None = None
-    eval_examples: int | None = None
-    delta_eval_loss: float | None = None
-    delta_eval_loss_pct: float | None = None
-    train_time_s: float | None = None
-    train_steps: int | None = None
-    train_real_tokens: int | None = None
-    train_label_tokens: int | None = None
-    train_tokens_per_s: float | None = None
-    final_train_loss: float | None = None
-    eval_time_s: float | None = None
-    peak_memory_mib: float | None = Field(None, description="the run's own peak (see memory_kind)")
-    memory_kind: str | None = None
-    memory_start_mib: float | None = Field(
-        None, description="memory in use when the run started (loaded base model and data), same kind as the peak")
-    peak_memory_increase_mib: float | None = Field(
-        None, description="peak_memory_mib - memory_start_mib: what the run itself added on top of the loaded model")
-    position: int | None = Field(None, description="place of this run in the study's execution order (0 = first)")
-    diverged: bool = Field(False, description="training diverged without a NaN: see diverged_reason")
-    diverged_reason: str | None = None
-    worse_than_base: bool | None = Field(
-        None, description="eval loss above the base model's (set by the study store; None without a base run)")
-    device: str | None = None
-    precision: str | None = None
-    speed_choices: dict[str, str | None] = Field(
-        default_factory=dict, description="how training ran: attention implementation, dropout, frozen-weight dtype")
-    versions: dict[str, str] = Field(default_factory=dict)
-    finished_at: str | None = None
-
+from loraplace.study.records import RunResult, RunSpec
 
 class RunContext:
     """What runs of one process share: the tokenizer, the base model (loaded once and reused:

@@ -45,7 +45,7 @@ import yaml
 from loraplace.config import StudyConfig
 from loraplace.errors import LoraplaceError
 from loraplace.study.files import atomic_write_text, fsync_dir
-from loraplace.study.runs import RunResult, RunSpec
+from loraplace.study.records import RunResult, RunSpec
 
 CSV_COLUMNS = [
     "run_id", "strategy", "seed", "status", "r", "alpha", "match_budget", "budget_target", "budget_deviation_pct",
