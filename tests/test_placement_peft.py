@@ -11,7 +11,7 @@ from torch import nn
 
 from loraplace.config import LoraSettings
 from loraplace.errors import LoraplaceError
-from loraplace.placement import parse_strategy, resolve_arm, resolve_placement, trainable_params
+from loraplace.placement import Arm, parse_strategy, resolve_arm, resolve_placement, trainable_params
 from loraplace.placement.resolve import AdaptedModule, Placement
 from loraplace.study.runs import check_wrapped, lora_config_for, wrapped_adapters
 
@@ -55,7 +55,7 @@ def lora_tensor_count(peft_model) -> int:
 
 def test_budget_matched_mixed_ranks_reach_peft():
     model = tiny_llama()
-    placement = resolve_arm(model, "ffn~full", 4, 8)
+    placement = resolve_arm(model, Arm("ffn", "full"), 4, 8)
     peft_model = wrap(model, placement)
     # Hidden 16, intermediate 32, one KV head of 8: full at r=4 is 2 layers * 4 * (q 32 + k 24 + v 24 + o 32 +
     # gate 48 + up 48 + down 48) = 2,048. The ffn's six modules have 48 per rank: rank 7 gives 2,016, and
@@ -188,13 +188,13 @@ def test_bert_classifier_head_trains_in_full_beside_the_adapters():
     from peft.utils.other import ModulesToSaveWrapper
     from transformers import BertConfig, BertForSequenceClassification
 
-    from loraplace.tasks import PEFT_TASK_TYPE
+    from loraplace.tasks import get_task
 
     config = BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
                         vocab_size=40, num_labels=3)
     model = BertForSequenceClassification(config)
     placement = resolve_placement(model, parse_strategy("full"), 4, 8)
-    task_type = PEFT_TASK_TYPE["classification"]
+    task_type = get_task("classification").peft_task_type
     assert task_type == "SEQ_CLS"
     peft_model = get_peft_model(model, lora_config_for(placement, NO_DROPOUT, task_type=task_type))
     head_module = peft_model.get_base_model().classifier

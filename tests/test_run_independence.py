@@ -124,7 +124,7 @@ def test_base_weights_are_bit_identical_after_an_arm(which, precision, request, 
     model_dir, data = _study_inputs(request, which)
     ctx = RunContext()
     task = ctx.task(_spec(model_dir, data, "full", tmp_path))
-    num_labels = 2 if task == "classification" else None
+    num_labels = 2 if task.name == "classification" else None
     round_to = {"bf16": torch.bfloat16}.get(precision)
     base = ctx.base_model(str(model_dir), CPU, task, num_labels, round_to=round_to)
     before = {k: (v.dtype, _bits(v)) for k, v in base.state_dict().items()}

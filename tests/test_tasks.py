@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from loraplace.errors import LoraplaceError
 from loraplace.tasks import (
-    ClassificationCollator, Seq2SeqCollator, classification_nll, label_names, prepare_classification_data,
-    prepare_seq2seq_data, seq2seq_nll, seq2seq_pair, text_columns,
+    TASKS, ClassificationCollator, Seq2SeqCollator, classification_nll, get_task, label_names,
+    prepare_classification_data, prepare_seq2seq_data, seq2seq_nll, seq2seq_pair, task_of, text_columns,
 )
 
 from conftest import make_tokenizer
@@ -31,6 +31,42 @@ def tiny_bert(vocab: int, num_labels: int):
     return BertForSequenceClassification(BertConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
                                                     num_hidden_layers=2, num_attention_heads=4,
                                                     num_labels=num_labels, pad_token_id=0))
+
+
+# ------------------------------------------------------------------------------------ the registry
+def test_unknown_task_names_the_available_ones():
+    with pytest.raises(LoraplaceError, match="unknown task 'regression'; available tasks: causal-lm, seq2seq, "
+                                             "classification"):
+        get_task("regression")
+
+
+def test_every_task_record_is_complete_and_the_config_lists_exactly_them():
+    import dataclasses
+    from typing import get_args
+
+    from loraplace.config import TaskChoice
+    from loraplace.evaluation import token_nll
+
+    for name, task in TASKS.items():
+        assert task.name == name and get_task(name) is task
+        assert all(getattr(task, f.name) not in (None, "") for f in dataclasses.fields(task)), name
+        assert task.auto_class.__name__ == task.auto_class_name
+        assert callable(task.prepare) and callable(task.nll) and callable(task.check_columns)
+        assert task.collator(7).pad_token_id == 7
+    assert set(get_args(TaskChoice)) == {"auto", *TASKS}
+    causal = get_task("causal-lm")
+    assert causal.nll is token_nll and causal.all_token_sums and causal.selective_logits
+    assert [t.name for t in TASKS.values() if t.has_perplexity] == ["causal-lm", "seq2seq"]
+    assert {t.name: t.peft_task_type for t in TASKS.values()} == {
+        "causal-lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM", "classification": "SEQ_CLS"}
+
+
+def test_task_of_follows_the_architecture():
+    from transformers import BertConfig, LlamaConfig, T5Config
+
+    assert task_of(T5Config()) == "seq2seq"
+    assert task_of(BertConfig()) == "classification"
+    assert task_of(LlamaConfig()) == "causal-lm"
 
 
 def test_seq2seq_pair_takes_the_last_assistant_turn():

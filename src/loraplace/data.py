@@ -1,5 +1,6 @@
 """Instruction data: loading (hub or local), prompt formatting, tokenization with label masking,
-a fixed train/eval split, and a dynamic-padding collator.
+the fixed train/eval split of every task (:func:`split_rows`), and the causal-LM data and
+dynamic-padding collator (the ``causal-lm`` task of :mod:`loraplace.tasks`).
 
 Rows come in Alpaca form (``instruction``, optional ``input``, ``output``) or chat form
 (``messages``: a list of ``{"role", "content"}``). Alpaca rows become a two-message chat. The
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -137,14 +138,20 @@ def _json_problem(path: Path) -> str | None:
             return f"{where}: a row must be a JSON object ({{...}}), got {_json_type(row)}"
         return None
 
-    stripped = text.lstrip()
-    if stripped.startswith("["):
+    def parse(source: str, line: int | None):
+        """``(value, None)``, or ``(None, problem)``; ``line``: the line ``source`` is (JSON lines)."""
         try:
-            rows = json.loads(text, object_pairs_hook=duplicate_keys)
+            return json.loads(source, object_pairs_hook=duplicate_keys), None
         except _DuplicateKey as e:
-            return f"has a row where key {e.args[0]!r} appears twice"
+            where = f"line {line}: key" if line else "has a row where key"
+            return None, f"{where} {e.args[0]!r} appears twice"
         except json.JSONDecodeError as e:
-            return f"line {e.lineno}: not valid JSON ({e.msg}: column {e.colno})"
+            return None, f"line {line or e.lineno}: not valid JSON ({e.msg}: column {e.colno})"
+
+    if text.lstrip().startswith("["):
+        rows, problem = parse(text, None)
+        if problem:
+            return problem
         if not rows:
             return "holds no rows (an empty JSON array)"
         for i, row in enumerate(rows):
@@ -152,23 +159,15 @@ def _json_problem(path: Path) -> str | None:
             if problem:
                 return problem
         return None
-    try:  # one JSON document (a single object, possibly over several lines)
-        document = json.loads(text, object_pairs_hook=duplicate_keys)
-    except (json.JSONDecodeError, _DuplicateKey):
-        document = None
-    else:
+    document, problem = parse(text, None)  # one JSON document (a single object, possibly over several lines)
+    if problem is None:
         return row_problem(document, "line 1")
     rows_seen = 0
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line, object_pairs_hook=duplicate_keys)
-        except _DuplicateKey as e:
-            return f"line {number}: key {e.args[0]!r} appears twice"
-        except json.JSONDecodeError as e:
-            return f"line {number}: not valid JSON ({e.msg}: column {e.colno})"
-        problem = row_problem(row, f"line {number}")
+        row, problem = parse(line, number)
+        problem = problem or row_problem(row, f"line {number}")
         if problem:
             return problem
         rows_seen += 1
@@ -264,46 +263,72 @@ def tokenize_example(messages, tokenizer, max_length: int, loss_on: str) -> dict
 
 @dataclass
 class PreparedData:
-    """Tokenized train and eval splits, identical for every run of a study."""
+    """Tokenized train and eval splits, identical for every run of a study (any task)."""
 
     train: Any  # datasets.Dataset with input_ids, labels, length
     eval: Any
     dropped: int  # examples with no labelled token left after truncation
     source_rows: int
+    labels: list[str] | None = None  # classification: class names, index = label id; None otherwise
 
 
-def prepare_data(dataset: str, tokenizer, *, eval_size: int, max_length: int, loss_on: str,
-                 split_seed: int, max_train_examples: int | None = None, allow_fetch: bool = True) -> PreparedData:
-    """Load, split (fixed seed, before tokenization) and tokenize a dataset."""
-    rows = load_rows(dataset, allow_fetch=allow_fetch)
-    check_columns(rows.column_names, dataset)
+def split_rows(rows, *, eval_size: int, split_seed: int, max_train_examples: int | None, dataset: str):
+    """The fixed train/eval split every task's data preparation uses: ``(train_rows, eval_rows)``.
+
+    ``eval_size`` rows are held out by a seeded shuffle (``split_seed``), before tokenization, so
+    the eval split depends only on the dataset and the seed; the train rows are then cut to the
+    first ``max_train_examples`` when given.
+
+    Raises:
+        LoraplaceError: ``eval_size`` leaves no row to train on.
+    """
     if len(rows) <= eval_size:
         raise LoraplaceError(
             f"dataset {dataset!r} has {len(rows)} rows; data.eval_size={eval_size} leaves nothing to train on"
         )
     split = rows.train_test_split(test_size=eval_size, seed=split_seed, shuffle=True)
-    train_rows, eval_rows = split["train"], split["test"]
-    if max_train_examples is not None and len(train_rows) > max_train_examples:
-        train_rows = train_rows.select(range(max_train_examples))
+    train = split["train"]
+    if max_train_examples is not None and len(train) > max_train_examples:
+        train = train.select(range(max_train_examples))
+    return train, split["test"]
 
+
+EXAMPLE_COLUMNS = ("input_ids", "labels", "length")  # what every task's tokenized example holds
+
+
+def encode_rows(rows, encode: Callable[[dict[str, Any]], dict[str, Any] | None]) -> tuple[Any, int]:
+    """``(datasets.Dataset, dropped)``: ``encode(row)`` of every row (a dict with the
+    :data:`EXAMPLE_COLUMNS`), leaving out and counting the rows it returns None for."""
+    import datasets
+
+    out: dict[str, list] = {column: [] for column in EXAMPLE_COLUMNS}
     dropped = 0
+    for row in rows:
+        example = encode(row)
+        if example is None:
+            dropped += 1
+            continue
+        for column in EXAMPLE_COLUMNS:
+            out[column].append(example[column])
+    return datasets.Dataset.from_dict(out), dropped
 
-    def encode(rows_split):
-        nonlocal dropped
-        out: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
-        for row in rows_split:
-            ex = tokenize_example(to_messages(row), tokenizer, max_length, loss_on)
-            if ex is None:
-                dropped += 1
-                continue
-            out["input_ids"].append(ex["input_ids"])
-            out["labels"].append(ex["labels"])
-            out["length"].append(len(ex["input_ids"]))
-        import datasets
 
-        return datasets.Dataset.from_dict(out)
+def prepare_data(dataset: str, tokenizer, *, eval_size: int, max_length: int, split_seed: int,
+                 loss_on: str = "response", max_train_examples: int | None = None,
+                 allow_fetch: bool = True) -> PreparedData:
+    """Causal-LM data: load, split (:func:`split_rows`) and tokenize a dataset; each example's
+    ``labels`` are its tokens where ``loss_on`` says (:func:`tokenize_example`)."""
+    rows = load_rows(dataset, allow_fetch=allow_fetch)
+    check_columns(rows.column_names, dataset)
+    train_rows, eval_rows = split_rows(rows, eval_size=eval_size, split_seed=split_seed,
+                                       max_train_examples=max_train_examples, dataset=dataset)
 
-    return PreparedData(train=encode(train_rows), eval=encode(eval_rows), dropped=dropped, source_rows=len(rows))
+    def encode(row):
+        ex = tokenize_example(to_messages(row), tokenizer, max_length, loss_on)
+        return None if ex is None else {**ex, "length": len(ex["input_ids"])}
+
+    (train, dropped_train), (eval_, dropped_eval) = encode_rows(train_rows, encode), encode_rows(eval_rows, encode)
+    return PreparedData(train=train, eval=eval_, dropped=dropped_train + dropped_eval, source_rows=len(rows))
 
 
 @dataclass

@@ -1,15 +1,17 @@
-"""Token-level negative log-likelihood and perplexity: the one place both are computed.
+"""Evaluation: the causal-LM per-example NLL (:func:`token_nll`, selective logits, and its check
+against the model's own logits) and the held-out evaluation of any task (:func:`evaluate_nll`).
 
 Eval loss is the token-weighted mean NLL over every labelled token of the held-out split,
 ``L = sum_i nll_i / sum_i n_i`` (``nll_i``: summed NLL of example i, ``n_i``: its labelled
-tokens), and perplexity is ``exp(L)`` from the same sums. Averaging per-batch losses or
-per-example perplexities gives other numbers; see :mod:`loraplace.report` for that comparison.
+tokens), and perplexity is ``exp(L)`` from the same sums, computed by
+:func:`loraplace.metrics.perplexity` (plain arithmetic, shared with the report). Averaging
+per-batch losses or per-example perplexities gives other numbers; see
+:mod:`loraplace.report.perplexity` for that comparison.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -19,14 +21,7 @@ from torch import nn
 
 from loraplace.data import IGNORE_INDEX
 from loraplace.errors import LoraplaceError
-
-
-def perplexity(nll_sum: float, n_tokens: int) -> float:
-    """``exp(nll_sum / n_tokens)``; inf when the mean NLL overflows."""
-    if n_tokens <= 0:
-        raise ValueError("perplexity needs at least one token")
-    mean = nll_sum / n_tokens
-    return math.exp(mean) if mean < 700 else float("inf")
+from loraplace.metrics import perplexity
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -58,8 +53,6 @@ def _hidden_and_head(model: nn.Module, batch: dict[str, torch.Tensor], selective
     """``(hidden (B, T, H), head)`` when the logits are ``head(hidden)``; else ``(logits (B, T, V), None)``."""
     parts = _selective_parts(model) if selective else None
     kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
-    if "position_ids" in batch:
-        kwargs["position_ids"] = batch["position_ids"]
     if parts is not None:
         body, head = parts
         return body(**kwargs)[0], head
@@ -77,9 +70,6 @@ def token_nll(model: nn.Module, batch: dict[str, torch.Tensor], selective: bool 
 
     Args:
         batch: ``input_ids``, ``attention_mask``, ``labels``: ``(B, T)``; labels -100 where ignored.
-            Optionally ``position_ids`` (packed rows, attention_mask None: see
-            :class:`loraplace.data.PackedCollator`); then labels must be -100 at each packed
-            sequence's first position, and "per example" means per row.
         selective: project to the vocabulary only at positions that predict a label
             (``(N, hidden) -> (N, vocab)`` with N the labelled tokens) instead of at all B*T
             positions. Same result, less compute; falls back to full logits where unsafe.
@@ -257,22 +247,28 @@ def _batches(dataset, batch_size: int, by_length: bool) -> list[list[int]]:
 
 @torch.no_grad()
 def evaluate_nll(model: nn.Module, dataset, collator, *, batch_size: int, device: torch.device,
-                 autocast_dtype: torch.dtype | None, selective: bool = True, all_tokens: bool = False,
-                 by_length: bool = False, nll_fn: Callable | None = None) -> EvalResult:
+                 autocast_dtype: torch.dtype | None, nll_fn: Callable = token_nll, all_tokens: bool = False,
+                 by_length: bool = False) -> EvalResult:
     """Evaluate summed NLL per example, without gradients; results in dataset order.
 
     Args:
+        nll_fn: the task's per-example ``(nll_sum, n_tokens[, correct])`` of a batch
+            (:attr:`loraplace.tasks.Task.nll`; default the causal-LM :func:`token_nll`);
+            ``correct`` fills :attr:`EvalResult.correct`.
         all_tokens: also fill the all-token and padding fields of :class:`EvalResult` (full
-            logits at every position: slower; meant for a run's final evaluation).
-        nll_fn: the per-example ``(nll_sum, n_tokens[, correct])`` of a batch for non-causal
-            tasks (:mod:`loraplace.tasks`); ``correct`` fills :attr:`EvalResult.correct`.
-            ``all_tokens`` applies to causal LMs only.
+            logits at every position: slower; meant for a run's final evaluation). Causal LMs
+            only (:attr:`loraplace.tasks.Task.all_token_sums`): needs ``nll_fn`` :func:`token_nll`.
         by_length: batch examples of similar length together (less padding, faster); batches
             are otherwise consecutive runs of the dataset order. The loss is the same up to
             float rounding; ``batch_of`` and ``n_pad`` describe the batches actually formed.
+
+    Raises:
+        ValueError: ``all_tokens`` with another loss than :func:`token_nll`.
     """
     import time
 
+    if all_tokens and nll_fn is not token_nll:
+        raise ValueError("all_tokens sums are defined for the causal-LM loss token_nll only")
     was_training = model.training
     model.eval()
     start = time.perf_counter()
@@ -280,7 +276,6 @@ def evaluate_nll(model: nn.Module, dataset, collator, *, batch_size: int, device
     nll_sums: list[float] = [0.0] * n
     counts: list[int] = [0] * n
     batch_of: list[int] = [0] * n
-    all_tokens = all_tokens and nll_fn is None  # the all-token sums are a causal-LM notion
     sums_all: list[float] = [0.0] * n if all_tokens else []
     counts_all: list[int] = [0] * n if all_tokens else []
     sums_pad: list[float] = [0.0] * n if all_tokens else []
@@ -295,15 +290,13 @@ def evaluate_nll(model: nn.Module, dataset, collator, *, batch_size: int, device
         features = [dataset[i] for i in indices]
         batch = {k: v.to(device) for k, v in collator(features).items()}
         with autocast:
-            if nll_fn is not None:
+            if all_tokens:
+                s, c, extra = token_nll_all(model, batch, pad_id)
+            else:
                 s, c, *rest = nll_fn(model, batch)
                 if rest:
                     for i, ok in zip(indices, rest[0].cpu().tolist()):
                         correct[i] = int(ok)
-            elif all_tokens:
-                s, c, extra = token_nll_all(model, batch, pad_id, selective=selective)
-            else:
-                s, c = token_nll(model, batch, selective=selective)
         s, c = s.double().cpu().tolist(), c.cpu().tolist()
         for j, i in enumerate(indices):
             nll_sums[i], counts[i], batch_of[i] = s[j], c[j], b

@@ -1,5 +1,6 @@
 """Finding and loading models: the embedded default, local folders, hub ids, and a small
-built-in table of well-known configs so that ``loraplace plan`` works offline."""
+built-in table of well-known configs so that ``loraplace plan`` works offline. Which head a model
+is loaded with is its task's (:mod:`loraplace.tasks`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch import nn
 
 from loraplace import assets
 from loraplace.errors import LoraplaceError
+from loraplace.tasks import get_task, task_of  # task_of: its home is loraplace.tasks; kept importable here
 
 # Architecture configs of well-known checkpoints (values from their config.json), so that
 # `loraplace plan` needs neither weights nor network for them.
@@ -78,38 +80,12 @@ def load_config(model: str) -> tuple[Any, str]:
     )
 
 
-# Encoder-only architectures: planned (and trained) with a sequence-classification head.
-ENCODER_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "albert", "deberta", "deberta-v2")
-
-
-TASKS = ("causal-lm", "seq2seq", "classification")
-"""What a study trains: next-token prediction (decoder-only), source -> target generation
-(encoder-decoder: T5, BART), or sequence classification (encoder-only: BERT, RoBERTa)."""
-
-
-def task_of(config: Any) -> str:
-    """The task a model's architecture implies: ``seq2seq`` for encoder-decoder configs,
-    ``classification`` for encoder-only ones, ``causal-lm`` otherwise."""
-    if getattr(config, "is_encoder_decoder", False):
-        return "seq2seq"
-    if getattr(config, "model_type", None) in ENCODER_MODEL_TYPES:
-        return "classification"
-    return "causal-lm"
-
-
-def _auto_class(task: str):
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
-
-    return {"causal-lm": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM,
-            "classification": AutoModelForSequenceClassification}[task]
-
-
 def meta_model(config: Any) -> nn.Module:
     """The model's module tree with no memory behind its weights (meta device), with the head of
-    its task (:func:`task_of`): a causal LM, a seq2seq LM (T5, BART) or a sequence classifier
-    (BERT, RoBERTa)."""
+    its task (:func:`loraplace.tasks.task_of`): a causal LM, a seq2seq LM (T5, BART) or a sequence
+    classifier (BERT, RoBERTa)."""
     with torch.device("meta"):
-        return _auto_class(task_of(config)).from_config(config)
+        return get_task(task_of(config)).auto_class.from_config(config)
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -151,13 +127,14 @@ def load_tokenizer(path: str):
 
 def load_model(path: str, task: str = "causal-lm", num_labels: int | None = None,
                dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Load a model's weights with the head of ``task`` (float32 by default: adapters train in
-    float32 and the matmuls run under autocast). ``num_labels`` sizes a classification head."""
+    """Load a model's weights with the head of task ``task`` (a name in :data:`loraplace.tasks.TASKS`;
+    float32 by default: adapters train in float32 and the matmuls run under autocast).
+    ``num_labels`` sizes a classification head."""
     kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": assets.offline()}
-    if task == "classification":
+    if num_labels is not None:
         kwargs["num_labels"] = num_labels
     try:
-        model = _auto_class(task).from_pretrained(path, **kwargs)
+        model = get_task(task).auto_class.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         where = "local folder" if os.path.isdir(path) else "hub id"
         raise LoraplaceError(f"could not load model {path!r} ({where}): {_first_line(e)}") from None
@@ -165,29 +142,34 @@ def load_model(path: str, task: str = "causal-lm", num_labels: int | None = None
     return model
 
 
-def round_linear_weights(model: nn.Module, dtype: torch.dtype) -> int:
-    """Round the float32 weights (and biases) of the model's ``nn.Linear`` modules to ``dtype``
-    precision, in place, keeping float32 storage: ``w.copy_(w.to(dtype))``. Returns how
-    many modules were rounded.
+def plain_linears(model: nn.Module) -> list[nn.Linear]:
+    """The model's plain ``nn.Linear`` modules with a float32 weight, except one whose weight is the
+    input embedding (a tied vocabulary projection stays as it is: the embedding lookup reads it).
 
-    These are the modules :func:`loraplace.training.frozen_weights_as` holds in ``dtype`` while
-    training (every plain linear layer of the base model), except a linear layer whose weight is
-    the input embedding (a tied vocabulary projection), which stays as it is. Rounding is
-    idempotent: a later round trip through ``dtype`` changes nothing.
+    These are the weights that run in ``dtype`` under autocast: rounded once at load
+    (:func:`round_linear_weights`) and, where frozen, held in ``dtype`` while training
+    (:func:`loraplace.training.frozen_weights_as`).
     """
     get_emb = getattr(model, "get_input_embeddings", None)
     emb = get_emb() if callable(get_emb) else None
     emb_weight = getattr(emb, "weight", None)
-    count = 0
+    return [m for m in model.modules()
+            if type(m) is nn.Linear and m.weight is not emb_weight and m.weight.dtype == torch.float32]
+
+
+def round_linear_weights(model: nn.Module, dtype: torch.dtype) -> int:
+    """Round the float32 weights (and biases) of the model's :func:`plain_linears` to ``dtype``
+    precision, in place, keeping float32 storage: ``w.copy_(w.to(dtype))``. Returns how
+    many modules were rounded. Rounding is idempotent: a later round trip through ``dtype``
+    changes nothing.
+    """
+    modules = plain_linears(model)
     with torch.no_grad():
-        for m in model.modules():
-            if type(m) is not nn.Linear or m.weight is emb_weight or m.weight.dtype != torch.float32:
-                continue
+        for m in modules:
             m.weight.copy_(m.weight.to(dtype))  # in place: storage (and any sharing) is kept
             if m.bias is not None and m.bias.dtype == torch.float32:
                 m.bias.copy_(m.bias.to(dtype))
-            count += 1
-    return count
+    return len(modules)
 
 
 def _first_line(e: Exception) -> str:

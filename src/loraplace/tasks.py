@@ -1,12 +1,19 @@
-"""Data and per-example loss of the two non-causal tasks: seq2seq (encoder-decoder models such as
-T5 and BART) and sequence classification (encoder-only models such as BERT and RoBERTa).
+"""What a study can train, as one registry of task records: :data:`TASKS` maps a task name to
+its :class:`Task` (the transformers auto class, the PEFT task type, the data preparation, the
+collator, the per-example loss and what the task reports), and :func:`task_of` says which task a
+model's architecture implies. Adding a task is adding a record here.
 
-Causal LMs use :mod:`loraplace.data` and :func:`loraplace.evaluation.token_nll`. Every task gives
-the same per-example quantities, so training, evaluation and reports need no task branches:
+* ``causal-lm`` (decoder-only models): data and collator in :mod:`loraplace.data`, loss
+  :func:`loraplace.evaluation.token_nll` (selective logits, all-token sums for the report);
+* ``seq2seq`` (encoder-decoder models such as T5 and BART): defined below;
+* ``classification`` (encoder-only models such as BERT and RoBERTa): defined below.
 
-* ``nll_sum (B,)``: summed negative log-likelihood of the example's targets (target tokens for
-  seq2seq, the one class label for classification);
-* ``n_tokens (B,)``: how many targets that is (target tokens; 1 for classification);
+Every task's loss gives the same per-example quantities, so training, evaluation and reports
+need no task branches:
+
+* ``nll_sum (B,)``: summed negative log-likelihood of the example's targets (labelled tokens,
+  target tokens for seq2seq, the one class label for classification);
+* ``n_tokens (B,)``: how many targets that is (1 for classification);
 * ``correct (B,)``: classification only, 1 where the arg-max class is the label.
 
 Seq2seq rows are the same Alpaca/chat rows as for causal LMs: the source is the conversation up
@@ -17,15 +24,20 @@ to the last assistant turn, the target that turn. Classification rows have a ``l
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraplace.data import IGNORE_INDEX, PreparedData, load_rows, to_messages
+from loraplace.data import (
+    IGNORE_INDEX, PadCollator, PreparedData, check_columns, encode_rows, load_rows, prepare_data, split_rows,
+    to_messages,
+)
 from loraplace.errors import LoraplaceError
+from loraplace.evaluation import token_nll
 
 TEXT_COLUMNS = ("text", "sentence")
 PAIR_COLUMNS = (("sentence1", "sentence2"), ("question", "sentence"), ("premise", "hypothesis"),
@@ -44,41 +56,25 @@ def seq2seq_pair(messages: list[dict[str, str]]) -> tuple[str, str]:
     return source, messages[last]["content"]
 
 
-def _split(rows, eval_size: int, split_seed: int, max_train_examples: int | None, dataset: str):
-    if len(rows) <= eval_size:
-        raise LoraplaceError(
-            f"dataset {dataset!r} has {len(rows)} rows; data.eval_size={eval_size} leaves nothing to train on"
-        )
-    split = rows.train_test_split(test_size=eval_size, seed=split_seed, shuffle=True)
-    train = split["train"]
-    if max_train_examples is not None and len(train) > max_train_examples:
-        train = train.select(range(max_train_examples))
-    return train, split["test"]
-
-
 def prepare_seq2seq_data(dataset: str, tokenizer, *, eval_size: int, max_length: int, split_seed: int,
-                         max_train_examples: int | None = None, allow_fetch: bool = True) -> PreparedData:
+                         loss_on: str = "response", max_train_examples: int | None = None,
+                         allow_fetch: bool = True) -> PreparedData:
     """Tokenized source/target pairs: ``input_ids`` (source), ``labels`` (target ids, the
-    tokenizer's end-of-sequence token included), ``length``; both truncated to ``max_length``."""
-    import datasets
-
-    from loraplace.data import check_columns
-
+    tokenizer's end-of-sequence token included), ``length``; both truncated to ``max_length``.
+    ``loss_on`` is accepted for the common signature only: the loss is on the target by design."""
     rows = load_rows(dataset, allow_fetch=allow_fetch)
     check_columns(rows.column_names, dataset)
-    train_rows, eval_rows = _split(rows, eval_size, split_seed, max_train_examples, dataset)
+    train_rows, eval_rows = split_rows(rows, eval_size=eval_size, split_seed=split_seed,
+                                       max_train_examples=max_train_examples, dataset=dataset)
 
-    def encode(split):
-        out: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
-        for row in split:
-            source, target = seq2seq_pair(to_messages(row))
-            enc = tokenizer(source, text_target=target, truncation=True, max_length=max_length)
-            out["input_ids"].append(enc["input_ids"])
-            out["labels"].append(enc["labels"])
-            out["length"].append(len(enc["input_ids"]) + len(enc["labels"]))
-        return datasets.Dataset.from_dict(out)
+    def encode(row):
+        source, target = seq2seq_pair(to_messages(row))
+        enc = tokenizer(source, text_target=target, truncation=True, max_length=max_length)
+        return {"input_ids": enc["input_ids"], "labels": enc["labels"],
+                "length": len(enc["input_ids"]) + len(enc["labels"])}
 
-    return PreparedData(train=encode(train_rows), eval=encode(eval_rows), dropped=0, source_rows=len(rows))
+    return PreparedData(train=encode_rows(train_rows, encode)[0], eval=encode_rows(eval_rows, encode)[0],
+                        dropped=0, source_rows=len(rows))
 
 
 @dataclass
@@ -147,32 +143,29 @@ def label_names(rows) -> list[str]:
     return [str(i) for i in range(max(values) + 1)]
 
 
-@dataclass
-class ClassificationData(PreparedData):
-    labels: list[str] | None = None  # class names, index = label id
-
-
 def prepare_classification_data(dataset: str, tokenizer, *, eval_size: int, max_length: int, split_seed: int,
-                                max_train_examples: int | None = None,
-                                allow_fetch: bool = True) -> ClassificationData:
-    """Tokenized text (or text pairs) with integer class ``labels``; the class names are kept."""
+                                loss_on: str = "response", max_train_examples: int | None = None,
+                                allow_fetch: bool = True) -> PreparedData:
+    """Tokenized text (or text pairs) with integer class ``labels``; the class names are kept in
+    :attr:`PreparedData.labels`. ``loss_on`` is accepted for the common signature only."""
     import datasets
 
     rows = load_rows(dataset, allow_fetch=allow_fetch)
     columns = text_columns(rows.column_names, dataset)
     names = label_names(rows)
     index = {name: i for i, name in enumerate(names)}
-    train_rows, eval_rows = _split(rows, eval_size, split_seed, max_train_examples, dataset)
+    train_rows, eval_rows = split_rows(rows, eval_size=eval_size, split_seed=split_seed,
+                                       max_train_examples=max_train_examples, dataset=dataset)
 
-    def encode(split):
+    def encode(split):  # the whole split at once: batched tokenization is much faster
         texts = [list(split[c]) for c in columns]
         enc = tokenizer(*texts, truncation=True, max_length=max_length)
         labels = [index[v] if isinstance(v, str) else int(v) for v in list(split[LABEL_COLUMN])]
         return datasets.Dataset.from_dict({"input_ids": enc["input_ids"], "labels": labels,
                                            "length": [len(x) for x in enc["input_ids"]]})
 
-    return ClassificationData(train=encode(train_rows), eval=encode(eval_rows), dropped=0,
-                              source_rows=len(rows), labels=names)
+    return PreparedData(train=encode(train_rows), eval=encode(eval_rows), dropped=0, source_rows=len(rows),
+                        labels=names)
 
 
 @dataclass
@@ -203,29 +196,79 @@ def classification_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> tupl
     return nll, torch.ones_like(batch["labels"]), (logits.argmax(dim=-1) == batch["labels"]).long()
 
 
-# ---------------------------------------------------------------------------------- dispatch
-PEFT_TASK_TYPE = {"causal-lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM", "classification": "SEQ_CLS"}
+# ---------------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class Task:
+    """Everything that differs between the tasks a study can train.
+
+    ``prepare(dataset, tokenizer, *, eval_size, max_length, split_seed, loss_on, max_train_examples,
+    allow_fetch) -> PreparedData``; ``collator(pad_token_id)`` batches its examples; ``nll(model,
+    batch) -> (nll_sum (B,), n_tokens (B,)[, correct (B,)])`` is its per-example loss, used by both
+    training and evaluation; ``check_columns(column_names, dataset)`` raises
+    :class:`LoraplaceError` when a dataset lacks what ``prepare`` needs.
+    """
+
+    name: str
+    description: str
+    auto_class_name: str  # the transformers auto class that loads it (resolved lazily: see auto_class)
+    peft_task_type: str  # PEFT's TaskType: which head PEFT leaves trainable (modules_to_save) and how it wraps
+    check_columns: Callable[[list[str], str], Any]
+    prepare: Callable[..., PreparedData]
+    collator: Callable[[int], Callable]
+    nll: Callable
+    has_perplexity: bool  # exp(loss) is a perplexity (of tokens); False: a class label's cross-entropy
+    all_token_sums: bool  # evaluation can also sum NLL over prompt and padding tokens (the report's check)
+    selective_logits: bool  # nll projects to the vocabulary only at labelled positions: checked before use
+
+    @property
+    def auto_class(self) -> type:
+        """The transformers auto class (``AutoModelForCausalLM``, ...); importing transformers is slow."""
+        return getattr(importlib.import_module("transformers"), self.auto_class_name)
 
 
-def collator_for(task: str, pad_token_id: int):
-    """The batch collator of a task (all pad to the longest example of the batch)."""
-    from loraplace.data import PadCollator
+TASKS: dict[str, Task] = {task.name: task for task in (
+    Task(name="causal-lm", description="next-token prediction, loss on the response tokens (decoder-only models)",
+         auto_class_name="AutoModelForCausalLM", peft_task_type="CAUSAL_LM", check_columns=check_columns,
+         prepare=prepare_data, collator=PadCollator, nll=token_nll,
+         has_perplexity=True, all_token_sums=True, selective_logits=True),
+    Task(name="seq2seq", description="source -> target generation (encoder-decoder models: T5, BART)",
+         auto_class_name="AutoModelForSeq2SeqLM", peft_task_type="SEQ_2_SEQ_LM", check_columns=check_columns,
+         prepare=prepare_seq2seq_data, collator=Seq2SeqCollator, nll=seq2seq_nll,
+         has_perplexity=True, all_token_sums=False, selective_logits=False),
+    Task(name="classification",
+         description="sequence classification with a new head trained in full (encoder-only models: BERT, RoBERTa)",
+         auto_class_name="AutoModelForSequenceClassification", peft_task_type="SEQ_CLS",
+         check_columns=text_columns, prepare=prepare_classification_data, collator=ClassificationCollator,
+         nll=classification_nll, has_perplexity=False, all_token_sums=False, selective_logits=False),
+)}
 
-    return {"causal-lm": PadCollator, "seq2seq": Seq2SeqCollator,
-            "classification": ClassificationCollator}[task](pad_token_id)
+
+def get_task(name: str) -> Task:
+    """The task record called ``name``.
+
+    Raises:
+        LoraplaceError: no such task; lists the available names.
+    """
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise LoraplaceError(f"unknown task {name!r}; available tasks: {', '.join(TASKS)}") from None
 
 
-def nll_for(task: str):
-    """The per-example loss function of a task; None for causal LMs, whose
-    :func:`loraplace.evaluation.token_nll` is the default everywhere."""
-    return {"causal-lm": None, "seq2seq": seq2seq_nll, "classification": classification_nll}[task]
+# Encoder-only architectures: planned (and trained) with a sequence-classification head.
+ENCODER_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "albert", "deberta", "deberta-v2")
+
+
+def task_of(config: Any) -> str:
+    """The name of the task a model's architecture implies: ``seq2seq`` for encoder-decoder
+    configs, ``classification`` for encoder-only ones, ``causal-lm`` otherwise."""
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq"
+    if getattr(config, "model_type", None) in ENCODER_MODEL_TYPES:
+        return "classification"
+    return "causal-lm"
 
 
 def check_task_columns(task: str, column_names: list[str], dataset: str) -> None:
-    """Raise :class:`LoraplaceError` when a dataset lacks the columns its task needs."""
-    from loraplace.data import check_columns
-
-    if task == "classification":
-        text_columns(column_names, dataset)
-    else:
-        check_columns(column_names, dataset)
+    """Raise :class:`LoraplaceError` when a dataset lacks the columns task ``task`` (a name) needs."""
+    get_task(task).check_columns(column_names, dataset)

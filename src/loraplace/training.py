@@ -2,9 +2,10 @@
 
 The Trainer runs the loop; loraplace plugs in through its extension points only:
 
-* ``compute_loss`` (:class:`PlacementTrainer`): summed NLL over labelled tokens from
+* ``compute_loss`` (:class:`PlacementTrainer`): summed NLL over the targets from the task's
+  per-example loss (:attr:`loraplace.tasks.Task.nll`; for causal LMs
   :func:`loraplace.evaluation.token_nll`, which projects to the vocabulary only where a label
-  is, normalised by the labelled tokens of the whole (accumulated) batch;
+  is), normalised by the targets of the whole (accumulated) batch;
 * a collator that pads to the longest example, and length-grouped sampling whose shuffles come
   from a generator of their own, seeded from the run seed (:meth:`PlacementTrainer._get_train_sampler`);
 * ``get_batch_samples``: the labelled-token count of each optimizer step, counted by loraplace
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import functools
 import math
 import platform
 import time
@@ -41,6 +41,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from loraplace.config import TrainSettings
 from loraplace.data import IGNORE_INDEX
 from loraplace.evaluation import check_selective_loss, token_nll
+from loraplace.models import plain_linears
 
 _clock = time.perf_counter  # the training timer (a module attribute so that tests can stand in for it)
 
@@ -75,17 +76,6 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
-def _frozen_linears(model: nn.Module) -> list[nn.Linear]:
-    """The frozen ``nn.Linear`` modules of a model whose weight is not shared with the input
-    embedding (a tied vocabulary projection stays as it is: the embedding lookup reads it)."""
-    get_emb = getattr(model, "get_input_embeddings", None)
-    emb = get_emb() if callable(get_emb) else None
-    emb_weight = getattr(emb, "weight", None)
-    return [m for m in model.modules()
-            if type(m) is nn.Linear and not m.weight.requires_grad and m.weight is not emb_weight
-            and m.weight.dtype == torch.float32]
-
-
 @contextlib.contextmanager
 def frozen_weights_as(model: nn.Module, dtype: torch.dtype | None):
     """Hold the frozen linear weights (the base model's projections) in ``dtype`` inside the block.
@@ -99,7 +89,7 @@ def frozen_weights_as(model: nn.Module, dtype: torch.dtype | None):
     if dtype is None or dtype == torch.float32:
         yield
         return
-    modules = _frozen_linears(model)
+    modules = [m for m in plain_linears(model) if not m.weight.requires_grad]
     for m in modules:
         m.weight.data = m.weight.data.to(dtype)
         if m.bias is not None and not m.bias.requires_grad:
@@ -175,12 +165,6 @@ def attention_as(model: nn.Module, implementation: str | None):
         base.set_attn_implementation(current)
 
 
-def _is_token_nll(fn: Callable) -> bool:
-    while isinstance(fn, functools.partial):
-        fn = fn.func
-    return fn is token_nll
-
-
 def target_counter(nll_fn: Callable, model: nn.Module) -> Callable[[dict], torch.Tensor]:
     """How many targets ``nll_fn`` counts in a batch, from the labels alone (no forward pass).
 
@@ -222,8 +206,7 @@ class PlacementTrainer(Trainer):
 
     def __init__(self, *args, nll_fn: Callable = token_nll, **kwargs):
         super().__init__(*args, **kwargs)
-        # Per-example (nll_sum, n_tokens, ...) of a batch: token_nll for causal LMs, the task's
-        # own function for seq2seq and classification (loraplace.tasks).
+        # Per-example (nll_sum, n_tokens, ...) of a batch: the task's loss (loraplace.tasks.Task.nll).
         self.nll_fn = nll_fn
         self.count_targets = target_counter(nll_fn, self.model)
         # For transformers versions without loss_is_scaled_for_ga: with this flag and a non-None
@@ -389,14 +372,16 @@ def train_adapters(model: nn.Module, train_dataset, collator, settings: TrainSet
                    check_selective: bool = True) -> TrainOutcome:
     """Train the adapters of a PEFT-wrapped model for ``settings.max_steps`` optimizer steps.
 
-    ``nll_fn`` gives the per-example loss sums of a batch (default: causal-LM
-    :func:`~loraplace.evaluation.token_nll`). ``eval_loss`` (called every ``settings.eval_every`` steps when given) returns the held-out loss
+    ``nll_fn`` gives the per-example loss sums of a batch: the task's
+    :attr:`~loraplace.tasks.Task.nll` (default: causal-LM :func:`~loraplace.evaluation.token_nll`).
+    ``eval_loss`` (called every ``settings.eval_every`` steps when given) returns the held-out loss
     for the eval-loss curve; its time is not excluded from ``seconds``.
 
     The data order depends only on ``seed`` (and the dataset), never on the strategy, so every
     arm of a study sees the same batches in the same order.
 
-    Before the timer starts: with ``check_selective`` (causal LMs with ``token_nll``), the
+    Before the timer starts: with ``check_selective`` (a loss on selective logits:
+    :attr:`~loraplace.tasks.Task.selective_logits`, the causal LM's ``token_nll``), the
     selective-logits loss is compared with the model's own full-logits loss on the first training
     examples (:func:`~loraplace.evaluation.check_selective_loss`; raises
     :class:`~loraplace.evaluation.SelectiveLossMismatch`); with ``warmup``, one untimed forward and
@@ -439,7 +424,7 @@ def train_adapters(model: nn.Module, train_dataset, collator, settings: TrainSet
     features = _first_features(train_dataset, settings.batch_size) if (warmup or check_selective) else []
     run_device = trainer.args.device
     selective = None
-    if check_selective and features and _is_token_nll(nll_fn):
+    if check_selective and features:
         # float32 weights, eval mode, no autocast, random state untouched (forked)
         with torch.random.fork_rng(**_rng_devices(run_device)):
             selective = check_selective_loss(trainer.model, collator(features[:2]))

@@ -3,7 +3,8 @@ same per-example data, so that a "perplexity higher than exp(loss)" observation 
 the aggregation that produces it.
 
 Correct: ``exp(sum_i nll_i / sum_i n_i)`` over the labelled (response) tokens, computed with
-:func:`loraplace.evaluation.perplexity`. The wrong ones:
+:func:`loraplace.metrics.perplexity`, the function the evaluation uses (plain arithmetic: the
+report imports no torch). The wrong ones:
 
 * mean over batches of ``exp(batch loss)``: exponentiating before averaging (Jensen: never lower);
 * ``exp(mean over batches of batch losses)``: the mean of per-batch means weights small or
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from loraplace.evaluation import perplexity
+from loraplace.metrics import perplexity
 
 # Optional per-example keys of eval_examples.json used by the prompt/padding variants.
 OPTIONAL_FIELDS = {
@@ -49,10 +50,6 @@ class Aggregation:
         return self.value / correct - 1.0
 
 
-def _exp(x: float) -> float:
-    return math.exp(x) if x < 700 else float("inf")
-
-
 def aggregations(examples: dict) -> list[Aggregation]:
     """Every aggregation computable from one run's ``eval_examples.json`` content.
 
@@ -70,17 +67,17 @@ def aggregations(examples: dict) -> list[Aggregation]:
     batch_losses = np.array([nll[batch == b].sum() / tok[batch == b].sum()
                              for b in np.unique(batch) if tok[batch == b].sum() > 0])
     out.append(Aggregation("mean_batch_exp", "mean of per-batch exp(loss)", "mean_b exp(L_b)",
-                           float(np.mean([_exp(x) for x in batch_losses])),
+                           float(np.mean([perplexity(x) for x in batch_losses])),
                            note="exponentiates before averaging; ≥ exp(mean_b L_b) by Jensen's inequality"))
     out.append(Aggregation("exp_mean_batch", "exp(mean of per-batch losses)", "exp(mean_b L_b)",
-                           _exp(float(batch_losses.mean())),
+                           perplexity(float(batch_losses.mean())),
                            note="mean of per-batch means: weights batches equally, not tokens"))
     ex_losses = nll[keep] / tok[keep]
     out.append(Aggregation("mean_example_ppl", "mean of per-example perplexities", "mean_i exp(nllᵢ / nᵢ)",
-                           float(np.mean([_exp(x) for x in ex_losses])),
+                           float(np.mean([perplexity(x) for x in ex_losses])),
                            note="exponentiates before averaging; short, hard examples dominate"))
     out.append(Aggregation("exp_mean_example", "exp(mean of per-example losses)", "exp(mean_i nllᵢ / nᵢ)",
-                           _exp(float(ex_losses.mean())), note="weights examples equally, not tokens"))
+                           perplexity(float(ex_losses.mean())), note="weights examples equally, not tokens"))
 
     if "nll_sum_all_tokens" in examples and "n_tokens_all" in examples:
         all_nll = float(np.sum(examples["nll_sum_all_tokens"]))

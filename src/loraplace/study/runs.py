@@ -8,14 +8,24 @@ import re
 import time
 import traceback
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+
 from loraplace.config import LoraSettings
+from loraplace.data import PreparedData
 from loraplace.errors import LoraplaceError
 from loraplace.study.files import atomic_write_json, atomic_write_text
 from loraplace.study.records import RunResult, RunSpec
+from loraplace.tasks import Task
+
+if TYPE_CHECKING:
+    from loraplace.evaluation import EvalResult
+    from loraplace.measure import PeakMemory
+    from loraplace.training import TrainOutcome
+
 
 class RunContext:
     """What runs of one process share: the tokenizer, the base model (loaded once and reused:
@@ -26,7 +36,7 @@ class RunContext:
         self._models: dict[str, Any] = {}
         self._tokenizers: dict[str, Any] = {}
         self._data: dict[tuple, Any] = {}
-        self._tasks: dict[str, str] = {}
+        self._tasks: dict[str, str] = {}  # model -> the name of the task its architecture implies
 
     def tokenizer(self, model: str):
         from loraplace.models import load_tokenizer, resolve_model_path
@@ -35,19 +45,20 @@ class RunContext:
             self._tokenizers[model] = load_tokenizer(resolve_model_path(model, self.allow_fetch))
         return self._tokenizers[model]
 
-    def task(self, spec: RunSpec) -> str:
-        """The spec's task; ``auto`` follows the model's architecture (:func:`loraplace.models.task_of`)."""
-        from loraplace.models import load_config, resolve_model_path, task_of
+    def task(self, spec: RunSpec) -> Task:
+        """The spec's task record; ``auto`` follows the model's architecture (:func:`loraplace.tasks.task_of`)."""
+        from loraplace.models import load_config, resolve_model_path
+        from loraplace.tasks import get_task, task_of
 
         if spec.task != "auto":
-            return spec.task
+            return get_task(spec.task)
         if spec.model not in self._tasks:
             self._tasks[spec.model] = task_of(load_config(resolve_model_path(spec.model, self.allow_fetch))[0])
-        return self._tasks[spec.model]
+        return get_task(self._tasks[spec.model])
 
-    def base_model(self, model: str, device: torch.device, task: str = "causal-lm", num_labels: int | None = None,
+    def base_model(self, model: str, device: torch.device, task: Task, num_labels: int | None = None,
                    round_to: torch.dtype | None = None):
-        """The loaded base model, shared by the runs (one in memory at a time).
+        """The loaded base model with the head of ``task``, shared by the runs (one in memory at a time).
 
         ``round_to`` (bfloat16 or float16: the run's autocast dtype, else None) rounds the
         frozen linear weights once at load (:func:`loraplace.models.round_linear_weights`).
@@ -60,13 +71,13 @@ class RunContext:
         """
         from loraplace.models import load_model, resolve_model_path, round_linear_weights
 
-        key = (model, str(device), task, num_labels, str(round_to))
+        key = (model, str(device), task.name, num_labels, str(round_to))
         if key not in self._models:
             self._models.clear()  # one base model in memory at a time
             from transformers import set_seed
 
             set_seed(0)  # a classification head is initialised at load: the same head for every run
-            loaded = load_model(resolve_model_path(model, self.allow_fetch), task, num_labels).to(device)
+            loaded = load_model(resolve_model_path(model, self.allow_fetch), task.name, num_labels).to(device)
             if loaded.config.pad_token_id is None:  # classifiers find the last token by the pad id
                 loaded.config.pad_token_id = self.tokenizer(model).pad_token_id
             if round_to is not None:
@@ -74,23 +85,15 @@ class RunContext:
             self._models[key] = loaded
         return self._models[key]
 
-    def data(self, spec: RunSpec, task: str = "causal-lm"):
-        from loraplace.data import prepare_data
-        from loraplace.tasks import prepare_classification_data, prepare_seq2seq_data
-
-        key = (spec.model, spec.dataset, task, spec.train.max_length, spec.train.loss_on, spec.data.eval_size,
+    def data(self, spec: RunSpec, task: Task) -> PreparedData:
+        """The spec's tokenized train and eval splits, prepared by its task (:attr:`Task.prepare`)."""
+        key = (spec.model, spec.dataset, task.name, spec.train.max_length, spec.train.loss_on, spec.data.eval_size,
                spec.data.split_seed, spec.data.max_train_examples)
         if key not in self._data:
-            common = dict(eval_size=spec.data.eval_size, max_length=spec.train.max_length,
-                          split_seed=spec.data.split_seed, max_train_examples=spec.data.max_train_examples,
-                          allow_fetch=self.allow_fetch)
-            tokenizer = self.tokenizer(spec.model)
-            if task == "seq2seq":
-                self._data[key] = prepare_seq2seq_data(spec.dataset, tokenizer, **common)
-            elif task == "classification":
-                self._data[key] = prepare_classification_data(spec.dataset, tokenizer, **common)
-            else:
-                self._data[key] = prepare_data(spec.dataset, tokenizer, loss_on=spec.train.loss_on, **common)
+            self._data[key] = task.prepare(
+                spec.dataset, self.tokenizer(spec.model), eval_size=spec.data.eval_size,
+                max_length=spec.train.max_length, split_seed=spec.data.split_seed, loss_on=spec.train.loss_on,
+                max_train_examples=spec.data.max_train_examples, allow_fetch=self.allow_fetch)
         return self._data[key]
 
 
@@ -202,13 +205,14 @@ UNIFORM_FRACTION = 0.9  # eval loss at or above this share of ln(V) counts as "a
 GOOD_START_FRACTION = 0.75  # a first training loss at or below this share of ln(V) was clearly better
 
 
-def uniform_loss(model, task: str, num_labels: int | None = None) -> float | None:
-    """The loss of predicting the uniform distribution: ln(number of classes) for a classifier,
-    ln(vocabulary size) otherwise (rows of the output embedding, else ``config.vocab_size``)."""
+def uniform_loss(model, num_labels: int | None = None) -> float | None:
+    """The loss of predicting the uniform distribution: ln(number of classes) for a classifier
+    (``num_labels`` given), ln(vocabulary size) otherwise (rows of the output embedding, else
+    ``config.vocab_size``)."""
     import math
 
-    if task == "classification":
-        return math.log(num_labels) if num_labels and num_labels > 1 else None
+    if num_labels is not None:
+        return math.log(num_labels) if num_labels > 1 else None
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     size = getattr(getattr(out, "weight", None), "shape", (None,))[0]
     size = size or getattr(getattr(model, "config", None), "vocab_size", None)
@@ -246,132 +250,236 @@ def divergence(log_history: list[dict], eval_loss: float | None, uniform: float 
     return None
 
 
+@dataclass
+class RunSetup:
+    """What :meth:`RunRecipe.prepare` hands to the other phases: the shared, loaded pieces of the run."""
+
+    run_dir: Path
+    device: torch.device
+    precision: str  # resolved: fp32, bf16 or fp16
+    task: Task
+    tokenizer: Any
+    data: PreparedData
+    base: Any  # the shared base model (RunContext.base_model)
+    collator: Callable
+    base_params: int
+    uniform_loss: float | None  # ln(V) or ln(classes): see divergence
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        from loraplace.training import autocast_dtype
+
+        return autocast_dtype(self.precision)
+
+
+@dataclass
+class Adapters:
+    """What :meth:`RunRecipe.wrap_and_check` made: the PEFT-wrapped base model and its checked counts."""
+
+    peft_model: Any
+    placement: Any  # loraplace.placement.Placement
+    trainable: int  # adapters + a classifier's head
+    head: int  # of trainable: a classifier's new head, trained in full (PEFT's modules_to_save)
+    total: int  # base + adapter parameters
+
+    @property
+    def rank(self) -> int | None:
+        """The rank of every adapted module, or None where they differ."""
+        ranks = {r for rs in self.placement.ranks().values() for r in rs}
+        return ranks.pop() if len(ranks) == 1 else None
+
+
+class RunRecipe:
+    """One run, phase by phase, each returning what it made (torchtune's recipes read the same way):
+
+    :meth:`prepare` (device, precision, task, tokenizer, data, base model, collator) ->
+    :meth:`use_base` for the base row, or :meth:`wrap_and_check` (placement -> PEFT config -> wrap
+    -> :func:`check_wrapped` -> counts) then :meth:`train` -> :meth:`evaluate` -> :meth:`record`
+    (the :class:`RunResult`). Each phase writes the run file of what it made: ``config.json``,
+    ``modules.json``, ``train_log.json``, ``eval_examples.json``, ``result.json``.
+    :func:`execute_run` calls them in order and owns the failure handling.
+    """
+
+    def __init__(self, spec: RunSpec, ctx: RunContext,
+                 on_step: Callable[[int, int, float | None], None] | None = None):
+        self.spec, self.ctx, self.on_step = spec, ctx, on_step
+
+    def prepare(self) -> RunSetup:
+        from loraplace.models import pick_device
+        from loraplace.placement import total_params
+        from loraplace.training import autocast_dtype, resolve_precision
+
+        spec, ctx = self.spec, self.ctx
+        run_dir = Path(spec.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / "config.json", spec.model_dump())
+        device = pick_device(spec.device)
+        precision = resolve_precision(spec.train.precision, device)
+        task = ctx.task(spec)
+        tokenizer = ctx.tokenizer(spec.model)
+        data = ctx.data(spec, task)
+        num_labels = len(data.labels) if data.labels is not None else None  # classification: the classes
+        base = ctx.base_model(spec.model, device, task, num_labels, round_to=autocast_dtype(precision))
+        return RunSetup(run_dir=run_dir, device=device, precision=precision, task=task, tokenizer=tokenizer,
+                        data=data, base=base, collator=task.collator(tokenizer.pad_token_id),
+                        base_params=total_params(base), uniform_loss=uniform_loss(base, num_labels))
+
+    def use_base(self, setup: RunSetup):
+        """The base row evaluates the base model as it is; returns it."""
+        from loraplace.evaluation import check_selective_loss
+
+        atomic_write_json(setup.run_dir / "modules.json", {"strategy": "base", "modules": []})
+        if setup.task.selective_logits:  # the base row is evaluated with the fast loss too: check it first
+            train = setup.data.train
+            check_selective_loss(setup.base, setup.collator([train[i] for i in range(min(2, len(train)))]))
+        return setup.base
+
+    def wrap_and_check(self, setup: RunSetup) -> Adapters:
+        from peft import get_peft_model
+        from transformers import set_seed
+
+        from loraplace.placement import resolve_arm, total_params, trainable_params
+
+        spec = self.spec
+        # An arm "attention~full" is the strategy with ranks matched to full's budget.
+        placement = resolve_arm(setup.base, spec.strategy, spec.lora.r, spec.lora.alpha)
+        atomic_write_json(setup.run_dir / "modules.json", placement.to_dict())
+        lora_config = lora_config_for(placement, spec.lora, task_type=setup.task.peft_task_type)
+        set_seed(spec.seed)  # adapter initialisation depends on the seed only
+        with warnings.catch_warnings():
+            # PEFT checks rank_pattern keys against wrapped modules only, so keys of expert
+            # parameters look unused although they apply; check_wrapped verifies every rank.
+            warnings.filterwarnings("ignore", message="The following (rank|alpha)_pattern keys",
+                                    category=RuntimeWarning)
+            peft_model = get_peft_model(setup.base, lora_config)
+        trainable = trainable_params(peft_model)
+        # A classifier's new head trains in full beside the adapters (PEFT's modules_to_save).
+        head = sum(p.numel() for n, p in peft_model.named_parameters() if p.requires_grad and ".modules_to_save." in n)
+        try:
+            check_wrapped(peft_model, placement, trainable - head)
+        except BaseException:
+            unload_adapters(peft_model)  # the shared base model must come back unchanged
+            raise
+        return Adapters(peft_model=peft_model, placement=placement, trainable=trainable, head=head,
+                        total=total_params(peft_model))
+
+    def train(self, setup: RunSetup, adapters: Adapters) -> TrainOutcome:
+        from loraplace.training import train_adapters
+
+        spec, model = self.spec, adapters.peft_model
+        outcome = train_adapters(
+            model, setup.data.train, setup.collator, spec.train, seed=spec.seed, precision=setup.precision,
+            device=setup.device, output_dir=setup.run_dir / "trainer", on_step=self.on_step, nll_fn=setup.task.nll,
+            check_selective=setup.task.selective_logits,
+            eval_loss=lambda: self._evaluate(setup, model, by_length=True).loss,
+        )
+        atomic_write_json(setup.run_dir / "train_log.json", outcome.log_history)
+        return outcome
+
+    def evaluate(self, setup: RunSetup, model) -> EvalResult:
+        """The final evaluation on the held-out split, with the all-token sums where the task has them."""
+        ev = self._evaluate(setup, model, all_tokens=setup.task.all_token_sums)
+        examples = {"nll_sum": ev.nll_sums, "n_tokens": ev.n_tokens, "batch": ev.batch_of}
+        optional = {"nll_sum_all_tokens": ev.nll_sums_all, "n_tokens_all": ev.n_tokens_all,
+                    "nll_sum_pad": ev.nll_sums_pad, "n_pad": ev.n_pad, "correct": ev.correct}
+        examples.update({k: v for k, v in optional.items() if v})  # causal LMs / classifiers only
+        atomic_write_json(setup.run_dir / "eval_examples.json", examples)
+        return ev
+
+    def _evaluate(self, setup: RunSetup, model, **kwargs) -> EvalResult:
+        from loraplace.evaluation import evaluate_nll
+
+        return evaluate_nll(model, setup.data.eval, setup.collator, batch_size=self.spec.train.eval_batch_size,
+                            device=setup.device, autocast_dtype=setup.autocast_dtype, nll_fn=setup.task.nll, **kwargs)
+
+    def record(self, setup: RunSetup, memory: PeakMemory, *, adapters: Adapters | None,
+               outcome: TrainOutcome | None, ev: EvalResult | None, error: str | None) -> RunResult:
+        """The run's :class:`RunResult` from what the phases made (None: not reached), written to
+        ``result.json``. ``error`` marks the run failed."""
+        from loraplace.measure import device_description, library_versions
+
+        spec, is_base = self.spec, self.spec.kind == "base"
+        placement = adapters.placement if adapters else None
+        budget = (placement.budget or {}) if placement else {}
+        losses = [e["loss"] for e in outcome.log_history if "loss" in e] if outcome else []
+        reason = divergence(outcome.log_history, ev.loss, setup.uniform_loss) if outcome and ev else None
+        trainable = 0 if is_base else adapters.trainable if adapters else None
+        total = setup.base_params if is_base else adapters.total if adapters else None
+        result = RunResult(
+            run_id=spec.run_id, kind=spec.kind, strategy=spec.strategy, seed=spec.seed, position=spec.position,
+            status="failed" if error else "ok", error=error, task=setup.task.name, model=spec.model,
+            dataset=spec.dataset, device=device_description(setup.device), precision=setup.precision,
+            versions=library_versions(), base_params=setup.base_params,
+            # the adapters (lora rows that got that far)
+            r=adapters.rank if adapters else None, alpha=spec.lora.alpha if adapters else None,
+            dropout=spec.lora.dropout if adapters else None,
+            modules=[m.name for m in placement.modules] if placement else [],
+            roles=placement.roles() if placement else [], warnings=placement.warnings if placement else [],
+            ranks=placement.ranks() if placement else {}, head_params=adapters.head if adapters else None,
+            trainable_params=trainable, total_params=total,
+            trainable_pct=100.0 * trainable / total if total else None,
+            match_budget=budget.get("reference"), budget_target=budget.get("target"),
+            budget_deviation_pct=budget.get("deviation_pct"),
+            # training
+            train_time_s=outcome.seconds if outcome else None, train_steps=outcome.steps if outcome else None,
+            train_real_tokens=outcome.real_tokens if outcome else None,
+            train_label_tokens=outcome.label_tokens if outcome else None,
+            train_tokens_per_s=outcome.tokens_per_second if outcome else None,
+            final_train_loss=losses[-1] if losses else None, speed_choices=outcome.choices if outcome else {},
+            diverged=reason is not None, diverged_reason=reason,
+            # evaluation; exp(cross-entropy) of a class label is no perplexity: classification reports accuracy
+            eval_loss=ev.loss if ev else None,
+            perplexity=ev.perplexity if ev and setup.task.has_perplexity else None,
+            eval_accuracy=ev.accuracy if ev else None, eval_nll_sum=ev.nll_sum if ev else None,
+            eval_tokens=ev.tokens if ev else None, eval_examples=len(ev.n_tokens) if ev else None,
+            eval_time_s=ev.seconds if ev else None,
+            # memory (the run's own: see PeakMemory)
+            peak_memory_mib=memory.peak_mib, memory_kind=memory.kind, memory_start_mib=memory.start_mib,
+            peak_memory_increase_mib=memory.increase_mib, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        )
+        atomic_write_json(setup.run_dir / "result.json", result.model_dump())
+        return result
+
+
 def execute_run(spec: RunSpec, ctx: RunContext,
                 on_step: Callable[[int, int, float | None], None] | None = None) -> RunResult:
-    """Run one job end to end and write its files into ``spec.run_dir``.
+    """Run one job end to end (the phases of :class:`RunRecipe`) and write its files into ``spec.run_dir``.
 
     A run that fails (non-finite loss, out of memory, ...) returns ``status='failed'`` with the
-    reason; input errors (:class:`LoraplaceError`) and Ctrl-C propagate to the caller. A run that
-    finishes but diverged without a NaN (:func:`divergence`) stays ``ok`` with ``diverged=True``
-    and its reason.
+    reason (and, for an unexpected error, its traceback in ``error.txt``); input errors
+    (:class:`LoraplaceError`) and Ctrl-C propagate to the caller. A run that finishes but diverged
+    without a NaN (:func:`divergence`) stays ``ok`` with ``diverged=True`` and its reason.
 
     Runs are independent of what ran before in the process: the shared base model comes back
     unchanged after each arm (:func:`unload_adapters`; frozen weights rounded once at load, see
     :meth:`RunContext.base_model`), and memory is the run's own (:class:`loraplace.measure.PeakMemory`:
     released at the start, then start, peak and increase).
     """
-    from peft import get_peft_model
-    from transformers import set_seed
+    from loraplace.measure import PeakMemory
+    from loraplace.training import NonFiniteLoss
 
-    from loraplace.evaluation import check_selective_loss, evaluate_nll, token_nll
-    from loraplace.measure import PeakMemory, device_description, library_versions
-    from loraplace.models import pick_device
-    from loraplace.placement import resolve_arm, total_params, trainable_params
-    from loraplace.tasks import PEFT_TASK_TYPE, collator_for, nll_for
-    from loraplace.training import NonFiniteLoss, autocast_dtype, resolve_precision, train_adapters
-
-    run_dir = Path(spec.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / "config.json", spec.model_dump())
-    device = pick_device(spec.device)
-    precision = resolve_precision(spec.train.precision, device)
-    task = ctx.task(spec)
-    tokenizer = ctx.tokenizer(spec.model)
-    data = ctx.data(spec, task)
-    num_labels = len(data.labels) if task == "classification" else None
-    base = ctx.base_model(spec.model, device, task, num_labels, round_to=autocast_dtype(precision))
-    collator = collator_for(task, tokenizer.pad_token_id)
-    nll_fn = nll_for(task)
-    base_count = total_params(base)
-    result = dict(
-        run_id=spec.run_id, kind=spec.kind, strategy=spec.strategy, seed=spec.seed, status="ok", task=task,
-        model=spec.model, dataset=spec.dataset, position=spec.position, base_params=base_count,
-        device=device_description(device),
-        precision=precision, versions=library_versions(),
-    )
-    eval_kwargs = dict(batch_size=spec.train.eval_batch_size, device=device, autocast_dtype=autocast_dtype(precision),
-                       nll_fn=nll_fn)
-
-    peft_model = None
-    memory = PeakMemory(device)
+    recipe = RunRecipe(spec, ctx, on_step)
+    setup = recipe.prepare()
+    adapters = outcome = ev = error = None
+    memory = PeakMemory(setup.device)
     try:
         with memory:
             if spec.kind == "base":
-                result.update(trainable_params=0, total_params=base_count, trainable_pct=0.0)
-                atomic_write_json(run_dir / "modules.json", {"strategy": "base", "modules": []})
-                if nll_fn is None:  # the base row is evaluated with the fast loss too: check it first
-                    check_selective_loss(base, collator([data.train[i] for i in range(min(2, len(data.train)))]))
-                model = base
+                model = recipe.use_base(setup)
             else:
-                # An arm "attention~full" is the strategy with ranks matched to full's budget.
-                placement = resolve_arm(base, spec.strategy, spec.lora.r, spec.lora.alpha)
-                atomic_write_json(run_dir / "modules.json", placement.to_dict())
-                lora_config = lora_config_for(placement, spec.lora, task_type=PEFT_TASK_TYPE[task])
-                set_seed(spec.seed)  # adapter initialisation depends on the seed only
-                with warnings.catch_warnings():
-                    # PEFT checks rank_pattern keys against wrapped modules only, so keys of expert
-                    # parameters look unused although they apply; check_wrapped verifies every rank.
-                    warnings.filterwarnings("ignore", message="The following (rank|alpha)_pattern keys",
-                                            category=RuntimeWarning)
-                    peft_model = get_peft_model(base, lora_config)
-                trainable = trainable_params(peft_model)
-                # A classifier's new head trains in full beside the adapters (PEFT's modules_to_save).
-                head = sum(p.numel() for n, p in peft_model.named_parameters()
-                           if p.requires_grad and ".modules_to_save." in n)
-                check_wrapped(peft_model, placement, trainable - head)
-                total = total_params(peft_model)
-                ranks = placement.ranks()
-                single_r = {r for rs in ranks.values() for r in rs}
-                budget = placement.budget or {}
-                result.update(
-                    r=single_r.pop() if len(single_r) == 1 else None, alpha=spec.lora.alpha, dropout=spec.lora.dropout,
-                    modules=[m.name for m in placement.modules], roles=placement.roles(), warnings=placement.warnings,
-                    trainable_params=trainable, head_params=head, total_params=total, trainable_pct=100.0 * trainable / total,
-                    ranks=ranks, match_budget=budget.get("reference"), budget_target=budget.get("target"),
-                    budget_deviation_pct=budget.get("deviation_pct"),
-                )
-                outcome = train_adapters(
-                    peft_model, data.train, collator, spec.train, seed=spec.seed, precision=precision,
-                    device=device, output_dir=run_dir / "trainer", on_step=on_step, nll_fn=nll_fn or token_nll,
-                    eval_loss=lambda: evaluate_nll(peft_model, data.eval, collator, by_length=True, **eval_kwargs).loss,
-                )
-                atomic_write_json(run_dir / "train_log.json", outcome.log_history)
-                losses = [e["loss"] for e in outcome.log_history if "loss" in e]
-                result.update(
-                    train_time_s=outcome.seconds, train_steps=outcome.steps, train_real_tokens=outcome.real_tokens,
-                    train_label_tokens=outcome.label_tokens, train_tokens_per_s=outcome.tokens_per_second,
-                    final_train_loss=losses[-1] if losses else None, speed_choices=outcome.choices,
-                )
-                model = peft_model
-            ev = evaluate_nll(model, data.eval, collator, all_tokens=True, **eval_kwargs)
-        examples = {"nll_sum": ev.nll_sums, "n_tokens": ev.n_tokens, "batch": ev.batch_of}
-        optional = {"nll_sum_all_tokens": ev.nll_sums_all, "n_tokens_all": ev.n_tokens_all,
-                    "nll_sum_pad": ev.nll_sums_pad, "n_pad": ev.n_pad, "correct": ev.correct}
-        examples.update({k: v for k, v in optional.items() if v})  # causal LMs / classifiers only
-        atomic_write_json(run_dir / "eval_examples.json", examples)
-        result.update(
-            # exp(cross-entropy) of a class label is no perplexity: classification reports accuracy.
-            eval_loss=ev.loss, perplexity=ev.perplexity if task != "classification" else None,
-            eval_accuracy=ev.accuracy, eval_nll_sum=ev.nll_sum, eval_tokens=ev.tokens,
-            eval_examples=len(ev.n_tokens), eval_time_s=ev.seconds,
-        )
-        if spec.kind != "base":
-            reason = divergence(outcome.log_history, ev.loss, uniform_loss(base, task, num_labels))
-            result.update(diverged=reason is not None, diverged_reason=reason)
+                adapters = recipe.wrap_and_check(setup)
+                outcome = recipe.train(setup, adapters)
+                model = adapters.peft_model
+            ev = recipe.evaluate(setup, model)
     except NonFiniteLoss as e:
-        result.update(status="failed", error=str(e))
+        error = str(e)
     except (LoraplaceError, KeyboardInterrupt):
         raise
     except Exception as e:  # a failed run is recorded and the study goes on
-        result.update(status="failed", error=f"{type(e).__name__}: {e}")
-        atomic_write_text(run_dir / "error.txt", traceback.format_exc())
+        error = f"{type(e).__name__}: {e}"
+        atomic_write_text(setup.run_dir / "error.txt", traceback.format_exc())
     finally:
-        if peft_model is not None:
+        if adapters is not None:
             # restores the base modules (and a classifier's untrained head) for the next run
-            unload_adapters(peft_model)
-    result.update(peak_memory_mib=memory.peak_mib, memory_kind=memory.kind, memory_start_mib=memory.start_mib,
-                  peak_memory_increase_mib=memory.increase_mib,
-                  finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    record = RunResult(**result)
-    atomic_write_json(run_dir / "result.json", record.model_dump())
-    return record
+            unload_adapters(adapters.peft_model)
+    return recipe.record(setup, memory, adapters=adapters, outcome=outcome, ev=ev, error=error)
