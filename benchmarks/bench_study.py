@@ -6,7 +6,8 @@ and max length, each in its own subprocess (so peak RSS is per variant):
   (a) plain:      the script a user would write: float32, every example padded to max_length,
                   the model reloaded for each strategy, the model's own loss (full logits);
   (b) plain+bf16: the same script with ``TrainingArguments(bf16=True)``;
-  (c) loraplace:  ``loraplace run`` for the same strategies, with ``train.loss_on=all`` so that its
+  (c) loraplace:  a loraplace study (:func:`loraplace.study.driver.run_study`, what ``loraplace run``
+                  runs) for the same strategies, with ``train.loss_on=all`` so that its
                   loss covers the same tokens as the plain script's (every non-padding token).
 
 and prints study wall time, training real tokens/s, eval time, peak RSS, eval loss, the ratios
@@ -170,20 +171,20 @@ def run_plain(args, bf16: bool) -> dict:
 
 # -------------------------------------------------------------------------------- variant (c)
 def run_loraplace(args) -> dict:
-    """``loraplace run`` in this process, exactly as the command line runs it."""
-    from loraplace.cli import app
+    """A loraplace study in this process, run by the study driver as ``loraplace run`` runs it
+    (report included), without the progress display."""
+    from loraplace.config import load_study
+    from loraplace.study.driver import run_study
 
     out = Path(tempfile.mkdtemp(prefix="bench-loraplace-"))
-    argv = ["run", "-m", args.model, "-d", args.dataset, "-s", ",".join(args.strategies), "-o", str(out),
-            "include_base=false", f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}",
-            f"train.max_length={args.max_length}", "train.loss_on=all", "train.eval_every=0",
-            f"data.eval_size={args.eval_size}", f"lora.r={args.r}", f"lora.alpha={2 * args.r}"]
+    config = load_study(None, {
+        "model": args.model, "dataset": args.dataset, "strategies": ",".join(args.strategies), "output": str(out),
+        "include_base": False, "train.max_steps": args.steps, "train.batch_size": args.batch_size,
+        "train.max_length": args.max_length, "train.loss_on": "all", "train.eval_every": 0,
+        "data.eval_size": args.eval_size, "lora.r": args.r, "lora.alpha": 2 * args.r,
+    })
     start = time.perf_counter()
-    try:
-        app(argv, standalone_mode=False)
-    except SystemExit as e:
-        if e.code:
-            raise
+    run_study(config)
     wall = time.perf_counter() - start
     results = json.loads((out / "results.json").read_text())
     rows = results["runs"] if isinstance(results, dict) else results

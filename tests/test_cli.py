@@ -5,7 +5,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from loraplace.cli import app, layer_ranges
+from loraplace.cli import app
+from loraplace.placement import layer_ranges
 
 runner = CliRunner()
 

@@ -8,8 +8,8 @@ import torch
 
 from loraplace.errors import LoraplaceError
 from loraplace.placement import (
-    arm_label, budget_target, match_placement, parse_budget, parse_strategy, resolve_arm, resolve_matched,
-    resolve_placement, split_arm,
+    Arm, budget_target, match_placement, parse_budget_reference, parse_param_count, parse_strategy, resolve_arm,
+    resolve_matched, resolve_placement, study_arms,
 )
 
 
@@ -96,7 +96,7 @@ def test_literal_strategies_match_too(dialogpt_medium):
 
 
 def test_parameter_count_budget(smollm2):
-    p = resolve_matched(smollm2, parse_strategy("qv"), 16, 32, "1M")
+    p = resolve_matched(smollm2, parse_strategy("qv"), 16, 32, parse_budget_reference("1M"))
     # q: 576 + 576, v: 576 + 192 per rank and layer: 30 * 1920 = 57,600 per rank.
     assert p.budget["target"] == 1_000_000 and p.budget["reference"] == 1_000_000
     assert abs(p.lora_params - 1_000_000) <= 1152
@@ -157,7 +157,19 @@ def test_mixtral_experts_count_in_the_budget():
     ("6.3M", 6_300_000), ("500k", 500_000), ("1g", 1_000_000_000), (42, 42),
 ])
 def test_parse_budget(value, expected):
-    assert parse_budget(value) == expected
+    assert parse_budget_reference(value) == expected
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("6291456", 6_291_456), ("6_291_456", 6_291_456), ("12,000", 12_000), ("1e6", 1_000_000), ("500k", 500_000),
+    ("2M", 2_000_000), ("6.3M", 6_300_000), ("1g", 10**9), ("2B", 2 * 10**9), (42, 42),
+])
+def test_one_parser_of_parameter_counts(value, expected):
+    # --match-budget and the report's --budget read counts with the same rules
+    assert parse_param_count(value) == expected
+    assert parse_budget_reference(value) == expected
+    with pytest.raises(LoraplaceError, match="--budget 'lots' is not a parameter count"):
+        parse_param_count("lots", what="--budget")
 
 
 @pytest.mark.parametrize("value, fragment", [
@@ -170,15 +182,18 @@ def test_parse_budget(value, expected):
 ])
 def test_parse_budget_errors(value, fragment):
     with pytest.raises(LoraplaceError) as info:
-        parse_budget(value)
+        parse_budget_reference(value)
     assert fragment in str(info.value)
 
 
 def test_arm_labels(smollm2):
-    assert arm_label("attention", "full") == "attention~full" and arm_label("ffn", None) == "ffn"
-    assert split_arm("attention@last:2~6.3M") == ("attention@last:2", 6_300_000)
-    assert split_arm("qv") == ("qv", None)
+    assert Arm("attention", "full").label == "attention~full" and Arm("ffn").label == "ffn"
+    assert Arm.parse("attention@last:2~6.3M") == Arm("attention@last:2", 6_300_000)
+    assert Arm.parse("qv") == Arm("qv")
+    assert [a.label for a in study_arms(["full", "attention@last:2"], "full")] == [
+        "full", "attention@last:2", "attention@last:2~full"]
+    assert study_arms(["qv"], None) == [Arm("qv")]
     per_rank = _per_rank(_config("HuggingFaceTB/SmolLM2-135M-Instruct"))
     attention = sum(v for k, v in per_rank.items() if k.startswith("attn."))
-    assert resolve_arm(smollm2, "attention~full", 16, 32).lora_params == 16 * sum(per_rank.values())
-    assert resolve_arm(smollm2, "attention", 16, 32).lora_params == 16 * attention == 1_843_200
+    assert resolve_arm(smollm2, Arm("attention", "full"), 16, 32).lora_params == 16 * sum(per_rank.values())
+    assert resolve_arm(smollm2, Arm("attention"), 16, 32).lora_params == 16 * attention == 1_843_200

@@ -15,11 +15,12 @@ from typer.testing import CliRunner
 
 from loraplace.cli import app
 from loraplace.errors import LoraplaceError
-from loraplace.report import parse_budget, write_report
+from loraplace.placement.budget import parse_param_count
+from loraplace.report import write_report
 from loraplace.report.analysis import build_arms, build_groups
 from loraplace.report.load import load_studies
 from loraplace.report.stats import holm, paired_bootstrap, t_interval
-from loraplace.report.synthetic import make_study
+from synthetic import make_study
 
 FIGURES = ["pareto_params", "pareto_time", "eval_loss", "loss_curves", "time_throughput", "placement"]
 RESAMPLES = 2000
@@ -222,10 +223,20 @@ def test_errors_say_what_to_do(tmp_path):
     assert res.exit_code == 2 and "--budget" in res.output
 
 
+def test_report_and_the_command_line_do_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, loraplace.cli, loraplace.report.write, loraplace.study.plan, loraplace.study.store; "
+            "print(sorted(m for m in ('torch', 'peft', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 @pytest.mark.parametrize("text,value", [("500000", 500_000), ("500k", 500_000), ("2M", 2_000_000), ("1e6", 1_000_000),
                                         ("12,000", 12_000), ("6.3M", 6_300_000)])
 def test_parse_budget(text, value):
-    assert parse_budget(text) == value
+    assert parse_param_count(text) == value
 
 
 # ------------------------------------------------------------------ one significance rule (Holm)
@@ -360,7 +371,7 @@ def test_time_dominance_says_when_the_order_is_unknown(tmp_path):
 
 def test_synthetic_positions_follow_the_study_stores_execution_order(tmp_path):
     from loraplace.config import StudyConfig
-    from loraplace.study.store import run_specs
+    from loraplace.study.plan import run_specs
 
     study = make_study(tmp_path / "s", {"full": -0.3, "attention": -0.2, "ffn": -0.1}, seeds=(0, 1, 2))
     config = StudyConfig.model_validate(json.loads((study / "results.json").read_text())["study"])

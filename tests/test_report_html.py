@@ -13,7 +13,7 @@ import subprocess
 import pytest
 
 from loraplace.report import write_report
-from loraplace.report.synthetic import make_study
+from synthetic import make_study
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="headless test needs `chromium` on PATH "

@@ -20,6 +20,14 @@ def run_cli(*args):
     return result, result.output
 
 
+def run_driver(*overrides: str, progress=None, **values):
+    """A study run by the driver itself (no command line): its folder."""
+    from loraplace.config import load_study, parse_override
+    from loraplace.study.driver import run_study
+
+    return run_study(load_study(None, {**dict(parse_override(o) for o in overrides), **values}), progress=progress)
+
+
 @pytest.fixture(scope="module")
 def tiny_study_run(tiny_llama_dir, tmp_path_factory):
     """The tiny study, run once through the CLI (not a terminal): its folder, data, output, wall time."""
@@ -184,7 +192,7 @@ def test_results_table_lists_every_run(tiny_study):
 def test_runs_are_deterministic_under_a_fixed_seed(tiny_study, tmp_path):
     from loraplace.config import load_study
     from loraplace.study.executor import LocalExecutor
-    from loraplace.study.store import run_specs
+    from loraplace.study.plan import run_specs
 
     out, data = tiny_study
     first = json.loads((out / "results.json").read_text())["runs"]
@@ -229,10 +237,9 @@ def test_existing_study_needs_resume_and_the_same_config(tiny_study):
 def test_nonfinite_loss_fails_the_run_and_the_study_goes_on(tiny_llama_dir, alpaca_file, tmp_path):
     out = tmp_path / "s"
     # lr=1e30 makes the adapters (and the loss) overflow within a few steps.
-    result, output = run_cli("--model", str(tiny_llama_dir), "--dataset", str(alpaca_file), "-o", str(out),
-                             "train.max_steps=6", "data.eval_size=8", "train.lr=1e30", "strategies=full,ffn",
-                             "train.precision=fp32", "train.eval_every=0")
-    assert result.exit_code == 0, output
+    assert run_driver("train.max_steps=6", "data.eval_size=8", "train.lr=1e30", "strategies=full,ffn",
+                      "train.precision=fp32", "train.eval_every=0", model=str(tiny_llama_dir),
+                      dataset=str(alpaca_file), output=str(out)) == out
     runs = {r["run_id"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
     assert runs["base"]["status"] == "ok"
     for run_id in ("full-s0", "ffn-s0"):
@@ -242,10 +249,30 @@ def test_nonfinite_loss_fails_the_run_and_the_study_goes_on(tiny_llama_dir, alpa
 
 
 def test_gpt2_conv1d_study_runs(tiny_gpt2_dir, alpaca_file, tmp_path):
-    out = tmp_path / "s"
-    result, output = run_cli("--model", str(tiny_gpt2_dir), "--dataset", str(alpaca_file), "-o", str(out),
-                             "strategies=attention,paper-attention", "include_base=false", *FAST)
-    assert result.exit_code == 0, output
+    from loraplace.study.driver import StudyProgress
+
+    class Recorder(StudyProgress):  # what the driver reports, in order
+        def __init__(self):
+            self.events = []
+
+        def planned(self, study, study_dir, total, finished, kept):
+            self.events.append(("planned", total, finished, kept))
+
+        def run_started(self, spec, k):
+            self.events.append(("start", spec.run_id, k))
+
+        def run_ended(self, result, k, seconds):
+            self.events.append(("end", result.run_id, k, result.status))
+
+        def report_written(self, html_path):
+            self.events.append(("report", html_path.name))
+
+    out, recorder = tmp_path / "s", Recorder()
+    run_driver("strategies=attention,paper-attention", "include_base=false", *FAST, model=str(tiny_gpt2_dir),
+               dataset=str(alpaca_file), output=str(out), progress=recorder)
+    assert recorder.events == [("planned", 2, 0, 0), ("start", "attention-s0", 1), ("end", "attention-s0", 1, "ok"),
+                               ("start", "paper-attention-s0", 2), ("end", "paper-attention-s0", 2, "ok"),
+                               ("report", "report.html")]
     runs = {r["run_id"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
     assert set(runs["attention-s0"]["modules"]) == {f"transformer.h.{i}.attn.{m}" for i in range(2)
                                                     for m in ("c_attn", "c_proj")}

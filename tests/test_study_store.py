@@ -19,10 +19,8 @@ from loraplace.config import load_study, study_name_for
 from loraplace.errors import LoraplaceError
 from loraplace.study.records import RunResult
 from loraplace.study.files import atomic_write_text
-from loraplace.study.store import (
-    StudyLock, StudyStore, default_output_dir, legacy_run_id_for, merge_configs, run_id_for,
-    run_specs, with_baseline_fields,
-)
+from loraplace.study.plan import default_output_dir, legacy_run_id_for, run_id_for, run_specs
+from loraplace.study.store import StudyLock, StudyStore, merge_configs, with_baseline_fields
 
 runner = CliRunner()
 FAST = ["train.max_steps=2", "train.batch_size=4", "data.eval_size=8", "train.eval_every=0", "train.logging_steps=1",

@@ -1,11 +1,14 @@
-"""The ``loraplace`` command line: ``run`` a placement study, ``plan`` placements without
-training, ``assets fetch`` the embedded model and data."""
+"""The ``loraplace`` command line: ``run`` a placement study (:func:`loraplace.study.driver.run_study`,
+shown as progress bars on a terminal and plain lines elsewhere), ``plan`` placements without
+training, ``report`` stored studies, ``assets fetch`` the embedded model and data. Errors of the
+input (:class:`~loraplace.errors.LoraplaceError`) become one line and exit code 2."""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -14,6 +17,8 @@ from rich.console import Console
 from rich.table import Table
 
 from loraplace.errors import LoraplaceError
+from loraplace.placement.arms import REFERENCE_STRATEGY
+from loraplace.study.driver import StudyInterrupted, StudyProgress, run_study
 
 app = typer.Typer(
     help="Where should the LoRA adapters go? Run role-based LoRA placement ablations on any Hugging Face model.",
@@ -49,22 +54,6 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def layer_ranges(layers: list[int | None]) -> str:
-    """``[0, 1, 2, 5, 7, 8]`` -> ``"0-2,5,7-8"``."""
-    nums = sorted(x for x in layers if x is not None)
-    if not nums:
-        return "-"
-    parts, start, prev = [], nums[0], nums[0]
-    for x in nums[1:] + [None]:
-        if x is not None and x == prev + 1:
-            prev = x
-            continue
-        parts.append(f"{start}-{prev}" if prev != start else f"{start}")
-        if x is not None:
-            start = prev = x
-    return ",".join(parts)
-
-
 # ----------------------------------------------------------------------------------------- plan
 def build_plan(model: str, strategies: list[str], r: int, alpha: float,
                match_budget: str | int | None = None) -> dict[str, Any]:
@@ -84,24 +73,23 @@ def build_plan(model: str, strategies: list[str], r: int, alpha: float,
     """
     from loraplace.models import load_config, meta_model
     from loraplace.placement import (
-        arm_label, budget_target, parse_budget, parse_strategies, parse_strategy, resolve_matched, resolve_placement,
-        total_params,
+        REFERENCE_STRATEGY, budget_target, layer_ranges, parse_budget_reference, parse_strategies, parse_strategy,
+        resolve_arm, resolve_placement, study_arms, total_params,
     )
 
-    parsed = parse_strategies(strategies)
-    reference = parse_budget(match_budget) if match_budget not in (None, "") else None
+    parse_strategies(strategies)  # unknown or repeated strategies fail here, naming them
+    reference = parse_budget_reference(match_budget) if match_budget not in (None, "") else None
     config, source = load_config(model)
     skeleton = meta_model(config)
     base = total_params(skeleton)
-    full = resolve_placement(skeleton, parse_strategy("full"), r, alpha).lora_params
+    full = resolve_placement(skeleton, parse_strategy(REFERENCE_STRATEGY), r, alpha).lora_params
     target = budget_target(skeleton, reference, r, alpha) if reference is not None else None
     placements = []
-    for strategy in parsed:
-        placements.append((strategy, resolve_placement(skeleton, strategy, r, alpha)))
-        if reference is not None and strategy.name != reference:
-            matched = resolve_matched(skeleton, strategy, r, alpha, reference)
-            matched.strategy = arm_label(strategy.name, reference)
-            placements.append((strategy, matched))
+    for arm in study_arms(strategies, reference):
+        placement = resolve_arm(skeleton, arm, r, alpha)
+        if arm.reference is not None:
+            placement.strategy = arm.label
+        placements.append((parse_strategy(arm.strategy), placement))
     rows = []
     for strategy, p in placements:
         rows.append({
@@ -189,8 +177,8 @@ def plan(
     console.print(table)
     console.print(
         "% of total = trainable / (base + adapter) parameters (PEFT's convention); % of base = trainable / base "
-        "parameters; vs full-LoRA = trainable / the 'full' strategy's trainable parameters; vs budget = "
-        "(trainable - budget) / budget for budget-matched rows.", style="dim"
+        f"parameters; vs full-LoRA = trainable / the '{REFERENCE_STRATEGY}' strategy's trainable parameters; "
+        "vs budget = (trainable - budget) / budget for budget-matched rows.", style="dim"
     )
     for row in result["strategies"]:
         console.print(f"\n[bold]{row['strategy']}[/]: rank per layer and role ({len(row['modules'])} modules, "
@@ -243,83 +231,104 @@ def run(
         if report_to:
             values["train.report_to"] = [x.strip() for x in report_to.split(",") if x.strip()]
         config = load_study(study_path, values)
-        if resume and not config.output:
-            raise LoraplaceError("--resume needs --output STUDY_DIR (the folder of the study to continue)")
-        if config.output and Path(config.output).exists() and not Path(config.output).is_dir():
-            from loraplace.study.store import _not_a_folder
-
-            raise LoraplaceError(_not_a_folder(Path(config.output)))
     except LoraplaceError as e:
         _fail(str(e))
-    run_study(config, resume=resume, allow_mixed=allow_mixed)
+    if console.is_terminal:
+        progress: StudyProgress = _BarProgress(config.train.max_steps)
+    else:
+        progress = _LineProgress(config.train.logging_steps)
+    try:
+        run_study(config, resume=resume, allow_mixed=allow_mixed, progress=progress)
+    except LoraplaceError as e:
+        _fail(str(e))
+    except StudyInterrupted as e:
+        err_console.print(str(e))
+        raise typer.Exit(130)
 
 
-class _BarProgress:
+class _ConsoleProgress(StudyProgress):
+    """The messages of a study on the console; the runs themselves are shown by the subclasses."""
+
+    def note(self, text: str) -> None:
+        err_console.print(f"note: {text}", highlight=False, soft_wrap=True)
+
+    def warning(self, text: str) -> None:
+        err_console.print(f"[yellow]warning:[/] {text}", highlight=False, soft_wrap=True)
+
+    def planned(self, study, study_dir: Path, total: int, finished: int, kept: int) -> None:
+        console.print(f"study [bold]{study.name}[/]: {total} runs ({finished} already finished) -> {study_dir}"
+                      + (f"; {kept} other stored runs are kept" if kept > 0 else ""), highlight=False)
+
+    def results_saved(self, study_dir: Path) -> None:
+        print_results(study_dir)
+
+    def report_written(self, html_path: Path) -> None:
+        console.print(f"report: {html_path} and {html_path.with_name('report.md')}")
+
+    def report_failed(self, study_dir: Path, error: Exception) -> None:
+        err_console.print(f"[yellow]warning:[/] the report could not be written ({type(error).__name__}: {error}); "
+                          f"the results are saved in {study_dir}; retry with `loraplace report {study_dir}`",
+                          highlight=False)
+
+
+class _BarProgress(_ConsoleProgress):
     """Rich progress bars, for a terminal."""
 
-    def __init__(self, total: int, done: int, max_steps: int):
+    def __init__(self, max_steps: int):
+        self.max_steps = max_steps
+
+    def runs_starting(self, total: int, done: int) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.max_steps = max_steps
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
         self.study_task = self.progress.add_task("study", total=total, completed=done, info="")
         self.step_task = self.progress.add_task("run", total=1, info="", visible=False)
+        self.progress.start()
 
-    def __enter__(self):
-        self.progress.__enter__()
-        return self
+    def runs_stopped(self) -> None:
+        self.progress.stop()
 
-    def __exit__(self, *exc):
-        return self.progress.__exit__(*exc)
-
-    def start(self, spec, k: int) -> None:
+    def run_started(self, spec, k: int) -> None:
         label = "base model (no adapters): eval" if spec.kind == "base" else f"{spec.run_id}: train"
         self.progress.update(self.step_task, description=label, total=self.max_steps, completed=0, info="",
                              visible=True)
 
-    def step(self, spec, step: int, total: int, loss) -> None:
+    def run_step(self, spec, step: int, total: int, loss) -> None:
         self.progress.update(self.step_task, completed=step, total=total,
                              info=f"loss {loss:.3f}" if loss is not None else "")
 
-    def end(self, result, k: int, seconds: float) -> None:
+    def run_ended(self, result, k: int, seconds: float) -> None:
         self.progress.advance(self.study_task)
         if result.status != "ok":
             self.progress.console.print(f"[red]run {result.run_id} failed:[/] {result.error}", highlight=False)
 
 
-class _LineProgress:
+class _LineProgress(_ConsoleProgress):
     """Plain lines, for logs, ``nohup`` and CI (rich's live bars print nothing there until the
     end): a line when each run starts and ends, and a step line every ``logging_steps`` steps
     (or after 30 s without a line)."""
 
-    def __init__(self, total: int, every: int, quiet_s: float = 30.0):
-        self.total, self.every, self.quiet_s = total, max(1, every), quiet_s
+    def __init__(self, every: int, quiet_s: float = 30.0):
+        self.total, self.every, self.quiet_s = 0, max(1, every), quiet_s
         self._last = 0.0
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
+    def runs_starting(self, total: int, done: int) -> None:
+        self.total = total
 
     def _print(self, text: str) -> None:
-        import time
-
         console.print(text, highlight=False, markup=False, soft_wrap=True)
         self._last = time.monotonic()
 
-    def start(self, spec, k: int) -> None:
+    def run_started(self, spec, k: int) -> None:
         what = "base model (no adapters): eval" if spec.kind == "base" else f"train {spec.train.max_steps} steps + eval"
         self._print(f"[{k}/{self.total}] start {spec.run_id}: {what}")
 
-    def step(self, spec, step: int, total: int, loss) -> None:
-        import time
-
+    def run_step(self, spec, step: int, total: int, loss) -> None:
         if step % self.every == 0 or step == total or time.monotonic() - self._last >= self.quiet_s:
             self._print(f"  {spec.run_id} step {step}/{total}" + (f" loss {loss:.3f}" if loss is not None else ""))
 
-    def end(self, result, k: int, seconds: float) -> None:
+    def run_ended(self, result, k: int, seconds: float) -> None:
         if result.status == "ok":
             outcome = f"eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "ok"
         else:
@@ -327,122 +336,24 @@ class _LineProgress:
         self._print(f"[{k}/{self.total}] done {result.run_id}: {outcome} ({seconds:.1f} s)")
 
 
-def run_study(config, resume: bool = False, allow_mixed: bool = False) -> Path:
-    """Run a validated study (progress bars on a terminal, plain lines otherwise); returns the
-    study folder. Holds the folder's lock while it runs (see :class:`loraplace.study.store.StudyLock`)."""
-    import contextlib
-    import signal
-    import threading
-    import time
-
-    from loraplace.study.checks import check_study
-    from loraplace.study.executor import LocalExecutor
-    from loraplace.study.store import StudyStore, default_output_dir, resolve_environment, run_specs
-
-    study_dir = Path(config.output) if config.output else default_output_dir(config)
-    store = StudyStore(study_dir)
-    with contextlib.ExitStack() as stack:
-        try:
-            check_study(config)
-            environment = resolve_environment(config)
-            lock = stack.enter_context(store.lock())
-        except LoraplaceError as e:
-            _fail(str(e))
-        if lock.note:
-            err_console.print(f"note: {lock.note}", highlight=False, soft_wrap=True)
-        if threading.current_thread() is threading.main_thread():
-            # `kill PID` (SIGTERM) ends the study like Ctrl-C: finished runs saved, lock released.
-            def _terminate(signum, frame):
-                raise KeyboardInterrupt
-
-            previous = signal.signal(signal.SIGTERM, _terminate)
-            stack.callback(signal.signal, signal.SIGTERM, previous)
-        try:
-            study = store.init(config, resume, environment=environment, allow_mixed=allow_mixed)
-            # The plan: this command's runs, in the order (and with the positions) of the whole study.
-            wanted = {_identity(s) for s in run_specs(config, study_dir)}
-            specs = [s for s in run_specs(study, study_dir) if _identity(s) in wanted]
-            finished = store.finished_for(specs)
-        except LoraplaceError as e:
-            _fail(str(e))
-        if store.mixed_note:
-            err_console.print(f"[yellow]warning:[/] {store.mixed_note}", highlight=False, soft_wrap=True)
-        todo = [s for s in specs if s.run_id not in finished]
-        planned = {_identity(s) for s in specs}
-        others = sum(_identity(r) not in planned for r in store.rows)
-        console.print(f"study [bold]{study.name}[/]: {len(specs)} runs ({len(finished)} already finished) -> {study_dir}"
-                      + (f"; {others} other stored runs are kept" if resume and others > 0 else ""),
-                      highlight=False)
-        if console.is_terminal:
-            progress = _BarProgress(len(specs), len(finished), config.train.max_steps)
-        else:
-            progress = _LineProgress(len(specs), config.train.logging_steps)
-        started: dict[str, float] = {}
-
-        def on_start(spec):
-            started[spec.run_id] = time.monotonic()
-            progress.start(spec, spec_place[spec.run_id])
-
-        def on_step(spec, step, total, loss):
-            progress.step(spec, step, total, loss)
-
-        spec_place = {s.run_id: len(finished) + i + 1 for i, s in enumerate(todo)}
-        positions = {s.run_id: s.position for s in specs}
-        executor = LocalExecutor(on_step=on_step, on_start=on_start)
-        try:
-            with progress:
-                for result in executor.submit(todo):
-                    if result.position is None:
-                        result = result.model_copy(update={"position": positions.get(result.run_id)})
-                    store.record(result)
-                    progress.end(result, spec_place.get(result.run_id, 0),
-                                 time.monotonic() - started.get(result.run_id, time.monotonic()))
-        except LoraplaceError as e:
-            _fail(str(e))
-        except KeyboardInterrupt:
-            done = sum(r.status == "ok" for r in store.rows)
-            err_console.print(
-                f"interrupted: {done} finished runs are saved in {study_dir}; continue with "
-                f"`loraplace run ... --output {study_dir} --resume`"
-            )
-            raise typer.Exit(130)
-    print_results(study_dir)
-    try:  # the results are saved already: a failing report must not lose them
-        from loraplace.report import write_report
-
-        html_path = write_report([study_dir])
-        console.print(f"report: {html_path} and {html_path.with_name('report.md')}")
-    except Exception as e:  # noqa: BLE001
-        err_console.print(f"[yellow]warning:[/] the report could not be written ({type(e).__name__}: {e}); the results "
-                          f"are saved in {study_dir}; retry with `loraplace report {study_dir}`", highlight=False)
-    return study_dir
-
-
-def _identity(spec) -> tuple:
-    """What makes a run (a spec or a stored row) the same run: kind, exact arm label and seed (the
-    base row has no seed)."""
-    return ("base",) if spec.kind == "base" else (spec.kind, spec.strategy, spec.seed)
-
-
 def print_results(study_dir: Path) -> None:
+    """The results table of a study on the console (after its runs)."""
+    from loraplace.report.fmt import num
     from loraplace.study.store import StudyStore
 
     runs = StudyStore(study_dir).load()
     table = Table(title=f"results: {study_dir}")
-    cols = ["run", "trainable", "trainable %", "eval loss", "Δ vs full", "perplexity", "train s", "tok/s", "peak MiB"]
+    cols = ["run", "trainable", "trainable %", "eval loss", f"Δ vs {REFERENCE_STRATEGY}", "perplexity", "train s",
+            "tok/s", "peak MiB"]
     for c in cols:
         table.add_column(c, justify="left" if c == "run" else "right")
-
-    def f(v, fmt):
-        return "-" if v is None else format(v, fmt)
-
     for r in runs:
         if r.status != "ok":
             table.add_row(r.run_id, "[red]failed[/]", r.error or "", *[""] * (len(cols) - 3))
             continue
-        table.add_row(r.run_id, f(r.trainable_params, ","), f(r.trainable_pct, ".2f"), f(r.eval_loss, ".4f"),
-                      f(r.delta_eval_loss, "+.4f"), f(r.perplexity, ".3f"), f(r.train_time_s, ".1f"),
-                      f(r.train_tokens_per_s, ".0f"), f(r.peak_memory_mib, ".0f"))
+        table.add_row(r.run_id, num(r.trainable_params), num(r.trainable_pct, 2), num(r.eval_loss),
+                      num(r.delta_eval_loss, 4, signed=True), num(r.perplexity, 3), num(r.train_time_s, 1),
+                      num(r.train_tokens_per_s, 0), num(r.peak_memory_mib, 0))
     console.print(table)
     console.print(f"results: {study_dir / 'results.md'}, {study_dir / 'results.csv'}, {study_dir / 'results.json'}")
 
@@ -458,10 +369,10 @@ def report(
                                           "or next to the studies when there are several)."),
 ) -> None:
     """Write tables, figures, report.md and a self-contained report.html from stored study results."""
-    from loraplace.report import parse_budget, write_report
+    from loraplace.report.write import write_report
 
     try:
-        html_path = write_report(study_dirs, out_dir=output, budget=parse_budget(budget) if budget else None)
+        html_path = write_report(study_dirs, out_dir=output, budget=budget or None)
     except LoraplaceError as e:
         _fail(str(e))
     out = html_path.parent

@@ -92,9 +92,9 @@ class StudyConfig(_Strict):
     @field_validator("match_budget", mode="before")
     @classmethod
     def _check_budget(cls, v: Any) -> Any:
-        from loraplace.placement.budget import parse_budget
+        from loraplace.placement.budget import parse_budget_reference
 
-        return None if v is None or v == "" else parse_budget(v)
+        return None if v is None or v == "" else parse_budget_reference(v)
 
     @field_validator("seeds", mode="before")
     @classmethod

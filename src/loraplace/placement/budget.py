@@ -16,56 +16,78 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
-from torch import nn
+from typing import TYPE_CHECKING
 
 from loraplace.errors import LoraplaceError
-from loraplace.placement.resolve import Placement, resolve_placement
 from loraplace.placement.strategies import Strategy, parse_strategy
+
+if TYPE_CHECKING:  # resolving needs torch and PEFT; parsing budgets does not (``loraplace report``)
+    from torch import nn
+
+    from loraplace.placement.resolve import Placement
 
 DEFAULT_TOLERANCE = 0.005
 """A uniform rank within 0.5% of the target is kept; beyond that some modules get rank + 1.
 Half a percent each way keeps any two matched arms within 1% of each other."""
 
-_COUNT = re.compile(r"^(\d+(?:\.\d+)?)([kKmMgG]?)$")
+_COUNT = re.compile(r"^(\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)([kKmMgGbB]?)$")
+_SCALE = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
+COUNT_EXAMPLES = "6291456, 6_291_456, 12,000, 1e6, 500k, 6.3M or 2B"
 
 
-def parse_budget(value: str | int) -> str | int:
-    """``--match-budget`` as given: a parameter count (``6291456``, ``6_291_456``, ``6.3M``,
-    ``500k``) becomes an int; anything else is a reference strategy spec, checked here.
+def parse_param_count(value: str | int, what: str = "parameter count") -> int:
+    """A parameter count as people write it: ``6291456``, ``6_291_456``, ``12,000``, ``1e6``,
+    ``500k``, ``6.3M``, ``2M``, ``1g``/``1B`` (k = 10^3, M = 10^6, G/B = 10^9; rounded to an int).
+
+    Args:
+        value: the text (or an int, returned as is once checked).
+        what: the setting it comes from, for the error (``--budget``, ``match_budget``).
+
+    Raises:
+        LoraplaceError: not a count in one of these spellings, or a count below 1.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise LoraplaceError(f"{what} {value!r} is not a parameter count; give e.g. {COUNT_EXAMPLES}")
+    if isinstance(value, int):
+        count = value
+    else:
+        m = _COUNT.match(value.strip().replace("_", "").replace(",", ""))
+        if not m:
+            raise LoraplaceError(f"{what} {value!r} is not a parameter count; give e.g. {COUNT_EXAMPLES}")
+        count = round(float(m[1]) * _SCALE[m[2].lower()])
+    if count < 1:
+        raise LoraplaceError(f"{what} {value!r}: a parameter budget must be at least 1; give e.g. {COUNT_EXAMPLES}")
+    return count
+
+
+def parse_budget_reference(value: str | int) -> str | int:
+    """``--match-budget`` as given: a parameter count (:func:`parse_param_count`) becomes an int;
+    anything else is a reference strategy spec, checked here and returned without spaces.
 
     Raises:
         LoraplaceError: a count below 1, or a spec that is not a valid strategy.
     """
     if isinstance(value, bool):
         raise LoraplaceError(f"match_budget {value!r} is neither a parameter count nor a strategy")
-    if isinstance(value, int):
-        count = value
-    else:
-        text = str(value).strip().replace("_", "")
-        m = _COUNT.match(text)
-        if not m:
-            try:
-                parse_strategy(text)
-            except LoraplaceError as e:
-                raise LoraplaceError(
-                    f"match_budget {value!r} is neither a parameter count (like 6291456 or 6.3M) nor a valid "
-                    f"reference strategy: {e}"
-                ) from None
-            return "".join(text.split())
-        scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}[m[2].lower()]
-        count = round(float(m[1]) * scale)
-    if count < 1:
+    text = value if isinstance(value, int) else str(value).strip()
+    if isinstance(text, int) or _COUNT.match(text.replace("_", "").replace(",", "")):
+        return parse_param_count(text, what="match_budget")
+    try:
+        parse_strategy(text)
+    except LoraplaceError as e:
         raise LoraplaceError(
-            f"match_budget {value!r}: a parameter budget must be at least 1; "
-            "give a count like 6291456 or 6.3M, or a reference strategy like full"
-        )
-    return count
+            f"match_budget {value!r} is neither a parameter count (like 6291456 or 6.3M) nor a valid "
+            f"reference strategy: {e}"
+        ) from None
+    return "".join(text.split())
 
 
 def budget_target(model: nn.Module, reference: str | int, r: int, alpha: float) -> int:
     """The parameter count to match: ``reference`` itself if a count, else the trainable
-    parameters of the reference strategy at rank ``r``."""
-    reference = parse_budget(reference)
+    parameters of the reference strategy (a spec, as :func:`parse_budget_reference` returns it)
+    at rank ``r``."""
+    from loraplace.placement.resolve import resolve_placement
+
     if isinstance(reference, int):
         return reference
     return resolve_placement(model, parse_strategy(reference), r, alpha).lora_params
@@ -139,6 +161,8 @@ def match_placement(placement: Placement, target: int, reference: str | int,
 
 def fixed_rank_modules(model: nn.Module, strategy: Strategy, r: int, alpha: float) -> set[str]:
     """Names of modules whose rank a term of ``strategy`` sets with ``r=`` (last term wins)."""
+    from loraplace.placement.resolve import resolve_placement
+
     names: set[str] = set()
     for term in strategy.terms:
         single = Strategy(term.text, terms=(term,))
@@ -152,7 +176,8 @@ def fixed_rank_modules(model: nn.Module, strategy: Strategy, r: int, alpha: floa
 
 def resolve_matched(model: nn.Module, strategy: Strategy, r: int, alpha: float, reference: str | int,
                     tolerance: float = DEFAULT_TOLERANCE) -> Placement:
-    """``strategy`` on ``model`` with ranks chosen to match ``reference``'s parameter count.
+    """``strategy`` on ``model`` with ranks chosen to match ``reference``'s parameter count
+    (``reference``: a parameter count, or a strategy spec as :func:`parse_budget_reference` returns it).
 
     Literal strategies are matched too: PEFT's suffix rule fixes their modules, not their rank.
 
@@ -165,32 +190,9 @@ def resolve_matched(model: nn.Module, strategy: Strategy, r: int, alpha: float, 
             f"strategy {strategy.name!r} sets r= on every term, so --match-budget has no rank to choose; "
             "drop r= from at least one term, or leave --match-budget out"
         )
+    from loraplace.placement.resolve import resolve_placement
+
     target = budget_target(model, reference, r, alpha)
     placement = resolve_placement(model, strategy, r, alpha)
     fixed = fixed_rank_modules(model, strategy, r, alpha) if not strategy.is_literal else set()
-    return match_placement(placement, target, parse_budget(reference), tolerance, fixed)
-
-
-ARM_SEPARATOR = "~"
-"""Separates a strategy from its budget reference in an arm label: ``attention~full``."""
-
-
-def arm_label(strategy: str, reference: str | int | None) -> str:
-    """The label of a study arm: the strategy, or ``STRATEGY~REFERENCE`` when budget-matched."""
-    return strategy if reference is None else f"{strategy}{ARM_SEPARATOR}{reference}"
-
-
-def split_arm(label: str) -> tuple[str, str | int | None]:
-    """``"attention~full"`` -> ``("attention", "full")``; ``"attention"`` -> ``("attention", None)``."""
-    strategy, sep, reference = label.partition(ARM_SEPARATOR)
-    return (strategy, parse_budget(reference)) if sep else (strategy, None)
-
-
-def resolve_arm(model: nn.Module, label: str, r: int, alpha: float) -> Placement:
-    """The placement of a study arm: a plain strategy at rank ``r``, or (``STRATEGY~REFERENCE``)
-    the strategy with ranks matched to the reference's budget."""
-    spec, reference = split_arm(label)
-    strategy = parse_strategy(spec)
-    if reference is None:
-        return resolve_placement(model, strategy, r, alpha)
-    return resolve_matched(model, strategy, r, alpha, reference)
+    return match_placement(placement, target, reference, tolerance, fixed)

@@ -14,7 +14,7 @@ from torch import nn
 from loraplace.errors import LoraplaceError
 from loraplace.placement.params import linear_modules, lora_param_count
 from loraplace.placement.roles import ALL_ROLES, BLOCK_NAME, OUTER_ROLES, ArchitectureRoles, group_of, roles_for
-from loraplace.placement.strategies import Strategy, Term
+from loraplace.placement.strategies import Strategy, Term, layer_span
 
 
 
@@ -143,8 +143,7 @@ class Placement:
             for layer in range(1, count + 1):
                 current = row_cells((stack, layer)) if layer < count else None
                 if current != run_cells:
-                    span = f"{run_start}-{layer - 1}" if layer - 1 > run_start else f"{run_start}"
-                    rows.append({"stack": stack, "layers": span, "cells": run_cells})
+                    rows.append({"stack": stack, "layers": layer_span(run_start, layer - 1), "cells": run_cells})
                     run_start, run_cells = layer, current  # type: ignore[assignment]
         outer = [k for k in cells if k[1] is None]
         if outer:

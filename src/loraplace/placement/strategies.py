@@ -40,6 +40,28 @@ from loraplace.placement.roles import ALL_ROLES
 LAYER_SYNTAX = "all, first:K, last:K, A-B, N, every:N or every:N:OFFSET (K a count or a fraction: 1/2, 0.25, 50%)"
 
 
+def layer_span(first: int, last: int) -> str:
+    """Consecutive layers ``first..last`` as written in a layer selection: ``"0-11"``, or ``"5"``."""
+    return f"{first}-{last}" if last != first else f"{first}"
+
+
+def layer_ranges(layers: list[int | None]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` -> ``"0-2,5,7-8"`` (None, a module outside the blocks, is left out;
+    ``"-"`` when no layer is left)."""
+    nums = sorted(x for x in layers if x is not None)
+    if not nums:
+        return "-"
+    parts, start, prev = [], nums[0], nums[0]
+    for x in nums[1:] + [None]:
+        if x is not None and x == prev + 1:
+            prev = x
+            continue
+        parts.append(layer_span(start, prev))
+        if x is not None:
+            start = prev = x
+    return ",".join(parts)
+
+
 @dataclass(frozen=True)
 class LayerSelection:
     """Which blocks of a stack a term adapts.
@@ -85,9 +107,8 @@ class LayerSelection:
             elif kind == "range":
                 a, b = item[1], item[2]
                 if b >= num_layers:
-                    shown = f"{a}-{b}" if a != b else f"{a}"
                     raise LoraplaceError(
-                        f"layer selection {self.text!r}{where}: {shown} names layer {b} but the model has "
+                        f"layer selection {self.text!r}{where}: {layer_span(a, b)} names layer {b} but the model has "
                         f"{num_layers} layers (0-{num_layers - 1})"
                     )
                 chosen.update(range(a, b + 1))

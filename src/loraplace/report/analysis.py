@@ -16,6 +16,7 @@ from functools import cached_property
 
 import numpy as np
 
+from loraplace.placement.arms import REFERENCE_STRATEGY
 from loraplace.report.load import RunData, Study
 from loraplace.report.pareto import Knee, Point, dominators, knee, pareto_front
 from loraplace.report.stats import (DEFAULT_RESAMPLES, Interval, PairedComparison, holm, paired_bootstrap,
@@ -188,9 +189,10 @@ class Group:
 
     @property
     def reference(self) -> Arm | None:
-        """The baseline of the comparisons: the full-LoRA arm, else the first LoRA arm."""
+        """The baseline of the comparisons: the full-LoRA arm (:data:`REFERENCE_STRATEGY`), else the
+        first LoRA arm."""
         lora = self.lora_arms
-        return next((a for a in lora if a.strategy == "full"), lora[0] if lora else None)
+        return next((a for a in lora if a.strategy == REFERENCE_STRATEGY), lora[0] if lora else None)
 
     def _bootstrap(self, a: Arm, b: Arm) -> PairedComparison | None:
         """Paired bootstrap of ``loss(a) - loss(b)`` over the seeds both have (None when they

@@ -1,20 +1,26 @@
-"""Number formatting shared by tables, recommendations and figures."""
+"""Number formatting: the one formatter of numbers in tables (the report's, ``results.md``,
+the command line's), recommendations and figures. Light (no numpy/scipy at import), since the
+study store formats ``results.md`` after every run."""
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-from loraplace.report.stats import Interval, PairedComparison, fmt_p
+if TYPE_CHECKING:
+    from loraplace.report.stats import Interval, PairedComparison
 
 
-def num(v: float | int | None, digits: int = 4) -> str:
+def num(v: float | int | None, digits: int = 4, signed: bool = False) -> str:
+    """``"-"`` for None, ``1,234`` for an int, ``0.1235`` (``digits`` decimals; ``+0.1235`` with
+    ``signed``) for a float; nan and inf as such."""
     if v is None:
         return "-"
     if isinstance(v, int):
         return f"{v:,}"
     if math.isnan(v) or math.isinf(v):
         return str(v)
-    return f"{v:.{digits}f}"
+    return f"{v:+.{digits}f}" if signed else f"{v:.{digits}f}"
 
 
 def diff(v: float | None) -> str:
@@ -57,6 +63,8 @@ def ci_only(iv: Interval | None, digits: int = 4) -> str:
 
 def p_holm(c: PairedComparison) -> str:
     """The Holm-adjusted p of a comparison for display: a bound when the raw p is one."""
+    from loraplace.report.stats import fmt_p
+
     if c.p_adjusted is None:
         return "-"
     text = fmt_p(c.p_adjusted)
@@ -70,6 +78,7 @@ def comparison(c: PairedComparison | None) -> str:
     and, when the comparison belongs to an adjusted family, the Holm-adjusted p verdicts read."""
     if c is None:
         return "no paired per-example data"
+    from loraplace.report.stats import fmt_p
 
     def eq(text: str) -> str:
         return text if text.startswith("<") else f"= {text}"

@@ -3,6 +3,7 @@ Markdown/HTML/LaTeX, raw values for CSV)."""
 
 from __future__ import annotations
 
+from loraplace.placement.arms import REFERENCE_STRATEGY
 from loraplace.report import fmt
 from loraplace.report.analysis import Arm, Group, memory_measure, run_label, worse_than_base
 from loraplace.report.doc import Table
@@ -14,7 +15,7 @@ PROCESS_PEAK = "†"  # marks a process-wide peak (studies stored before the run
 
 
 def _full_params(arm: Arm, arms: list[Arm]) -> int | None:
-    full = next((a for a in arms if a.study is arm.study and a.strategy == "full" and a.n), None)
+    full = next((a for a in arms if a.study is arm.study and a.strategy == REFERENCE_STRATEGY and a.n), None)
     return full.trainable_params if full else None
 
 
@@ -63,7 +64,7 @@ def _key_cell(a: Arm) -> str:
 def summary_table(arms: list[Arm], order_note: str = "") -> Table:
     kinds = {k for a in arms for k in a.memory_kinds}
     short = _memory_short(kinds)
-    headers = ["strategy", "seeds", "trainable params", "% of full", "eval loss", "sd", "95% CI",
+    headers = ["strategy", "seeds", "trainable params", f"% of {REFERENCE_STRATEGY}", "eval loss", "sd", "95% CI",
                "perplexity", "ppl 95% CI", "train time (s)", "tokens/s", f"added MiB ({short})", f"peak MiB ({short})"]
     rows, records = [], []
     for a in arms:

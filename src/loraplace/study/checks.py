@@ -3,8 +3,6 @@ clear line instead of after the first hour of training."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from loraplace.config import StudyConfig
 
 
@@ -14,15 +12,14 @@ def check_study(config: StudyConfig, allow_fetch: bool = True) -> None:
     from loraplace.data import load_rows
     from loraplace.models import load_config, meta_model, pick_device, resolve_model_path, task_of
     from loraplace.tasks import check_task_columns
-    from loraplace.placement import resolve_arm
-    from loraplace.study.store import run_specs
+    from loraplace.placement.arms import resolve_arm, study_arms
 
     pick_device(config.device)
     model_config, _ = load_config(resolve_model_path(config.model, allow_fetch))
     skeleton = meta_model(model_config)
     # Every arm the study will run, budget-matched ones included, resolved as execute_run does.
-    for label in dict.fromkeys(s.strategy for s in run_specs(config, Path(".")) if s.kind == "lora"):
-        resolve_arm(skeleton, label, config.lora.r, config.lora.alpha)
+    for arm in study_arms(config.strategies, config.match_budget):
+        resolve_arm(skeleton, arm, config.lora.r, config.lora.alpha)
     rows = load_rows(config.dataset, allow_fetch=allow_fetch)
     task = config.task if config.task != "auto" else task_of(model_config)
     check_task_columns(task, rows.column_names, config.dataset)

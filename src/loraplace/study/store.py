@@ -1,5 +1,7 @@
 """The study folder: the study's config, one folder per run, and the results table, rewritten
 after every run (atomically, with fsync) so that a crash or Ctrl-C loses nothing that finished.
+What the study runs (arms, run ids, specs) is planned in :mod:`loraplace.study.plan`; the store
+keeps the folder: its lock, its environment, its results files, and the rules of a resume.
 
 Layout::
 
@@ -29,12 +31,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import io
 import json
-import math
 import os
-import re
 import socket
 import time
 from pathlib import Path
@@ -44,8 +43,11 @@ import yaml
 
 from loraplace.config import StudyConfig
 from loraplace.errors import LoraplaceError
+from loraplace.placement.arms import REFERENCE_STRATEGY
 from loraplace.study.files import atomic_write_text, fsync_dir
+from loraplace.study.plan import arm_labels, legacy_run_id_for, run_identity
 from loraplace.study.records import RunResult, RunSpec
+from loraplace.study.tables import results_markdown
 
 CSV_COLUMNS = [
     "run_id", "strategy", "seed", "status", "r", "alpha", "match_budget", "budget_target", "budget_deviation_pct",
@@ -195,92 +197,7 @@ def _not_a_folder(path: Path) -> str:
             "folder with --resume")
 
 
-# ------------------------------------------------------------------------------- ids and specs
-def default_output_dir(config: StudyConfig) -> Path:
-    return Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def study_arms(config: StudyConfig) -> list[str]:
-    """The study's arm labels in order: every strategy, each followed by its budget-matched arm
-    (``attention~full``) when ``match_budget`` is set. The reference strategy itself has no
-    matched arm: it would repeat the unmatched one."""
-    from loraplace.placement import arm_label, parse_strategy
-
-    arms = []
-    for strategy in config.strategies:
-        arms.append(strategy)
-        reference = config.match_budget
-        if reference is not None and parse_strategy(strategy).name != reference:
-            arms.append(arm_label(parse_strategy(strategy).name, reference))
-    return arms
-
-
-# Characters kept as they are in a run id: safe in folder names on Linux, macOS and Windows and
-# in shells. Everything else (``/ | * ? [ ] :``, spaces, ...) is replaced.
-_UNSAFE = re.compile(r"[^A-Za-z0-9._@+=~,-]")
-# The ids of loraplace <= 0.x (``:`` and ``%`` kept, no hash); only read, to resume old folders.
-_LEGACY_UNSAFE = re.compile(r"[^A-Za-z0-9._@+=~,:%-]")
-
-
-def run_id_for(arm: str, seed: int) -> str:
-    """A run id that is also a safe folder name, different for different arms.
-
-    A label made only of safe characters is its own id (``full-s0``, ``attention~full-s0``).
-    Otherwise every unsafe character becomes ``_`` and 8 hex digits of the SHA-256 of the exact
-    label are appended, so ``attn.*`` and ``attn.?`` get different ids
-    (``attn._.4f0c...-s0``) although they sanitise to the same text.
-    """
-    safe = _UNSAFE.sub("_", arm)
-    if safe != arm:
-        safe += "." + hashlib.sha256(arm.encode("utf-8")).hexdigest()[:8]
-    return f"{safe}-s{seed}"
-
-
-def legacy_run_id_for(arm: str, seed: int) -> str:
-    """The id an older loraplace gave this arm (not injective); used to resume old study folders."""
-    return _LEGACY_UNSAFE.sub("_", arm) + f"-s{seed}"
-
-
-def run_specs(config: StudyConfig, study_dir: Path) -> list[RunSpec]:
-    """The study's jobs in execution order: the base model row (once, first), then every arm of
-    every seed. The arm order rotates with the seed's index in ``config.seeds`` (seed 0: full,
-    attention, ffn; seed 1: attention, ffn, full; ...), so that a time measurement's place in the
-    study (warm caches, a loaded machine) does not favour one arm in every seed. ``position`` is
-    each spec's index in this order. Deterministic.
-
-    Raises:
-        LoraplaceError: two arms whose run ids coincide (only on a hash collision).
-    """
-    common = dict(model=config.model, dataset=config.dataset, lora=config.lora, train=config.train,
-                  data=config.data, device=config.device, task=config.task)
-    specs = []
-    if config.include_base:
-        specs.append(RunSpec(run_id="base", kind="base", strategy="base", seed=config.seeds[0],
-                             run_dir=str(study_dir / "runs" / "base"), **common))
-    arms = study_arms(config)
-    for index, seed in enumerate(config.seeds):
-        k = index % len(arms)
-        for arm in arms[k:] + arms[:k]:
-            run_id = run_id_for(arm, seed)
-            specs.append(RunSpec(run_id=run_id, strategy=arm, seed=seed,
-                                 run_dir=str(study_dir / "runs" / run_id), **common))
-    seen: dict[str, str] = {}
-    for s in specs:
-        if s.run_id in seen and seen[s.run_id] != s.strategy:
-            raise LoraplaceError(f"strategies {seen[s.run_id]} and {s.strategy} share the run id {s.run_id!r}; "
-                                 "write one of them differently")
-        seen[s.run_id] = s.strategy
-    return [s.model_copy(update={"position": i}) for i, s in enumerate(specs)]
-
-
-def same_run(row: RunResult, spec: RunSpec) -> bool:
-    """Whether a stored row is the result of ``spec``: the same kind, exact arm label and seed (the
-    base row does not depend on the seed)."""
-    if row.kind != spec.kind:
-        return False
-    return spec.kind == "base" or (row.strategy == spec.strategy and row.seed == spec.seed)
-
-
+# ------------------------------------------------------------------------------- resume
 def merge_configs(stored: StudyConfig, current: StudyConfig) -> StudyConfig:
     """The config that describes a study folder after ``current`` resumed it: ``stored`` with the
     seeds and strategies of both (stored ones first, in their order; new ones appended in the
@@ -355,18 +272,6 @@ def _env_key(env: dict[str, Any]) -> tuple:
     return (env.get("device"), env.get("precision"), tuple(versions.get(lib) for lib in PINNED_LIBRARIES))
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        if math.isinf(value) or math.isnan(value):
-            return str(value)
-        return f"{value:.{digits}f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
-
-
 class StudyStore:
     """Reads and writes one study folder.
 
@@ -391,6 +296,12 @@ class StudyStore:
 
     def lock(self) -> StudyLock:
         return StudyLock(self.dir)
+
+    def check_folder(self) -> None:
+        """Raise :class:`LoraplaceError` when the study path exists and is not a folder (a file
+        given as ``--output``): checked before anything else, so that it fails in a moment."""
+        if self.dir.exists() and not self.dir.is_dir():
+            raise LoraplaceError(_not_a_folder(self.dir))
 
     def _read_results(self) -> dict[str, Any] | None:
         if not self.results_path.exists():
@@ -440,8 +351,7 @@ class StudyStore:
                 setting that changes what a run means; ``environment`` differs from the study's
                 and ``allow_mixed`` is not set.
         """
-        if self.dir.exists() and not self.dir.is_dir():
-            raise LoraplaceError(_not_a_folder(self.dir))
+        self.check_folder()
         data = self._read_results()
         if data is not None and not resume:
             raise LoraplaceError(
@@ -521,7 +431,7 @@ class StudyStore:
         out: dict[str, RunResult] = {}
         for spec in specs:
             row = by_id.get(spec.run_id)
-            if row is not None and not same_run(row, spec):
+            if row is not None and run_identity(row) != run_identity(spec):
                 raise LoraplaceError(
                     f"--resume: the stored run {spec.run_id!r} in {self.results_path} is {_what(row)}, but this study's "
                     f"run {spec.run_id!r} is {_what(spec)}; it is not taken as finished. Move runs/{spec.run_id} and "
@@ -529,7 +439,7 @@ class StudyStore:
                 )
             if row is None and spec.kind == "lora":
                 legacy = by_id.get(legacy_run_id_for(spec.strategy, spec.seed))
-                row = legacy if legacy is not None and same_run(legacy, spec) else None
+                row = legacy if legacy is not None and run_identity(legacy) == run_identity(spec) else None
             if row is not None and row.status == "ok":
                 out[spec.run_id] = row
         return out
@@ -567,7 +477,7 @@ class StudyStore:
             writer.writerow(r.model_dump())
         # results.json last: it is what resume and the report read.
         atomic_write_text(self.dir / "results.csv", buf.getvalue())
-        atomic_write_text(self.dir / "results.md", markdown_table(config, results))
+        atomic_write_text(self.dir / "results.md", results_markdown(config, results))
         atomic_write_text(self.results_path, json.dumps(payload, indent=2))
 
 
@@ -586,12 +496,12 @@ def _differing_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 def ordered_rows(config: StudyConfig | None, rows: list[RunResult]) -> list[RunResult]:
     """Rows in a stable reading order: the base row, then seed by seed (in ``config.seeds``
-    order) each arm in ``study_arms`` order, whatever order they ran in; rows the config does not
-    describe keep their relative order at the end. A study's config only grows by appending
+    order) each arm in :func:`~loraplace.study.plan.arm_labels` order, whatever order they ran in;
+    rows the config does not describe keep their relative order at the end. A study's config only grows by appending
     seeds and strategies, so earlier rows never change their relative order."""
     if config is None:
         return list(rows)
-    arms = study_arms(config)
+    arms = arm_labels(config)
 
     def key(item: tuple[int, RunResult]) -> tuple:
         i, r = item
@@ -605,10 +515,11 @@ def ordered_rows(config: StudyConfig | None, rows: list[RunResult]) -> list[RunR
 
 
 def with_baseline_fields(results: list[RunResult]) -> list[RunResult]:
-    """Set ``params_vs_full_pct`` and ``delta_eval_loss(_pct)`` against the ``full`` run of the same
-    seed (the study's full-LoRA baseline), and ``worse_than_base`` of every ok LoRA run against
-    the ok base-model row (None without one)."""
-    full = {r.seed: r for r in results if r.strategy == "full" and r.status == "ok"}
+    """Set ``params_vs_full_pct`` and ``delta_eval_loss(_pct)`` against the run of the reference
+    strategy (:data:`~loraplace.placement.arms.REFERENCE_STRATEGY`, the full-LoRA baseline) of the
+    same seed, and ``worse_than_base`` of every ok LoRA run against the ok base-model row (None
+    without one)."""
+    full = {r.seed: r for r in results if r.strategy == REFERENCE_STRATEGY and r.status == "ok"}
     base = next((r for r in results if r.kind == "base" and r.status == "ok" and r.eval_loss is not None), None)
     out = []
     for r in results:
@@ -625,27 +536,3 @@ def with_baseline_fields(results: list[RunResult]) -> list[RunResult]:
             update["worse_than_base"] = bool(r.eval_loss > base.eval_loss) if ok else None
         out.append(r.model_copy(update=update))
     return out
-
-
-def markdown_table(config: StudyConfig, results: list[RunResult]) -> str:
-    head = (
-        f"# {config.name}: LoRA placement study\n\n"
-        f"Model `{config.model}`, data `{config.dataset}`, r={config.lora.r}, alpha={config.lora.alpha:g}, "
-        f"dropout={config.lora.dropout:g}, lr={config.train.lr:g}, {config.train.max_steps} steps x "
-        f"batch {config.train.batch_size * config.train.grad_accum}, max length {config.train.max_length}, "
-        f"loss on {config.train.loss_on} tokens.\n\n"
-        "Eval loss: token-weighted mean NLL (nats/token) on the held-out split; perplexity = exp(eval loss). "
-        "Trainable %: trainable / (base + adapter) parameters. vs full: trainable parameters as % of the "
-        "full-LoRA run's. Δ loss: eval loss minus the full-LoRA run's (same seed).\n\n"
-    )
-    cols = ["run", "status", "trainable", "trainable %", "vs full %", "eval loss", "Δ loss", "Δ %", "perplexity",
-            "train s", "tok/s", "eval s", "peak MiB"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in results:
-        status = r.status if r.status == "ok" else f"failed: {r.error}"
-        lines.append("| " + " | ".join([
-            r.run_id, status, _fmt(r.trainable_params), _fmt(r.trainable_pct, 2), _fmt(r.params_vs_full_pct, 1),
-            _fmt(r.eval_loss), _fmt(r.delta_eval_loss, 4), _fmt(r.delta_eval_loss_pct, 2), _fmt(r.perplexity, 3),
-            _fmt(r.train_time_s, 1), _fmt(r.train_tokens_per_s, 1), _fmt(r.eval_time_s, 1), _fmt(r.peak_memory_mib, 0),
-        ]) + " |")
-    return head + "\n".join(lines) + "\n"

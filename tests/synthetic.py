@@ -1,5 +1,6 @@
 """Synthetic study folders with known effects, in the exact on-disk layout ``loraplace run``
-writes: for tests and for trying ``loraplace report`` without training anything."""
+writes (run ids and execution order from :func:`loraplace.study.plan.run_specs`, results
+files from the study store): for the report's tests, without training anything."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from loraplace.config import StudyConfig
-from loraplace.evaluation import perplexity
+from loraplace.metrics import perplexity
+from loraplace.study.plan import run_specs
 from loraplace.study.records import RunResult
 from loraplace.study.store import StudyStore
 
@@ -139,14 +141,17 @@ def make_study(study_dir: Path, effects: dict[str, float], *, seeds: Sequence[in
         results.append(res)
 
     base_loss_seen: list[float | None] = [None]
+    specs = {(s.kind, s.strategy, s.seed): s for s in run_specs(config, study_dir)}
     if include_base:
+        position[0] = 0
         write_run("base", "base", "base", seeds[0], base_loss + 0.5)
     for index, seed in enumerate(seeds):
-        # data drawn in a fixed order (the same numbers whatever ``order``); positions as executed
-        k = index % len(strategies) if order == "rotate" else 0
+        # data drawn in a fixed order (the same numbers whatever ``order``); positions as executed:
+        # the study's own order ("rotate"), or every seed in the order of ``effects`` ("fixed")
         for j, strategy in enumerate(strategies):
-            position[0] = int(include_base) + index * len(strategies) + (j - k) % len(strategies)
-            write_run(f"{strategy}-s{seed}", "lora", strategy, seed, base_loss + effects[strategy])
+            spec = specs[("lora", strategy, seed)]
+            position[0] = spec.position if order == "rotate" else int(include_base) + index * len(strategies) + j
+            write_run(spec.run_id, "lora", strategy, seed, base_loss + effects[strategy])
     study_dir.mkdir(parents=True, exist_ok=True)
     StudyStore(study_dir).save(config, results)
     return study_dir
