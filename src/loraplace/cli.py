@@ -344,17 +344,20 @@ def print_results(study_dir: Path) -> None:
     runs = StudyStore(study_dir).load()
     table = Table(title=f"results: {study_dir}")
     cols = ["run", "trainable", "trainable %", "eval loss", f"Δ vs {REFERENCE_STRATEGY}", "perplexity", "train s",
-            "tok/s", "peak MiB"]
+            "tok/s", "added MiB", "peak MiB"]
     for c in cols:
         table.add_column(c, justify="left" if c == "run" else "right")
     for r in runs:
         if r.status != "ok":
             table.add_row(r.run_id, "[red]failed[/]", r.error or "", *[""] * (len(cols) - 3))
             continue
-        table.add_row(r.run_id, num(r.trainable_params), num(r.trainable_pct, 2), num(r.eval_loss),
+        flags = (" [red]diverged[/]" if r.diverged else "") + (" [yellow]worse than base[/]" if r.worse_than_base else "")
+        table.add_row(r.run_id + flags, num(r.trainable_params), num(r.trainable_pct, 2), num(r.eval_loss),
                       num(r.delta_eval_loss, 4, signed=True), num(r.perplexity, 3), num(r.train_time_s, 1),
-                      num(r.train_tokens_per_s, 0), num(r.peak_memory_mib, 0))
+                      num(r.train_tokens_per_s, 0), num(r.peak_memory_increase_mib, 0), num(r.peak_memory_mib, 0))
     console.print(table)
+    console.print("added MiB: the run's peak memory minus the memory in use when it started (the loaded model); "
+                  "peak MiB: the run's own peak (process RSS on CPU, allocated memory on CUDA).", style="dim")
     console.print(f"results: {study_dir / 'results.md'}, {study_dir / 'results.csv'}, {study_dir / 'results.json'}")
 
 
