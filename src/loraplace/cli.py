@@ -128,7 +128,7 @@ def _matrix_table(row: dict[str, Any]) -> Table:
 
 @app.command()
 def plan(
-    model: str = typer.Option("smollm2-135m-instruct", "--model", "-m", help="Hub id, local folder or embedded alias."),
+    model: str = typer.Option("smollm2-135m-instruct", "--model", "-m", help="Hub id, local folder, local .gguf file or embedded alias."),
     strategies: str = typer.Option(
         "full,attention,ffn", "--strategies", "-s",
         help="Comma-separated strategies: built-in names or compositions like attention@last:12, "
@@ -201,7 +201,7 @@ def _split_args(study: str | None, overrides: list[str] | None) -> tuple[str | N
 def run(
     study: Optional[str] = typer.Argument(None, help="Study YAML file (default: the embedded quick study)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="KEY=VALUE overrides, e.g. train.max_steps=20 lora.r=8."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id or local folder of a causal LM."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id, local folder or local .gguf file (dequantized once into the cache)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Hub id or local json/jsonl/csv/parquet file."),
     strategies: Optional[str] = typer.Option(None, "--strategies", "-s", help="Comma-separated strategies."),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated seeds, e.g. 0,1,2."),
@@ -214,6 +214,12 @@ def run(
         None, "--match-budget", help="Also run each strategy with ranks chosen to train as many parameters as this "
         "reference strategy (e.g. full) or count (e.g. 6291456, 6.3M); runs STRATEGY~REFERENCE beside STRATEGY.",
     ),
+    executor: Optional[str] = typer.Option(
+        None, "--executor", help="local (default: the runs one after another in this process) or ray (in parallel "
+        "on a Ray cluster: one worker per GPU, or per executor.cpus_per_run CPUs; needs pip install 'loraplace[ray]')."),
+    ray_address: Optional[str] = typer.Option(
+        None, "--ray-address", help="With --executor ray: the cluster to join (auto, or ray://HOST:10001); "
+        "default: start a local Ray."),
     allow_mixed: bool = typer.Option(
         False, "--allow-mixed", help="With --resume: continue even if this machine resolves device/precision "
         "differently or has other library versions than the study's earlier runs (the study is marked mixed)."),
@@ -228,6 +234,10 @@ def run(
         values.update({k: v for k, v in dict(model=model, dataset=dataset, strategies=strategies, seeds=seeds,
                                              device=device, output=str(output) if output else None,
                                              match_budget=match_budget).items() if v})
+        if executor:
+            values["executor.kind"] = executor
+        if ray_address:
+            values["executor.address"] = ray_address
         if report_to:
             values["train.report_to"] = [x.strip() for x in report_to.split(",") if x.strip()]
         config = load_study(study_path, values)

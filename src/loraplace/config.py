@@ -43,6 +43,10 @@ class TrainSettings(_Strict):
         "auto", description="auto: bfloat16 autocast where the hardware runs it fast (CUDA, CPUs with "
         "AVX512-BF16/AMX), else float32. Adapter weights stay float32 in every mode."
     )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute each decoder layer's activations in backward instead of keeping them "
+        "(non-reentrant torch checkpointing): less memory at long sequences, ~30% more compute; same loss."
+    )
     eval_batch_size: int = Field(16, ge=1, description="Examples per evaluation batch (no gradients).")
     logging_steps: int = Field(5, ge=1)
     eval_every: int = Field(
@@ -57,11 +61,31 @@ class DataSettings(_Strict):
     split_seed: int = Field(1234, description="Seed of the train/eval split, fixed across runs and seeds.")
 
 
+class ExecutorSettings(_Strict):
+    """How the runs are executed: one after another in this process (``local``), or in parallel
+    on a Ray cluster (``ray``: one worker per GPU, or per ``cpus_per_run`` CPUs, on every node).
+    Not part of what the study is: left out of study.yaml and results.json, so a resume may
+    switch executors."""
+
+    kind: Literal["local", "ray"] = Field("local", description="local: this process; ray: workers on a Ray cluster.")
+    address: str | None = Field(
+        None, description="Ray cluster to join: None starts a local Ray (or uses the one this process started), "
+        "'auto' joins the cluster this machine belongs to, 'ray://host:10001' a remote one.")
+    gpus_per_run: float | None = Field(
+        None, ge=0, description="GPUs per worker; None: 1 when the cluster has GPUs and device is not cpu, else 0.")
+    cpus_per_run: float = Field(1.0, gt=0, description="CPUs per worker (on CPU: also its torch threads).")
+    workers: int | None = Field(
+        None, ge=1, description="Most workers at once; None: as many as the cluster's free resources fit.")
+    max_retries: int = Field(
+        2, ge=0, description="Times a run is retried on a new worker when its worker process dies (then it is failed).")
+
+
 class StudyConfig(_Strict):
     """One placement study: a model, a dataset, the strategies to compare and how to train them."""
 
     name: str = Field("quick", description="Study name, used for the output folder.")
-    model: str = Field("smollm2-135m-instruct", description="Embedded alias, hub id or local folder.")
+    model: str = Field("smollm2-135m-instruct", description="Embedded alias, hub id, local folder or local .gguf "
+                       "file (dequantized to float32 once into the cache).")
     dataset: str = Field("alpaca-demo", description="Embedded alias, hub id, or local json/jsonl/csv/parquet file.")
     strategies: list[str] = Field(default_factory=lambda: ["full", "attention", "ffn"])
     include_base: bool = Field(True, description="Also evaluate the base model without adapters.")
@@ -75,6 +99,9 @@ class StudyConfig(_Strict):
     )
     device: str = Field("auto", description="auto (cuda > mps > cpu), cpu, cuda or mps; choose a GPU with CUDA_VISIBLE_DEVICES.")
     output: str | None = Field(None, description="Output folder; default: a new folder under ./runs/.")
+    executor: ExecutorSettings = Field(
+        default_factory=ExecutorSettings, exclude=True,
+        description="How the runs execute (not stored with the study: a resume may change it).")
     match_budget: str | int | None = Field(
         None, description="Also run every strategy with ranks chosen to train as many parameters as this "
         "reference strategy (e.g. full) or parameter count (e.g. 6291456 or 6.3M); matched arms run beside "
@@ -153,7 +180,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 def _basename(source: str) -> str:
     """``Qwen/Qwen2.5-0.5B`` -> ``Qwen2.5-0.5B``; ``./data/chats.jsonl`` -> ``chats``."""
     name = source.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
-    for ext in (".jsonl", ".json", ".csv", ".parquet", ".yaml", ".yml", ".txt"):
+    for ext in (".jsonl", ".json", ".csv", ".parquet", ".yaml", ".yml", ".txt", ".gguf"):
         if name.lower().endswith(ext) and len(name) > len(ext):
             return name[: -len(ext)]
     return name

@@ -65,6 +65,21 @@ def _nll_at(states: torch.Tensor, head: nn.Module | None, targets: torch.Tensor)
     return F.cross_entropy(logits.float(), targets, reduction="none")
 
 
+EVAL_CHUNK = 1024
+"""Positions projected to the vocabulary at once in the final evaluation's all-token sums: memory
+stays at ``EVAL_CHUNK x vocab`` floats (200 MB for a 49k vocabulary) whatever the batch and length."""
+
+
+def _nll_chunked(states: torch.Tensor, head: nn.Module | None, targets: torch.Tensor,
+                 chunk: int = EVAL_CHUNK) -> torch.Tensor:
+    """:func:`_nll_at` over blocks of at most ``chunk`` positions (the same calls as one
+    :func:`_nll_at` when ``N <= chunk``)."""
+    n = states.shape[0]
+    if n <= chunk:
+        return _nll_at(states, head, targets)
+    return torch.cat([_nll_at(states[s:s + chunk], head, targets[s:s + chunk]) for s in range(0, n, chunk)])
+
+
 def token_nll(model: nn.Module, batch: dict[str, torch.Tensor], selective: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed NLL and labelled-token count per example of a causal-LM batch.
 
@@ -80,7 +95,10 @@ def token_nll(model: nn.Module, batch: dict[str, torch.Tensor], selective: bool 
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE_INDEX  # (B, T-1)
     states, head = _hidden_and_head(model, batch, selective)
-    nll = _nll_at(states[:, :-1][mask], head, labels[mask])  # (N,)
+    # Without gradients (evaluation) the vocabulary projection runs in blocks of EVAL_CHUNK positions:
+    # with loss_on=all, N is about B*T. With gradients it runs at once (backward needs every block).
+    nll_fn = _nll_at if torch.is_grad_enabled() else _nll_chunked
+    nll = nll_fn(states[:, :-1][mask], head, labels[mask])  # (N,)
     rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)[mask]
     nll_sum = torch.zeros(labels.shape[0], dtype=torch.float32, device=nll.device).index_add(0, rows, nll)
     return nll_sum, mask.sum(dim=1)
@@ -162,11 +180,14 @@ class AllTokenNLL:
 
 
 def token_nll_all(model: nn.Module, batch: dict[str, torch.Tensor], pad_token_id: int,
-                  selective: bool = True) -> tuple[torch.Tensor, torch.Tensor, AllTokenNLL]:
+                  selective: bool = True, chunk: int = EVAL_CHUNK) -> tuple[torch.Tensor, torch.Tensor, AllTokenNLL]:
     """:func:`token_nll` plus, per row, the NLL over all non-padding tokens and over padding.
 
-    Needs the logits at every position: the vocabulary projection runs one row at a time, so
-    memory stays at ``(T, vocab)`` floats. Rows are right-padded (``attention_mask`` 1 then 0);
+    Needs the logits at every position: the vocabulary projection runs one row at a time and in
+    blocks of at most ``chunk`` positions of it (:data:`EVAL_CHUNK`), from the hidden states, so
+    no ``(B, T, vocab)`` logits tensor is made and memory stays at ``(min(T, chunk), vocab)``
+    floats (models that post-process their logits, which take the full-logits path of
+    :func:`_selective_parts`, are the exception: their forward returns ``(B, T, vocab)``). Rows are right-padded (``attention_mask`` 1 then 0);
     padding position j (j >= len) contributes the NLL of predicting ``pad_token_id`` at j from
     position j-1, which is what a loss over padded labels would add. The labelled sums come from
     the same logits (label where there is one, else the input token, as target).
@@ -181,7 +202,7 @@ def token_nll_all(model: nn.Module, batch: dict[str, torch.Tensor], pad_token_id
         n = int(lengths[i])
         targets = torch.where(mask[i], labels[i], batch["input_ids"][i, 1:])
         targets[n - 1:] = pad_token_id  # positions >= n are padding: their target is the pad token
-        row = _nll_at(states[i, :-1], head, targets)  # (T-1,)
+        row = _nll_chunked(states[i, :-1], head, targets, chunk)  # (T-1,)
         sums.append(row[mask[i]].sum())
         sums_all.append(row[: n - 1].sum())
         sums_pad.append(row[n - 1:].sum())

@@ -37,15 +37,18 @@ def resolve_model_path(model: str, allow_fetch: bool = True) -> str:
     """The path or hub id to hand to ``from_pretrained``; the embedded alias becomes its cache folder."""
     if model in (assets.EMBEDDED_MODEL, f"embedded:{assets.EMBEDDED_MODEL}"):
         return str(assets.ensure_model(allow_fetch=allow_fetch))
+    if assets.is_gguf_file(model):  # dequantized once into the cache, then a folder like any other
+        return str(assets.ensure_gguf_model(model))
     return model
 
 
 def load_config(model: str) -> tuple[Any, str]:
     """A model's config without weights, and where it came from.
 
-    Order: the embedded model's cache, a local folder, the hub (or its local cache), then the
-    built-in table. Returns ``(config, source)`` with source one of ``"embedded"``, ``"local"``,
-    ``"hub"``, ``"built-in table"``.
+    Order: the embedded model's cache, a local GGUF file (dequantized into the cache once:
+    :func:`loraplace.assets.ensure_gguf_model`), a local folder, the hub (or its local cache), then
+    the built-in table. Returns ``(config, source)`` with source one of ``"embedded"``, ``"gguf"``,
+    ``"local"``, ``"hub cache"``, ``"hub"``, ``"built-in table"``.
     """
     from transformers import AutoConfig, CONFIG_MAPPING
 
@@ -53,6 +56,8 @@ def load_config(model: str) -> tuple[Any, str]:
         if (assets.model_dir() / ".complete").exists():
             return AutoConfig.from_pretrained(assets.model_dir()), "embedded"
         model = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    if assets.is_gguf_file(model):
+        return AutoConfig.from_pretrained(resolve_model_path(model)), "gguf"
     if Path(model).is_dir():
         try:
             return AutoConfig.from_pretrained(model), "local"
@@ -115,6 +120,7 @@ def pick_device(requested: str = "auto") -> torch.device:
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
+    path = resolve_model_path(path) if assets.is_gguf_file(path) else path
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=assets.offline())
     except (OSError, ValueError) as e:
@@ -130,6 +136,7 @@ def load_model(path: str, task: str = "causal-lm", num_labels: int | None = None
     """Load a model's weights with the head of task ``task`` (a name in :data:`loraplace.tasks.TASKS`;
     float32 by default: adapters train in float32 and the matmuls run under autocast).
     ``num_labels`` sizes a classification head."""
+    path = resolve_model_path(path) if assets.is_gguf_file(path) else path
     kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": assets.offline()}
     if num_labels is not None:
         kwargs["num_labels"] = num_labels

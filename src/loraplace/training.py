@@ -15,6 +15,9 @@ The Trainer runs the loop; loraplace plugs in through its extension points only:
   autocast's per-call weight casts and changes no number;
 * on CPU, eager attention (faster backward than SDPA's at these lengths) and a LoRA dropout
   that draws its mask with ``torch.rand`` (see :class:`MaskDropout`);
+* optional gradient checkpointing (``train.gradient_checkpointing``, :func:`checkpointing`),
+  switched on and off by loraplace around the warm-up and the training, not by the Trainer (whose
+  switch would miss the warm-up and leave an input-embedding hook on the shared base model);
 * a callback for progress, and a non-finite-loss check that fails the run with its reason.
 
 Before the timer starts, :func:`train_adapters` checks the selective-logits loss against the
@@ -163,6 +166,40 @@ def attention_as(model: nn.Module, implementation: str | None):
         yield base.config._attn_implementation
     finally:
         base.set_attn_implementation(current)
+
+
+@contextlib.contextmanager
+def checkpointing(model: nn.Module, enabled: bool):
+    """Gradient (activation) checkpointing of the decoder layers inside the block, off again after it.
+
+    Non-reentrant ``torch.utils.checkpoint`` (``use_reentrant=False``): it needs no input that
+    requires grad, so the input-embedding hook transformers adds when switching it on
+    (``enable_input_require_grads``) is removed again unless it was there before; on exit the
+    layers' flags and that hook are as before, so the shared base model's next arm runs as it
+    would alone. It preserves the random state for the recomputation, so LoRA dropout masks are
+    the same in the forward and its recomputation. Yields whether it is on.
+    """
+    if not enabled:
+        yield False
+        return
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(base).__name__} does not support gradient checkpointing; set train.gradient_checkpointing=false")
+    had_hooks = bool(getattr(base, "_require_grads_hooks", None) or getattr(base, "_require_grads_hook", None))
+    enable = getattr(base, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:  # transformers < 5.2x: the older name
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not had_hooks and hasattr(base, "disable_input_require_grads"):
+        base.disable_input_require_grads()
+    try:
+        yield True
+    finally:
+        disable = getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable
+        disable()
+        if not had_hooks and hasattr(base, "disable_input_require_grads"):
+            base.disable_input_require_grads()
 
 
 def target_counter(nll_fn: Callable, model: nn.Module) -> Callable[[dict], torch.Tensor]:
@@ -429,8 +466,10 @@ def train_adapters(model: nn.Module, train_dataset, collator, settings: TrainSet
         with torch.random.fork_rng(**_rng_devices(run_device)):
             selective = check_selective_loss(trainer.model, collator(features[:2]))
     warmup_seconds = 0.0
-    with frozen_weights_as(model, autocast_dtype(precision)), attention_as(model, fast_attention(device)) as attn:
-        choices.update(attention=attn, frozen_weights=str(autocast_dtype(precision) or torch.float32))
+    with frozen_weights_as(model, autocast_dtype(precision)), attention_as(model, fast_attention(device)) as attn, \
+            checkpointing(model, settings.gradient_checkpointing) as ckpt:
+        choices.update(attention=attn, frozen_weights=str(autocast_dtype(precision) or torch.float32),
+                       gradient_checkpointing="on (non-reentrant)" if ckpt else "off")
         if warmup and features:
             batch = {k: v.to(run_device) if torch.is_tensor(v) else v for k, v in collator(features).items()}
             warmup_seconds = warm_up(trainer.model, batch, nll_fn, autocast=trainer.accelerator.autocast,
