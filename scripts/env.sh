@@ -13,7 +13,7 @@ fi
 if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
   "$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC"
-  "$VENV/bin/python" -m pip install --quiet -e "$ROOT[dev]"
+  "$VENV/bin/python" -m pip install --quiet -e "$ROOT[dev,ray]"
   "$VENV/bin/python" -c "import loraplace, torch, transformers, peft" 
   touch "$STAMP"
 fi

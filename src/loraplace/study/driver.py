@@ -76,6 +76,11 @@ def run_study(config: StudyConfig, resume: bool = False, allow_mixed: bool = Fal
     A failing report is reported (:meth:`StudyProgress.report_failed`), not raised: the results
     are saved by then.
 
+    ``config.executor`` chooses how the runs execute: one after another in this process
+    (:class:`~loraplace.study.executor.LocalExecutor`), or in parallel on Ray workers
+    (:class:`~loraplace.study.ray_executor.RayExecutor`; the environment is then what the workers
+    resolve, and their files come back to this process, the only writer of the study folder).
+
     Raises:
         LoraplaceError: bad input (model, data, strategies, device), a folder in use, a resume
             without ``config.output`` or that does not continue the stored study; raised before
@@ -93,12 +98,22 @@ def run_study(config: StudyConfig, resume: bool = False, allow_mixed: bool = Fal
     study_dir = Path(config.output) if config.output else default_output_dir(config)
     store = StudyStore(study_dir)
     store.check_folder()
+    ray = config.executor.kind == "ray"
     with contextlib.ExitStack() as stack:
-        check_study(config)
-        environment = resolve_environment(config)
+        # Under Ray the device is checked (and resolved) on the workers, which may have GPUs the driver lacks.
+        check_study(config.model_copy(update={"device": "auto"}) if ray else config)
+        environment = None if ray else resolve_environment(config)
         lock = stack.enter_context(store.lock())
         if lock.note:
             progress.note(lock.note)
+        if ray:
+            from loraplace.study.ray_executor import RayExecutor
+
+            executor = RayExecutor(config.executor, on_note=progress.note)
+            stack.callback(executor.close)  # also on Ctrl-C and errors: stops the remote runs
+            environment = executor.start(config.device, config.train.precision, len(run_specs(config, study_dir)))
+        else:
+            executor = LocalExecutor()
         if threading.current_thread() is threading.main_thread():
             # `kill PID` (SIGTERM) ends the study like Ctrl-C: finished runs saved, lock released.
             def _terminate(signum, frame):
@@ -126,7 +141,7 @@ def run_study(config: StudyConfig, resume: bool = False, allow_mixed: bool = Fal
             started[spec.run_id] = time.monotonic()
             progress.run_started(spec, place[spec.run_id])
 
-        executor = LocalExecutor(on_step=progress.run_step, on_start=on_start)
+        executor.on_step, executor.on_start = progress.run_step, on_start
         try:
             progress.runs_starting(len(specs), len(finished))
             try:
@@ -139,6 +154,9 @@ def run_study(config: StudyConfig, resume: bool = False, allow_mixed: bool = Fal
             finally:
                 progress.runs_stopped()
         except KeyboardInterrupt:
+            if ray:
+                executor.close()
+                progress.note("stopped the Ray workers; runs in progress there are abandoned")
             raise StudyInterrupted(study_dir, sum(r.status == "ok" for r in store.rows)) from None
     progress.results_saved(study_dir)
     try:  # the results are saved already: a failing report must not lose them

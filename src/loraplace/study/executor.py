@@ -1,7 +1,7 @@
 """Executors run a list of :class:`RunSpec` jobs and hand back each :class:`RunResult` as it
 finishes. The local one runs them in this process, one after another, sharing the loaded base
 model and data through a :class:`RunContext`; a distributed executor implements the same
-``submit`` and needs no change to the runs."""
+``submit`` and needs no change to the runs (:mod:`loraplace.study.ray_executor`)."""
 
 from __future__ import annotations
 
