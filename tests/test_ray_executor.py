@@ -1,0 +1,270 @@
+"""The Ray executor on a local Ray instance (2 CPUs, two single-CPU workers) with a tiny
+random-init model: the same results and files as the local executor, a worker killed mid-run,
+an interrupted driver resumed, and the version check."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+FAST = {"train.max_steps": 2, "train.batch_size": 4, "data.eval_size": 8, "train.eval_every": 1,
+        "train.logging_steps": 1, "train.precision": "fp32", "device": "cpu"}
+RAY = {"executor.kind": "ray", "executor.cpus_per_run": 1}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray instance for the module (starting one costs seconds)."""
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    from conftest import alpaca_rows
+
+    path = tmp_path_factory.mktemp("data") / "alpaca.json"
+    path.write_text(json.dumps(alpaca_rows()))
+    return path
+
+
+def study(model, data, out, progress=None, resume=False, **values):
+    from loraplace.config import load_study
+    from loraplace.study.driver import run_study
+
+    config = load_study(None, {"model": str(model), "dataset": str(data), "output": str(out), **FAST, **values})
+    return run_study(config, resume=resume, progress=progress)
+
+
+def rows(out):
+    return {r["run_id"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+
+
+def files(out):
+    return sorted(p.relative_to(out).as_posix() for p in (out / "runs").rglob("*") if p.is_file())
+
+
+class Recorder:
+    """A StudyProgress that records what the driver reports."""
+
+    def __init__(self):
+        from loraplace.study.driver import StudyProgress
+
+        self.events: list[tuple] = []
+        for name in ("note", "run_started", "run_step", "run_ended"):
+            setattr(self, name, self._make(name))
+        self._base = StudyProgress()
+
+    def _make(self, name):
+        return lambda *args: self.events.append((name, *args))
+
+    def __getattr__(self, name):
+        return getattr(self._base, name)
+
+
+@pytest.fixture(scope="module")
+def local_and_ray(ray_cluster, tiny_llama_dir, data_file, tmp_path_factory):
+    import torch
+
+    root = tmp_path_factory.mktemp("studies")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a single-CPU worker: the same float reductions, so bit-equal results
+    try:
+        local = study(tiny_llama_dir, data_file, root / "local")
+    finally:
+        torch.set_num_threads(threads)
+    progress = Recorder()
+    remote = study(tiny_llama_dir, data_file, root / "ray", progress=progress, **RAY)
+    return local, remote, progress
+
+
+def test_ray_study_matches_the_local_one(local_and_ray):
+    local, remote, _ = local_and_ray
+    a, b = rows(local), rows(remote)
+    assert sorted(a) == sorted(b) == ["attention-s0", "base", "ffn-s0", "full-s0"]
+    for run_id in a:
+        assert b[run_id]["status"] == "ok"
+        assert b[run_id]["eval_loss"] == a[run_id]["eval_loss"], run_id
+        assert b[run_id]["trainable_params"] == a[run_id]["trainable_params"]
+        assert b[run_id]["position"] == a[run_id]["position"]
+        ea = json.loads((local / "runs" / run_id / "eval_examples.json").read_text())
+        eb = json.loads((remote / "runs" / run_id / "eval_examples.json").read_text())
+        assert eb["nll_sum"] == ea["nll_sum"] and eb["n_tokens"] == ea["n_tokens"]
+    # the same files in the same layout; run folders name the study's path, not the worker's temp folder
+    assert files(local) == files(remote)
+    for run_id in b:
+        config = json.loads((remote / "runs" / run_id / "config.json").read_text())
+        assert config["run_dir"] == str(remote / "runs" / run_id)
+    assert (remote / "report" / "report.html").is_file()
+    assert not (remote / ".lock").exists()
+    assert "executor" not in (remote / "study.yaml").read_text()  # how it ran is not what the study is
+
+
+def test_ray_progress_reaches_the_driver(local_and_ray):
+    _, _, progress = local_and_ray
+    names = [e[0] for e in progress.events]
+    started = {e[1].run_id for e in progress.events if e[0] == "run_started"}
+    assert started == {"base", "full-s0", "attention-s0", "ffn-s0"}
+    steps = [(e[1].run_id, e[2], e[3]) for e in progress.events if e[0] == "run_step"]
+    assert ("full-s0", 2, 2) in steps and ("ffn-s0", 2, 2) in steps
+    assert names.count("run_ended") == 4
+    for run_id in started:  # each run's start comes before its steps and its end
+        mine = [e[0] for e in progress.events if len(e) > 1 and getattr(e[1], "run_id", None) == run_id]
+        assert mine[0] == "run_started" and mine[-1] == "run_ended"
+
+
+def test_killed_worker_is_replaced_and_its_run_retried(ray_cluster, tiny_llama_dir, data_file, tmp_path, monkeypatch):
+    import loraplace.study.ray_executor as rx
+
+    executors = []
+
+    class Recording(rx.RayExecutor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            executors.append(self)
+
+    monkeypatch.setattr(rx, "RayExecutor", Recording)
+    killed = []
+
+    class Killer(Recorder):
+        def __init__(self):
+            super().__init__()
+            self.run_started = self._kill_at_start
+
+        def _kill_at_start(self, spec, k):
+            self.events.append(("run_started", spec, k))
+            if spec.run_id == "full-s0" and not killed:  # kill the worker that just started full-s0
+                pid = executors[0].running[spec.run_id]
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+
+    progress = Killer()
+    out = study(tiny_llama_dir, data_file, tmp_path / "s", progress=progress,
+                **{**RAY, "train.max_steps": 20, "train.eval_every": 0})
+    assert killed
+    runs = rows(out)
+    assert sorted(runs) == ["attention-s0", "base", "ffn-s0", "full-s0"]
+    assert all(r["status"] == "ok" for r in runs.values()), {k: r["error"] for k, r in runs.items()}
+    assert executors[0].retries == {"full-s0": 1}
+    notes = [e[1] for e in progress.events if e[0] == "note"]
+    assert any("full-s0" in n and "retrying" in n for n in notes), notes
+    assert files(out) == sorted(f"runs/{r}/{name}" for r in runs for name in
+                                ("config.json", "eval_examples.json", "modules.json", "result.json", "train_log.json")
+                                if not (r == "base" and name == "train_log.json"))
+
+
+def test_run_failed_after_max_retries(ray_cluster, tiny_llama_dir, data_file, tmp_path, monkeypatch):
+    """A run whose worker dies every time is recorded as failed with the reason; the rest goes on."""
+    import loraplace.study.ray_executor as rx
+
+    executors = []
+
+    class Recording(rx.RayExecutor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            executors.append(self)
+
+    monkeypatch.setattr(rx, "RayExecutor", Recording)
+
+    class Killer(Recorder):
+        def __init__(self):
+            super().__init__()
+            self.run_started = self._kill
+
+        def _kill(self, spec, k):
+            if spec.run_id == "attention-s0":
+                os.kill(executors[0].running[spec.run_id], signal.SIGKILL)
+
+    out = study(tiny_llama_dir, data_file, tmp_path / "s", progress=Killer(), strategies="full,attention",
+                include_base=False, **{**RAY, "executor.max_retries": 1, "train.max_steps": 20, "train.eval_every": 0})
+    runs = rows(out)
+    assert runs["full-s0"]["status"] == "ok"
+    assert runs["attention-s0"]["status"] == "failed"
+    assert "worker died 2 times" in runs["attention-s0"]["error"]
+    assert (out / "runs" / "attention-s0" / "error.txt").is_file()
+
+
+def test_interrupted_ray_driver_resumes_without_losing_a_run(ray_cluster, tiny_llama_dir, data_file, tmp_path):
+    from loraplace.study.driver import StudyInterrupted
+
+    class StopAfterFirst(Recorder):
+        def __init__(self):
+            super().__init__()
+            self.run_ended = self._stop
+
+        def _stop(self, result, k, seconds):
+            self.events.append(("run_ended", result))
+            raise KeyboardInterrupt
+
+    out = tmp_path / "s"
+    with pytest.raises(StudyInterrupted) as info:
+        study(tiny_llama_dir, data_file, out, progress=StopAfterFirst(), **RAY)
+    assert info.value.finished == 1
+    first = rows(out)
+    assert len(first) == 1 and not (out / ".lock").exists()
+    (run_id, row), = first.items()
+    assert ray.is_initialized()  # the test's Ray was not shut down by the executor
+    # resume with the local executor: switching executors is no config change
+    progress = Recorder()
+    study(tiny_llama_dir, data_file, out, progress=progress, resume=True)
+    after = rows(out)
+    assert sorted(after) == ["attention-s0", "base", "ffn-s0", "full-s0"]
+    assert after[run_id]["finished_at"] == row["finished_at"]  # kept, not run again
+    assert run_id not in {e[1].run_id for e in progress.events if e[0] == "run_started"}
+
+
+def test_version_mismatch_is_refused(ray_cluster, tiny_llama_dir, data_file, tmp_path, monkeypatch):
+    import loraplace.measure
+    from loraplace.errors import LoraplaceError
+
+    real = loraplace.measure.library_versions
+    monkeypatch.setattr(loraplace.measure, "library_versions", lambda: {**real(), "loraplace": "9.9.9"})
+    out = tmp_path / "s"
+    with pytest.raises(LoraplaceError) as info:
+        study(tiny_llama_dir, data_file, out, **RAY)
+    message = str(info.value)
+    assert "loraplace 9.9.9" in message and f"loraplace {real()['loraplace']}" in message
+    assert "\n" not in message
+    assert not (out / "results.json").exists() and not (out / ".lock").exists()
+
+
+def test_version_mismatch_names_the_library():
+    from loraplace.study.ray_executor import version_mismatch
+
+    driver = {"loraplace": "0.1.0", "torch": "2.13.0", "transformers": "5.0", "peft": "0.17"}
+    assert version_mismatch(driver, {"versions": dict(driver)}) is None
+    line = version_mismatch(driver, {"host": "n1", "pid": 7, "versions": {**driver, "torch": "2.12.0"}})
+    assert "torch 2.12.0" in line and "torch 2.13.0" in line and "n1" in line
+
+
+def test_cli_executor_options_set_the_executor_settings():
+    from loraplace.config import load_study
+
+    config = load_study(None, {"executor.kind": "ray", "executor.address": "auto", "executor.gpus_per_run": 0.5})
+    assert config.executor.kind == "ray" and config.executor.address == "auto"
+    assert "executor" not in config.model_dump()
+
+
+def test_cli_runs_a_study_on_ray(ray_cluster, tiny_llama_dir, data_file, tmp_path):
+    from typer.testing import CliRunner
+
+    from loraplace.cli import app
+
+    out = tmp_path / "s"
+    args = ["run", "--model", str(tiny_llama_dir), "--dataset", str(data_file), "-o", str(out), "--strategies", "qv",
+            "--executor", "ray", "include_base=false", "executor.cpus_per_run=1",
+            *(f"{k}={v}" for k, v in FAST.items())]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert rows(out)["qv-s0"]["status"] == "ok"
+    assert ray.is_initialized()  # a Ray this command did not start is left running
+
+    bad = CliRunner().invoke(app, ["run", "--executor", "spark", "-o", str(tmp_path / "t")])
+    assert bad.exit_code == 2 and "executor.kind" in bad.output
