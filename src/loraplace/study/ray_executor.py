@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -187,12 +188,19 @@ class RayExecutor:
         except ConnectionError as e:
             raise LoraplaceError(f"--executor ray: cannot join the Ray cluster at {address}: {e}") from None
 
-    def _worker_count(self, runs: int, gpus: float) -> int:
-        resources = self.ray.available_resources()
-        cpus = resources.get("CPU", 0.0)
-        fit = int(cpus // self.settings.cpus_per_run)
-        if gpus > 0:
-            fit = min(fit, int(resources.get("GPU", 0.0) // gpus))
+    def _worker_count(self, runs: int, gpus: float, wait_s: float = 30.0) -> int:
+        # Resources of actors that just ended (an earlier study in this process, a finished job on
+        # the cluster) come back asynchronously: wait up to ``wait_s`` for room for one worker.
+        deadline = time.monotonic() + wait_s
+        while True:
+            resources = self.ray.available_resources()
+            cpus = resources.get("CPU", 0.0)
+            fit = int(cpus // self.settings.cpus_per_run)
+            if gpus > 0:
+                fit = min(fit, int(resources.get("GPU", 0.0) // gpus))
+            if fit >= 1 or time.monotonic() >= deadline:
+                break
+            time.sleep(0.5)
         if fit < 1:
             need = f"{self.settings.cpus_per_run:g} CPU" + (f" and {gpus:g} GPU" if gpus else "")
             raise LoraplaceError(f"--executor ray: the Ray cluster has no room for one worker ({need} per run; "
