@@ -120,7 +120,9 @@ def test_ray_progress_reaches_the_driver(local_and_ray):
         assert mine[0] == "run_started" and mine[-1] == "run_ended"
 
 
-def test_killed_worker_is_replaced_and_its_run_retried(ray_cluster, tiny_llama_dir, data_file, tmp_path, monkeypatch):
+def recording_executors(monkeypatch) -> list:
+    """Make every RayExecutor the driver creates append itself to the returned list (to reach its
+    workers' pids and retry counts)."""
     import loraplace.study.ray_executor as rx
 
     executors = []
@@ -131,6 +133,11 @@ def test_killed_worker_is_replaced_and_its_run_retried(ray_cluster, tiny_llama_d
             executors.append(self)
 
     monkeypatch.setattr(rx, "RayExecutor", Recording)
+    return executors
+
+
+def test_killed_worker_is_replaced_and_its_run_retried(ray_cluster, tiny_llama_dir, data_file, tmp_path, monkeypatch):
+    executors = recording_executors(monkeypatch)
     killed = []
 
     class Killer(Recorder):
@@ -162,16 +169,7 @@ def test_killed_worker_is_replaced_and_its_run_retried(ray_cluster, tiny_llama_d
 
 def test_run_failed_after_max_retries(ray_cluster, tiny_llama_dir, data_file, tmp_path, monkeypatch):
     """A run whose worker dies every time is recorded as failed with the reason; the rest goes on."""
-    import loraplace.study.ray_executor as rx
-
-    executors = []
-
-    class Recording(rx.RayExecutor):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            executors.append(self)
-
-    monkeypatch.setattr(rx, "RayExecutor", Recording)
+    executors = recording_executors(monkeypatch)
 
     class Killer(Recorder):
         def __init__(self):
