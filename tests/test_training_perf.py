@@ -26,8 +26,9 @@ def peft_tiny(seed=0):
     return base, model
 
 
-def autocast_loss(model, batch):
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+def loss_and_grads(model, batch, autocast_dtype=None):
+    """One token-mean loss and its adapter gradients (cleared afterwards), optionally under autocast."""
+    with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
         s, n = token_nll(model, batch)
     loss = s.sum() / n.sum()
     loss.backward()
@@ -40,7 +41,7 @@ def test_bf16_frozen_weights_same_loss_and_grads_under_autocast():
     base, model = peft_tiny()
     model.train()
     batch = PadCollator(PAD)(examples())
-    ref_loss, ref_grads = autocast_loss(model, batch)
+    ref_loss, ref_grads = loss_and_grads(model, batch, torch.bfloat16)
     with frozen_weights_as(model, torch.bfloat16):
         lora = [p for n, p in model.named_parameters() if "lora_" in n]
         frozen = [m.base_layer.weight for m in model.modules() if hasattr(m, "base_layer") and hasattr(m.base_layer, "weight")]
@@ -48,7 +49,7 @@ def test_bf16_frozen_weights_same_loss_and_grads_under_autocast():
         assert frozen and all(w.dtype == torch.bfloat16 for w in frozen)
         assert base.get_input_embeddings().weight.dtype == torch.float32  # tied head stays float32
         assert all(m.weight.dtype == torch.float32 for n, m in base.named_modules() if n.endswith("norm"))
-        loss, grads = autocast_loss(model, batch)
+        loss, grads = loss_and_grads(model, batch, torch.bfloat16)
     torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
     for k in ref_grads:
         torch.testing.assert_close(grads[k], ref_grads[k], rtol=0, atol=0)
