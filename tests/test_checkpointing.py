@@ -10,7 +10,7 @@ from loraplace.data import PadCollator
 from loraplace.measure import PeakMemory
 from loraplace.training import checkpointing, train_adapters
 
-from test_evaluation_nll import PAD, ListDataset, examples, tiny_llama
+from test_evaluation_nll import PAD, ListDataset, examples
 from test_training_perf import TARGETS, loss_and_grads, peft_tiny
 
 
