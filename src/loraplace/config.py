@@ -61,6 +61,16 @@ class DataSettings(_Strict):
     split_seed: int = Field(1234, description="Seed of the train/eval split, fixed across runs and seeds.")
 
 
+class ImportanceSettings(_Strict):
+    """How automatic strategies (``auto[...]``) score the model's modules before the study trains:
+    once per study, on the training split, the same batches for every score."""
+
+    batches: int = Field(8, ge=1, description="Training batches the importance scores read.")
+    batch_size: int = Field(8, ge=1, description="Examples per scoring batch.")
+    max_rank: int = Field(64, ge=1, description="Length of each module's score curve: the highest rank "
+                          "an automatic strategy can give one module.")
+
+
 class ExecutorSettings(_Strict):
     """How the runs are executed: one after another in this process (``local``), or in parallel
     on a Ray cluster (``ray``: one worker per GPU, or per ``cpus_per_run`` CPUs, on every node).
@@ -93,6 +103,7 @@ class StudyConfig(_Strict):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     data: DataSettings = Field(default_factory=DataSettings)
+    importance: ImportanceSettings = Field(default_factory=ImportanceSettings)
     task: TaskChoice = Field(
         "auto", description="What to train: auto follows the architecture (decoder-only: causal-lm; "
         "encoder-decoder such as T5/BART: seq2seq; encoder-only such as BERT: classification)."
@@ -132,11 +143,16 @@ class StudyConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "StudyConfig":
-        from loraplace.placement import parse_strategies
+        from loraplace.placement import parse_strategies, parse_strategy
+        from loraplace.placement.arms import ARM_SEPARATOR, parse_arm
 
         if not self.strategies:
             raise ValueError("strategies is empty; e.g. strategies: [full, attention, ffn]")
-        parsed = parse_strategies(self.strategies)  # unknown or duplicate names fail here, with the list of known ones
+        for spec in self.strategies:
+            parse_arm(spec)  # an entry may name its budget reference: ffn~attention
+        # unknown or duplicate names fail here, with the list of known ones
+        parse_strategies([s for s in self.strategies if ARM_SEPARATOR not in s])
+        parsed = [parse_strategy(s) for s in self.strategies if ARM_SEPARATOR not in s]
         fixed = [s.name for s in parsed if s.has_fixed_ranks]
         if self.match_budget is not None and fixed:
             raise ValueError(

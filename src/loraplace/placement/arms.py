@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
+from loraplace.errors import LoraplaceError
 from loraplace.placement.budget import parse_budget_reference, resolve_matched
 from loraplace.placement.strategies import parse_strategy
 
@@ -60,28 +61,61 @@ class Arm:
         return cls(strategy, parse_budget_reference(reference) if sep else None)
 
 
+def parse_arm(spec: str) -> Arm:
+    """An arm as written in a strategy list: a strategy (``attention``), or a strategy with its budget
+    reference (``ffn~attention``, ``auto~1.8M``); both parts are checked.
+
+    Raises:
+        LoraplaceError: an invalid strategy or reference, or a reference on a strategy that fixes
+            every rank itself.
+    """
+    arm = Arm.parse("".join(spec.split()))
+    strategy = parse_strategy(arm.strategy)
+    if arm.reference is not None and strategy.has_fixed_ranks:
+        raise LoraplaceError(f"arm {spec!r}: {strategy.name!r} sets r= on every term, so a budget reference has no "
+                             "rank to choose; drop r= from one term or the reference")
+    return Arm(strategy.name, arm.reference)
+
+
 def study_arms(strategies: Sequence[str], match_budget: str | int | None) -> list[Arm]:
-    """A study's arms in order: every strategy, each followed by its arm matched to
-    ``match_budget`` (a reference as :func:`~loraplace.placement.budget.parse_budget_reference`
+    """A study's arms in order, without repeats: every strategy, each followed by its arm matched
+    to ``match_budget`` (a reference as :func:`~loraplace.placement.budget.parse_budget_reference`
     returns it) when one is given. The reference strategy itself gets no matched arm: it would
-    repeat the unmatched one."""
-    arms = []
+    repeat the unmatched one. An entry that names its own reference (``ffn~attention``) is that
+    one arm."""
+    arms: list[Arm] = []
     for spec in strategies:
-        arms.append(Arm(spec))
-        name = parse_strategy(spec).name
-        if match_budget is not None and name != match_budget:
-            arms.append(Arm(name, match_budget))
+        arm = parse_arm(spec)
+        found = [arm]
+        if arm.reference is None and match_budget is not None and arm.strategy != match_budget:
+            found.append(Arm(arm.strategy, match_budget))
+        arms.extend(a for a in found if a not in arms)
     return arms
 
 
-def resolve_arm(model: nn.Module, arm: Arm | str, r: int, alpha: float) -> Placement:
+def resolve_arm(model: nn.Module, arm: Arm | str, r: int, alpha: float, ranks: dict[str, int] | None = None,
+                budget: dict | None = None) -> Placement:
     """The placement of a study arm on ``model``: the strategy at rank ``r``, or, for a matched
     arm, the strategy with ranks matched to the reference's budget. A ``str`` is a stored label
-    (a :class:`~loraplace.study.records.RunSpec`'s ``strategy``), read with :meth:`Arm.parse`."""
+    (a :class:`~loraplace.study.records.RunSpec`'s ``strategy``), read with :meth:`Arm.parse`.
+
+    An automatic arm (``auto[...]``) is resolved once per study (:mod:`loraplace.study.allocations`):
+    its explicit ``ranks`` (module -> rank) and ``budget`` record must be given.
+
+    Raises:
+        LoraplaceError: an automatic arm without ``ranks``, or any resolution error.
+    """
     from loraplace.placement.resolve import resolve_placement
 
     arm = Arm.parse(arm) if isinstance(arm, str) else arm
     strategy = parse_strategy(arm.strategy)
+    if strategy.is_auto:
+        if not ranks:
+            raise LoraplaceError(f"arm {arm.label!r} is placed from importance scores once per study; its stored "
+                                 "allocation (ranks per module) is missing")
+        from loraplace.placement.auto import explicit_placement
+
+        return explicit_placement(model, arm.label, ranks, r, strategy.auto.alpha or alpha, budget)  # type: ignore[union-attr]
     if arm.reference is None:
         return resolve_placement(model, strategy, r, alpha)
     return resolve_matched(model, strategy, r, alpha, arm.reference)

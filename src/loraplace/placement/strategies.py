@@ -25,6 +25,20 @@ Two kinds exist:
   draft's ``target_modules`` lists *with PEFT's own suffix-matching rule*, so that the plan
   shows what those lists really adapted (GPT-2's ``c_proj`` matches both ``attn.c_proj`` and
   ``mlp.c_proj``).
+
+* automatic strategies choose their modules and ranks from data, once per study, under the
+  arm's parameter budget (``auto~attention``: as many parameters as ``attention``; plain
+  ``auto``: as many as ``full`` at the study's rank). Their slots are the modules of ``full``::
+
+      auto[score=gradient|activation|weight|random, mode=best|worst|uniform, step=INT, max_r=INT,
+           draw=INT, alpha=NUMBER]
+
+  ``score`` (default gradient) names the importance score (:mod:`loraplace.importance`);
+  ``mode=best`` (default) gives rank where the score gains most per parameter, ``worst`` where it
+  gains least (a falsification check), ``uniform`` the slots ``best`` chose at one uniform rank;
+  ``score=random`` with ``draw=N`` is a random placement at the budget. ``step`` (default 2) is the
+  rank granularity, ``max_r`` (default 4x the study's rank) the highest rank of one slot. See
+  :mod:`loraplace.placement.allocate`.
 """
 
 from __future__ import annotations
@@ -141,6 +155,23 @@ class Term:
     alpha: float | None = None
 
 
+AUTO = "auto"
+AUTO_SCORES = ("gradient", "activation", "weight", "random")
+AUTO_MODES = ("best", "worst", "uniform")
+
+
+@dataclass(frozen=True)
+class AutoOptions:
+    """The options of an ``auto`` strategy (see the module docstring); None: the study's default."""
+
+    score: str = "gradient"
+    mode: str = "best"
+    step: int | None = None
+    max_r: int | None = None
+    draw: int | None = None
+    alpha: float | None = None
+
+
 @dataclass(frozen=True)
 class Strategy:
     """One arm of a placement study.
@@ -152,6 +183,8 @@ class Strategy:
         peft_targets: literal PEFT ``target_modules`` strings (suffix-matched), or None.
         description: one line for tables and ``--help``.
         terms: the parsed terms; a strategy built from ``roles`` alone gets one term with them.
+        auto: the options of an automatic strategy (its ranks come from a study-level allocation),
+            else None.
     """
 
     name: str
@@ -159,6 +192,7 @@ class Strategy:
     peft_targets: tuple[str, ...] | None = None
     description: str = ""
     terms: tuple[Term, ...] = ()
+    auto: AutoOptions | None = None
 
     def __post_init__(self) -> None:
         if not self.terms and self.roles:
@@ -169,6 +203,11 @@ class Strategy:
     @property
     def is_literal(self) -> bool:
         return self.peft_targets is not None
+
+    @property
+    def is_auto(self) -> bool:
+        """True for a strategy whose modules and ranks are allocated once per study from data."""
+        return self.auto is not None
 
     @property
     def has_fixed_ranks(self) -> bool:
@@ -227,6 +266,9 @@ def _parse_selector(spec: str, text: str, offset: int) -> tuple[str, ...]:
     for name in text.split("|"):
         if name in _SELECTOR_NAMES:
             patterns.extend(_SELECTOR_NAMES[name])
+        elif name == AUTO:
+            raise _error(spec, name, pos, "auto chooses its own modules and cannot be combined with other terms",
+                         "auto on its own, e.g. auto[score=activation]")
         elif name in BUILTIN_STRATEGIES:
             raise _error(spec, name, pos, "the literal strategy cannot be combined with other terms, layers or ranks",
                          f"{name} on its own")
@@ -368,6 +410,8 @@ def parse_strategy(spec: str) -> Strategy:
     spec = "".join(spec.split())
     if spec in BUILTIN_STRATEGIES:
         return BUILTIN_STRATEGIES[spec]
+    if spec == AUTO or spec.startswith(AUTO + "[") or spec.startswith(AUTO + "@") or spec.startswith(AUTO + "+"):
+        return _parse_auto(spec)
     if not spec:
         raise LoraplaceError("empty strategy; built-in strategies: " + ", ".join(BUILTIN_STRATEGIES))
     if spec.count("[") != spec.count("]"):
@@ -375,6 +419,51 @@ def parse_strategy(spec: str) -> Strategy:
     terms = tuple(_parse_term(spec, text, offset) for text, offset in _split_top_level(spec, "+"))
     description = " + ".join(_describe(t) for t in terms)
     return Strategy(spec, terms=terms, description=description)
+
+
+def _parse_auto(spec: str) -> Strategy:
+    """An ``auto[...]`` strategy; its slots are the modules of ``full``."""
+    m = re.fullmatch(r"auto(?:\[([^\[\]]*)\])?", spec)
+    if not m:
+        where = len(AUTO)
+        raise _error(spec, spec[where:], where, "auto takes only [OPTIONS]: it chooses its own layers and cannot be "
+                     "combined with other terms", "auto or auto[score=activation,step=4]")
+    values: dict[str, object] = {}
+    pos = len(AUTO) + 1
+    for item in (m[1] or "").split(",") if m[1] else []:
+        key, sep, value = item.partition("=")
+        if key in values:
+            raise _error(spec, item, pos, f"option {key!r} given twice", "each option once")
+        if key == "score" and value in AUTO_SCORES:
+            values[key] = value
+        elif key == "mode" and value in AUTO_MODES:
+            values[key] = value
+        elif key in ("step", "max_r", "draw") and value.isdigit() and (int(value) >= 1 or key == "draw"):
+            values[key] = int(value)
+        elif key == "alpha":
+            try:
+                values[key] = float(value)
+            except ValueError:
+                values[key] = -1.0
+            if not values[key] > 0:  # type: ignore[operator]
+                raise _error(spec, item, pos, "alpha must be a positive number", "alpha=16")
+        else:
+            expected = (f"score={'|'.join(AUTO_SCORES)}" if key == "score" else f"mode={'|'.join(AUTO_MODES)}"
+                        if key == "mode" else f"{key}=INT >= 1" if key in ("step", "max_r") else "draw=INT"
+                        if key == "draw" else "score=, mode=, step=, max_r=, draw= or alpha=")
+            raise _error(spec, item, pos, "unknown auto option" if not sep or key not in (
+                "score", "mode", "step", "max_r", "draw") else "invalid value", expected)
+        pos += len(item) + 1
+    options = AutoOptions(**values)  # type: ignore[arg-type]
+    if options.draw is not None and options.score != "random":
+        raise _error(spec, spec, 0, "draw= applies to score=random only", "auto[score=random,draw=1]")
+    if options.step and options.max_r and options.max_r < options.step:
+        raise _error(spec, spec, 0, "max_r is below step", "max_r >= step")
+    what = (f"random placement (draw {options.draw or 0})" if options.score == "random"
+            else f"{options.score} score, {options.mode} slots")
+    full_roles = _SELECTOR_NAMES["full"]
+    return Strategy(spec, roles=full_roles, description=f"automatic placement under the arm's budget: {what}",
+                    terms=(Term(spec, full_roles),), auto=options)
 
 
 def _describe(term: Term) -> str:

@@ -13,13 +13,18 @@ def check_study(config: StudyConfig, allow_fetch: bool = True) -> None:
     from loraplace.models import load_config, meta_model, pick_device, resolve_model_path, task_of
     from loraplace.tasks import check_task_columns
     from loraplace.placement.arms import resolve_arm, study_arms
+    from loraplace.placement.auto import check_auto
+    from loraplace.placement.strategies import parse_strategy
 
     pick_device(config.device)
     model_config, _ = load_config(resolve_model_path(config.model, allow_fetch))
     skeleton = meta_model(model_config)
     # Every arm the study will run, budget-matched ones included, resolved as execute_run does.
     for arm in study_arms(config.strategies, config.match_budget):
-        resolve_arm(skeleton, arm, config.lora.r, config.lora.alpha)
+        if parse_strategy(arm.strategy).is_auto:  # allocated from scores later: check its budget now
+            check_auto(skeleton, arm, config.lora.r, config.lora.alpha, config.importance.max_rank)
+        else:
+            resolve_arm(skeleton, arm, config.lora.r, config.lora.alpha)
     rows = load_rows(config.dataset, allow_fetch=allow_fetch)
     task = config.task if config.task != "auto" else task_of(model_config)
     check_task_columns(task, rows.column_names, config.dataset)

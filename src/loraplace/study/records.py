@@ -4,13 +4,14 @@ so that reading stored results (``loraplace report``) stays light."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 from loraplace.config import DataSettings, LoraSettings, TaskChoice, TrainSettings
 
-RUN_FILES = ("config.json", "modules.json", "train_log.json", "eval_examples.json", "result.json")
+RUN_FILES = ("config.json", "modules.json", "train_log.json", "adapter_norms.json", "eval_examples.json",
+             "result.json")
 
 
 class RunSpec(BaseModel):
@@ -29,6 +30,9 @@ class RunSpec(BaseModel):
     task: TaskChoice = "auto"
     run_dir: str
     position: int | None = Field(None, description="place of this run in the study's execution order (0 = first)")
+    ranks: dict[str, int] | None = Field(
+        None, description="automatic arms: the study's stored allocation, exact module name -> rank")
+    budget: dict[str, Any] | None = Field(None, description="automatic arms: the allocation's budget record")
 
 
 class RunResult(BaseModel):

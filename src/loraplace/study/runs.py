@@ -116,6 +116,22 @@ def wrapped_adapters(peft_model, adapter: str = "default") -> dict[str, tuple[in
     return found
 
 
+def adapter_update_norms(peft_model, placement, adapter: str = "default") -> list[dict[str, Any]]:
+    """Post-hoc importance of a trained arm: per adapted module, the Frobenius norm of the update its
+    adapter learned, ``||(alpha / r) B A||`` (PEFT's ``get_delta_weight``, which also orients GPT-2's
+    Conv1D weights), in the placement's module order. Expert parameters have no single delta and are
+    left out."""
+    from peft.tuners.lora import LoraLayer, ParamWrapper
+
+    found: dict[str, float] = {}
+    with torch.no_grad():
+        for name, module in peft_model.get_base_model().named_modules():
+            if isinstance(module, LoraLayer) and not isinstance(module, ParamWrapper) and adapter in module.r:
+                found[name] = float(module.get_delta_weight(adapter).float().norm())
+    return [{"name": m.name, "role": m.role, "stack": m.stack, "layer": m.layer, "r": m.r, "norm": found[m.name]}
+            for m in placement.modules if m.name in found]
+
+
 def lora_config_for(placement, lora: LoraSettings, task_type: str = "CAUSAL_LM"):
     """The PEFT ``LoraConfig`` that adapts exactly ``placement``: its modules as
     ``target_modules``, MoE expert parameters as ``target_parameters``, and per-module ranks and
@@ -292,11 +308,12 @@ class Adapters:
 class RunRecipe:
     """One run, phase by phase, each returning what it made (torchtune's recipes read the same way):
 
-    :meth:`prepare` (device, precision, task, tokenizer, data, base model, collator) ->
+    :meth:`prepare` (device, precision, task, tokenizer, data, base model, collator; :meth:`load` without
+    writing anything) ->
     :meth:`use_base` for the base row, or :meth:`wrap_and_check` (placement -> PEFT config -> wrap
     -> :func:`check_wrapped` -> counts) then :meth:`train` -> :meth:`evaluate` -> :meth:`record`
     (the :class:`RunResult`). Each phase writes the run file of what it made: ``config.json``,
-    ``modules.json``, ``train_log.json``, ``eval_examples.json``, ``result.json``.
+    ``modules.json``, ``train_log.json`` and ``adapter_norms.json``, ``eval_examples.json``, ``result.json``.
     :func:`execute_run` calls them in order and owns the failure handling.
     """
 
@@ -305,14 +322,20 @@ class RunRecipe:
         self.spec, self.ctx, self.on_step = spec, ctx, on_step
 
     def prepare(self) -> RunSetup:
+        run_dir = Path(self.spec.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / "config.json", self.spec.model_dump())
+        return self.load()
+
+    def load(self) -> RunSetup:
+        """What the run shares with the others (loaded once per process by the :class:`RunContext`),
+        without creating or writing anything in the run's folder."""
         from loraplace.models import pick_device
         from loraplace.placement import total_params
         from loraplace.training import autocast_dtype, resolve_precision
 
         spec, ctx = self.spec, self.ctx
         run_dir = Path(spec.run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / "config.json", spec.model_dump())
         device = pick_device(spec.device)
         precision = resolve_precision(spec.train.precision, device)
         task = ctx.task(spec)
@@ -342,7 +365,8 @@ class RunRecipe:
 
         spec = self.spec
         # An arm "attention~full" is the strategy with ranks matched to full's budget.
-        placement = resolve_arm(setup.base, spec.strategy, spec.lora.r, spec.lora.alpha)
+        placement = resolve_arm(setup.base, spec.strategy, spec.lora.r, spec.lora.alpha, ranks=spec.ranks,
+                                budget=spec.budget)
         atomic_write_json(setup.run_dir / "modules.json", placement.to_dict())
         lora_config = lora_config_for(placement, spec.lora, task_type=setup.task.peft_task_type)
         set_seed(spec.seed)  # adapter initialisation depends on the seed only
@@ -374,6 +398,8 @@ class RunRecipe:
             eval_loss=lambda: self._evaluate(setup, model, by_length=True).loss,
         )
         atomic_write_json(setup.run_dir / "train_log.json", outcome.log_history)
+        atomic_write_json(setup.run_dir / "adapter_norms.json",
+                          {"modules": adapter_update_norms(model, adapters.placement)})
         return outcome
 
     def evaluate(self, setup: RunSetup, model) -> EvalResult:

@@ -1,0 +1,165 @@
+"""Automatic placement: an ``auto`` arm resolved to explicit per-module ranks.
+
+An ``auto`` strategy (:class:`~loraplace.placement.strategies.AutoOptions`) has no modules of its
+own: :func:`auto_placement` scores the modules of ``full`` (its slots) with an importance score
+and allocates rank under the arm's budget (:mod:`loraplace.placement.allocate`). The study does
+this once and stores the ranks (``allocations/*.json``); every seed then trains exactly that
+placement through :func:`explicit_placement`, whatever executor runs it.
+
+Scaling: every module of an automatic arm gets ``alpha_m = alpha * r_m / r`` (``r``, ``alpha``:
+the study's rank and alpha), so its update is scaled by ``alpha / r`` whatever rank it got, as PEFT's
+EVA does with ``adjust_scaling_factors``. With alpha fixed instead, a rank-2 slot would train at 8x
+the update scale of a rank-16 one, and the allocation would change the learning rate as well as the
+capacity of each slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Mapping
+
+from loraplace.errors import LoraplaceError
+from loraplace.placement.allocate import SlotCurve, allocate, predicted_gain, random_curves
+from loraplace.placement.arms import REFERENCE_STRATEGY, Arm
+from loraplace.placement.budget import budget_target, match_placement
+from loraplace.placement.strategies import Strategy, parse_strategy
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from loraplace.placement.resolve import Placement
+
+DEFAULT_STEP = 2
+"""Rank granularity of an allocation unless ``step=`` says otherwise."""
+MAX_RANK_FACTOR = 4
+"""Without ``max_r=``, no slot gets more than this multiple of the study's rank."""
+
+
+def slot_placement(model: nn.Module) -> Placement:
+    """The slots an automatic strategy allocates over: the modules of ``full`` (rank 1), without
+    mixture-of-experts parameters (no importance score covers them yet)."""
+    from loraplace.placement.resolve import resolve_placement
+
+    placement = resolve_placement(model, parse_strategy(REFERENCE_STRATEGY), 1, 1.0)
+    placement.modules = [m for m in placement.modules if not m.is_parameter]
+    if not placement.modules:
+        raise LoraplaceError("automatic placement found no linear module to place adapters on")
+    return placement
+
+
+def auto_settings(strategy: Strategy, r: int, alpha: float, max_rank: int | None = None) -> tuple[int, int, float]:
+    """``(step, max_r, alpha)`` of an automatic strategy at the study's ``r`` and ``alpha``
+    (``max_rank``: the length of the score curves, which caps ``max_r``)."""
+    options = strategy.auto
+    assert options is not None
+    step = options.step or DEFAULT_STEP
+    max_r = options.max_r or max(MAX_RANK_FACTOR * r, step)
+    if max_rank is not None and options.score != "random":
+        if options.max_r and options.max_r > max_rank:
+            raise LoraplaceError(f"strategy {strategy.name!r}: max_r={options.max_r} is beyond the scores' curves "
+                                 f"(importance.max_rank={max_rank}); raise importance.max_rank")
+        max_r = min(max_r, max_rank)
+    if max_r < step:
+        raise LoraplaceError(f"strategy {strategy.name!r}: max rank {max_r} is below the rank step {step}")
+    return step, max_r, options.alpha or alpha
+
+
+def slot_curves(slots: Placement, scores: Any | None, max_r: int) -> list[SlotCurve]:
+    """The slots with their score curves (``scores``: an :class:`loraplace.importance.ImportanceResult`,
+    or anything with ``slots`` of ``name`` and ``curve``); None gives flat placeholder curves of
+    length ``max_r`` (for random scores, which need shapes only).
+
+    Raises:
+        LoraplaceError: a slot the scores do not cover (scores of another model).
+    """
+    curves: Mapping[str, Any] = {s.name: tuple(s.curve) for s in scores.slots} if scores is not None else {}
+    out = []
+    for m in slots.modules:
+        if scores is not None and m.name not in curves:
+            raise LoraplaceError(f"the importance scores have no entry for module {m.name}: were they computed "
+                                 "on another model?")
+        curve = curves[m.name] if scores is not None else tuple(0.0 for _ in range(max_r))
+        out.append(SlotCurve(m.name, m.size, curve, max_rank=min(m.in_features, m.out_features)))
+    return out
+
+
+def auto_placement(model: nn.Module, arm: Arm, r: int, alpha: float, scores: Any | None) -> Placement:
+    """The placement of an automatic arm: its slots scored, rank allocated under its budget.
+
+    Args:
+        model: the base model (meta weights suffice: only shapes are read here).
+        arm: the arm (``auto[...]``, with a budget reference or none: then ``full`` at rank ``r``).
+        r, alpha: the study's rank and alpha.
+        scores: the importance result of the arm's score (None for ``score=random``).
+
+    Returns:
+        The placement at explicit ranks; its ``budget`` holds reference, target, achieved,
+        deviation_pct, method (the mode), score, step, max_r, draw and predicted_gain.
+    """
+    strategy = parse_strategy(arm.strategy)
+    options = strategy.auto
+    if options is None:
+        raise LoraplaceError(f"{arm.label!r} is not an automatic strategy")
+    if (scores is None) != (options.score == "random"):
+        raise LoraplaceError(f"{arm.label!r} needs {'no' if options.score == 'random' else options.score} scores")
+    reference = arm.reference if arm.reference is not None else REFERENCE_STRATEGY
+    target = budget_target(model, reference, r, alpha)
+    slots = slot_placement(model)
+    step, max_r, arm_alpha = auto_settings(strategy, r, alpha, getattr(scores, "max_rank", None))
+    curves = slot_curves(slots, scores, max_r)
+    if options.score == "random":
+        curves = random_curves(curves, options.draw or 0)
+    ranks = allocate(curves, target, step=step, max_r=max_r, mode="worst" if options.mode == "worst" else "best")
+    chosen = replace(slots, modules=[replace(m, r=ranks[m.name]) for m in slots.modules if m.name in ranks])
+    if options.mode == "uniform":
+        chosen = match_placement(chosen, target, reference)
+        ranks = {m.name: m.r for m in chosen.modules}
+    placement = explicit_placement(model, arm.label, ranks, r, arm_alpha)
+    placement.warnings = list(chosen.warnings)
+    placement.budget = {
+        "reference": reference, "target": target, "achieved": placement.lora_params,
+        "deviation_pct": 100.0 * (placement.lora_params - target) / target, "ranks": placement.ranks(),
+        "method": f"auto: {options.mode}", "score": options.score, "mode": options.mode, "step": step,
+        "max_r": max_r, "draw": options.draw if options.score == "random" else None,
+        "predicted_gain": predicted_gain(curves, ranks),
+    }
+    return placement
+
+
+def check_auto(model: nn.Module, arm: Arm, r: int, alpha: float, max_rank: int) -> None:
+    """Fail before anything trains when an automatic arm's budget cannot be allocated on ``model``
+    (more than its slots take at ``max_r``, or a rank step too coarse for it): the allocation is
+    tried on random scores, which exercise the same limits as real ones."""
+    strategy = parse_strategy(arm.strategy)
+    auto_settings(strategy, r, alpha, max_rank)
+    probe = Arm(f"auto[score=random,mode={strategy.auto.mode}"  # type: ignore[union-attr]
+                + "".join(f",{k}={v}" for k, v in (("step", strategy.auto.step), ("max_r", strategy.auto.max_r))  # type: ignore[union-attr]
+                          if v) + "]", arm.reference)
+    try:
+        auto_placement(model, probe, r, alpha, None)
+    except LoraplaceError as e:
+        raise LoraplaceError(f"arm {arm.label!r}: {e}") from None
+
+
+def explicit_placement(model: nn.Module, label: str, ranks: Mapping[str, int], r: int, alpha: float,
+                       budget: dict[str, Any] | None = None) -> Placement:
+    """The placement that adapts exactly the modules of ``ranks`` at those ranks, each with
+    ``alpha * rank / r`` (the update scale ``alpha / r`` of the study's rank, see the module docstring).
+
+    Raises:
+        LoraplaceError: a module name that is not a slot of this model (an allocation of another model).
+    """
+    slots = slot_placement(model)
+    known = {m.name for m in slots.modules}
+    unknown = sorted(set(ranks) - known)
+    if unknown:
+        raise LoraplaceError(f"the stored allocation of {label!r} names modules this model does not have: "
+                             f"{', '.join(unknown[:5])}; was it made for another model?")
+    bad = {n: k for n, k in ranks.items() if not isinstance(k, int) or k < 1}
+    if bad:
+        raise LoraplaceError(f"the allocation of {label!r} has ranks below 1: {bad}")
+    modules = [replace(m, r=int(ranks[m.name]), alpha=alpha * ranks[m.name] / r) for m in slots.modules
+               if m.name in ranks]
+    placement = replace(slots, strategy=label, modules=modules, warnings=[])
+    placement.budget = dict(budget) if budget else None
+    return placement
