@@ -166,8 +166,8 @@ def test_yaml_and_overrides_accept_the_language(tmp_path):
     ("ffn[r=8][r=4]", ["unexpected text at '[r=4]'"]),
     ("attn.x", ["unknown role or strategy name at 'attn.x'"]),
     ("qv|attnq", ["unknown role or strategy name at 'attnq' (character 4)"]),
-    ("paper-full@0", ["literal strategy cannot be combined", "paper-full on its own"]),
-    ("full+paper-ffn", ["literal strategy cannot be combined", "at 'paper-ffn' (character 6)"]),
+    ("paper-full@0", ["strategy paper-full cannot be combined", "paper-full on its own"]),
+    ("full+paper-ffn", ["strategy paper-ffn cannot be combined", "at 'paper-ffn' (character 6)"]),
 ])
 def test_every_parse_error_points_at_the_offending_part(spec, fragments):
     with pytest.raises(LoraplaceError) as info:

@@ -35,7 +35,7 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -406,13 +406,14 @@ def train_adapters(model: nn.Module, train_dataset, collator, settings: TrainSet
                    on_step: Callable[[int, int, float | None], None] | None = None,
                    eval_loss: Callable[[], float] | None = None,
                    nll_fn: Callable = token_nll, warmup: bool = True,
-                   check_selective: bool = True) -> TrainOutcome:
+                   check_selective: bool = True, callbacks: Sequence[TrainerCallback] = ()) -> TrainOutcome:
     """Train the adapters of a PEFT-wrapped model for ``settings.max_steps`` optimizer steps.
 
     ``nll_fn`` gives the per-example loss sums of a batch: the task's
     :attr:`~loraplace.tasks.Task.nll` (default: causal-LM :func:`~loraplace.evaluation.token_nll`).
     ``eval_loss`` (called every ``settings.eval_every`` steps when given) returns the held-out loss
-    for the eval-loss curve; its time is not excluded from ``seconds``.
+    for the eval-loss curve; its time is not excluded from ``seconds``. ``callbacks`` are added to
+    the Trainer (a method's own step hooks, such as AdaLoRA's allocator).
 
     The data order depends only on ``seed`` (and the dataset), never on the strategy, so every
     arm of a study sees the same batches in the same order.
@@ -456,6 +457,8 @@ def train_adapters(model: nn.Module, train_dataset, collator, settings: TrainSet
     )
     if eval_loss is not None and settings.eval_every:
         trainer.add_callback(_PeriodicEval(settings.eval_every, eval_loss))
+    for callback in callbacks:  # e.g. AdaLoRA's rank allocator (loraplace.baselines.AdaLoraCallback)
+        trainer.add_callback(callback)
     trainer.remove_callback(PrinterCallback)  # progress and the log go through on_step and log_history
     choices = {"lora_dropout": "mask" if use_mask_dropout(model) else "none"}
     features = _first_features(train_dataset, settings.batch_size) if (warmup or check_selective) else []

@@ -109,13 +109,19 @@ def resolve_arm(model: nn.Module, arm: Arm | str, r: int, alpha: float, ranks: d
 
     arm = Arm.parse(arm) if isinstance(arm, str) else arm
     strategy = parse_strategy(arm.strategy)
-    if strategy.is_auto:
+    if strategy.allocated_per_study:
         if not ranks:
-            raise LoraplaceError(f"arm {arm.label!r} is placed from importance scores once per study; its stored "
-                                 "allocation (ranks per module) is missing")
+            raise LoraplaceError(f"arm {arm.label!r} is placed from data once per study; its stored allocation "
+                                 "(ranks per module) is missing")
         from loraplace.placement.auto import explicit_placement
 
-        return explicit_placement(model, arm.label, ranks, r, strategy.auto.alpha or alpha, budget)  # type: ignore[union-attr]
+        # every module keeps the update scale alpha / r of the rank the allocation was made for
+        # (EVA: the LoraConfig rank it ran at)
+        scale_rank = (budget or {}).get("eva_r", r) if strategy.method == "eva" else r
+        arm_alpha = strategy.auto.alpha if strategy.auto and strategy.auto.alpha else alpha
+        return explicit_placement(model, arm.label, ranks, scale_rank, arm_alpha, budget)
+    if strategy.method == "adalora":
+        raise LoraplaceError(f"arm {arm.label!r}: AdaLoRA places its ranks during training (see loraplace.baselines)")
     if arm.reference is None:
         return resolve_placement(model, strategy, r, alpha)
     return resolve_matched(model, strategy, r, alpha, arm.reference)

@@ -185,6 +185,9 @@ class Strategy:
         terms: the parsed terms; a strategy built from ``roles`` alone gets one term with them.
         auto: the options of an automatic strategy (its ranks come from a study-level allocation),
             else None.
+        method: a published baseline that places rank itself on the modules of ``full``:
+            ``eva`` (ranks from the inputs' explained variance, allocated once per study, like
+            ``auto``) or ``adalora`` (ranks pruned during training); see :mod:`loraplace.baselines`.
     """
 
     name: str
@@ -193,6 +196,7 @@ class Strategy:
     description: str = ""
     terms: tuple[Term, ...] = ()
     auto: AutoOptions | None = None
+    method: str | None = None
 
     def __post_init__(self) -> None:
         if not self.terms and self.roles:
@@ -206,8 +210,13 @@ class Strategy:
 
     @property
     def is_auto(self) -> bool:
-        """True for a strategy whose modules and ranks are allocated once per study from data."""
+        """True for an ``auto[...]`` strategy."""
         return self.auto is not None
+
+    @property
+    def allocated_per_study(self) -> bool:
+        """True for a strategy whose ranks are allocated once per study from data (``auto``, ``eva``)."""
+        return self.auto is not None or self.method == "eva"
 
     @property
     def has_fixed_ranks(self) -> bool:
@@ -232,6 +241,12 @@ BUILTIN_STRATEGIES: dict[str, Strategy] = {
     s.name: s
     for s in (
         *_ROLE_STRATEGIES,
+        Strategy("eva", _ROLE_STRATEGIES[0].roles, method="eva",
+                 description="PEFT's EVA on full's modules: ranks redistributed by the explained variance of "
+                 "each module's inputs, A initialised from their top singular vectors"),
+        Strategy("adalora", _ROLE_STRATEGIES[0].roles, method="adalora",
+                 description="PEFT's AdaLoRA on full's modules: every module starts at 1.5x the final mean rank, "
+                 "ranks pruned by sensitivity during training"),
         Strategy(
             "paper-full",
             peft_targets=("c_attn", "c_proj", "c_fc"),
@@ -270,7 +285,7 @@ def _parse_selector(spec: str, text: str, offset: int) -> tuple[str, ...]:
             raise _error(spec, name, pos, "auto chooses its own modules and cannot be combined with other terms",
                          "auto on its own, e.g. auto[score=activation]")
         elif name in BUILTIN_STRATEGIES:
-            raise _error(spec, name, pos, "the literal strategy cannot be combined with other terms, layers or ranks",
+            raise _error(spec, name, pos, f"the strategy {name} cannot be combined with other terms, layers or ranks",
                          f"{name} on its own")
         elif _NAME.fullmatch(name) and any(fnmatchcase(role, name) for role in ALL_ROLES):
             patterns.append(name)

@@ -21,9 +21,14 @@ def check_study(config: StudyConfig, allow_fetch: bool = True) -> None:
     skeleton = meta_model(model_config)
     # Every arm the study will run, budget-matched ones included, resolved as execute_run does.
     for arm in study_arms(config.strategies, config.match_budget):
-        if parse_strategy(arm.strategy).is_auto:  # allocated from scores later: check its budget now
+        strategy = parse_strategy(arm.strategy)
+        if strategy.is_auto:  # allocated from scores later: check its budget now
             check_auto(skeleton, arm, config.lora.r, config.lora.alpha, config.importance.max_rank)
-        else:
+        elif strategy.method == "adalora":
+            from loraplace.baselines import adalora_schedule
+
+            adalora_schedule(config.train.max_steps)  # a run too short for AdaLoRA's phases fails here
+        elif strategy.method != "eva":  # EVA's ranks come from data, before anything trains
             resolve_arm(skeleton, arm, config.lora.r, config.lora.alpha)
     rows = load_rows(config.dataset, allow_fetch=allow_fetch)
     task = config.task if config.task != "auto" else task_of(model_config)

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from loraplace.config import DataSettings, LoraSettings, TaskChoice, TrainSettings
+from loraplace.config import DataSettings, ImportanceSettings, LoraSettings, TaskChoice, TrainSettings
 
 RUN_FILES = ("config.json", "modules.json", "train_log.json", "adapter_norms.json", "eval_examples.json",
              "result.json")
@@ -26,6 +26,7 @@ class RunSpec(BaseModel):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     data: DataSettings = Field(default_factory=DataSettings)
+    importance: ImportanceSettings = Field(default_factory=ImportanceSettings)
     device: str = "auto"
     task: TaskChoice = "auto"
     run_dir: str
@@ -60,7 +61,11 @@ class RunResult(BaseModel):
     ranks: dict[str, list[int]] = Field(default_factory=dict, description="role -> the ranks its modules got")
     match_budget: str | int | None = Field(None, description="budget reference of a matched arm (strategy or count)")
     budget_target: int | None = Field(None, description="parameters the matched arm aimed at")
-    budget_deviation_pct: float | None = Field(None, description="(trainable - target) / target * 100")
+    budget_deviation_pct: float | None = Field(None, description="(trainable - target) / target * 100; AdaLoRA: "
+                                               "(final_params - target) / target * 100")
+    final_params: int | None = Field(
+        None, description="AdaLoRA: parameters of the final allocation, sum r_i * (in_i + out_i + 1) over the ranks "
+        "that survived pruning (trainable_params is what it trained from the start: every module at init_r)")
     # Filled in by the study store (they need other runs): see loraplace.study.store.
     full_lora_params: int | None = None
     params_vs_full_pct: float | None = None

@@ -8,7 +8,7 @@ import re
 import time
 import traceback
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -297,6 +297,8 @@ class Adapters:
     trainable: int  # adapters + a classifier's head
     head: int  # of trainable: a classifier's new head, trained in full (PEFT's modules_to_save)
     total: int  # base + adapter parameters
+    method: str | None = None  # a baseline that is more than a placement: eva, adalora
+    callbacks: list = field(default_factory=list)  # the method's Trainer callbacks (AdaLoRA's allocator)
 
     @property
     def rank(self) -> int | None:
@@ -361,14 +363,23 @@ class RunRecipe:
         from peft import get_peft_model
         from transformers import set_seed
 
-        from loraplace.placement import resolve_arm, total_params, trainable_params
+        from loraplace.placement import parse_strategy, resolve_arm, total_params, trainable_params
+        from loraplace.placement.arms import Arm
 
         spec = self.spec
-        # An arm "attention~full" is the strategy with ranks matched to full's budget.
-        placement = resolve_arm(setup.base, spec.strategy, spec.lora.r, spec.lora.alpha, ranks=spec.ranks,
-                                budget=spec.budget)
+        method = parse_strategy(Arm.parse(spec.strategy).strategy).method
+        callbacks: list = []
+        eva_state = None
+        if method == "adalora":
+            placement, lora_config, callbacks = self._adalora(setup)
+        else:
+            # An arm "attention~full" is the strategy with ranks matched to full's budget.
+            placement = resolve_arm(setup.base, spec.strategy, spec.lora.r, spec.lora.alpha, ranks=spec.ranks,
+                                    budget=spec.budget)
+            if method == "eva":
+                eva_state = self._eva_state(setup)
+            lora_config = lora_config_for(placement, spec.lora, task_type=setup.task.peft_task_type)
         atomic_write_json(setup.run_dir / "modules.json", placement.to_dict())
-        lora_config = lora_config_for(placement, spec.lora, task_type=setup.task.peft_task_type)
         set_seed(spec.seed)  # adapter initialisation depends on the seed only
         with warnings.catch_warnings():
             # PEFT checks rank_pattern keys against wrapped modules only, so keys of expert
@@ -380,12 +391,59 @@ class RunRecipe:
         # A classifier's new head trains in full beside the adapters (PEFT's modules_to_save).
         head = sum(p.numel() for n, p in peft_model.named_parameters() if p.requires_grad and ".modules_to_save." in n)
         try:
-            check_wrapped(peft_model, placement, trainable - head)
+            if method == "adalora":
+                from loraplace.baselines import check_adalora_wrapped
+
+                check_adalora_wrapped(peft_model, placement, trainable - head)
+            else:
+                if eva_state is not None:
+                    from loraplace.baselines import apply_eva
+
+                    apply_eva(peft_model, eva_state)
+                check_wrapped(peft_model, placement, trainable - head)
         except BaseException:
             unload_adapters(peft_model)  # the shared base model must come back unchanged
             raise
         return Adapters(peft_model=peft_model, placement=placement, trainable=trainable, head=head,
-                        total=total_params(peft_model))
+                        total=total_params(peft_model), method=method, callbacks=callbacks)
+
+    def _adalora(self, setup: RunSetup):
+        """AdaLoRA on the modules of ``full``, its final rank budget set to meet the arm's parameter
+        budget: ``(initial placement, AdaLoraConfig, [its allocator callback])``."""
+        from loraplace.baselines import AdaLoraCallback, adalora_config, adalora_placement
+        from loraplace.placement.arms import REFERENCE_STRATEGY, Arm
+        from loraplace.placement.auto import slot_placement
+        from loraplace.placement.budget import budget_target
+
+        spec = self.spec
+        reference = Arm.parse(spec.strategy).reference
+        reference = reference if reference is not None else REFERENCE_STRATEGY
+        target = budget_target(setup.base, reference, spec.lora.r, spec.lora.alpha)
+        full = slot_placement(setup.base)
+        full.modules = [replace(m, alpha=spec.lora.alpha) for m in full.modules]
+        config, info = adalora_config(full, spec.lora, total_steps=spec.train.max_steps, target_params=target,
+                                      task_type=setup.task.peft_task_type)
+        placement = adalora_placement(full, config)
+        placement.strategy = spec.strategy
+        placement.budget = {"reference": reference, "target": target, "method": "adalora", **info}
+        return placement, config, [AdaLoraCallback()]
+
+    def _eva_state(self, setup: RunSetup):
+        """EVA's initial A matrices for this run: PEFT's EVA rerun at the rank the study chose (its
+        SVD is seeded, so it gives the stored ranks again; checked)."""
+        from loraplace.placement.arms import Arm
+        from loraplace.study.allocations import eva_allocation, scoring_batches
+
+        spec = self.spec
+        batches = scoring_batches(setup, spec.importance)
+        placement, state = eva_allocation(setup, Arm.parse(spec.strategy), spec.lora, batches,
+                                          eva_r=(spec.budget or {}).get("eva_r"))
+        ranks = {m.name: m.r for m in placement.modules}
+        if ranks != spec.ranks:
+            differ = sorted(n for n in set(ranks) | set(spec.ranks or {}) if ranks.get(n) != (spec.ranks or {}).get(n))
+            raise LoraplaceError(f"EVA gave other ranks in this run than when the study allocated them "
+                                 f"({len(differ)} modules differ, e.g. {differ[:3]}): different data or library versions?")
+        return state
 
     def train(self, setup: RunSetup, adapters: Adapters) -> TrainOutcome:
         from loraplace.training import train_adapters
@@ -395,12 +453,37 @@ class RunRecipe:
             model, setup.data.train, setup.collator, spec.train, seed=spec.seed, precision=setup.precision,
             device=setup.device, output_dir=setup.run_dir / "trainer", on_step=self.on_step, nll_fn=setup.task.nll,
             check_selective=setup.task.selective_logits,
-            eval_loss=lambda: self._evaluate(setup, model, by_length=True).loss,
+            eval_loss=lambda: self._evaluate(setup, model, by_length=True).loss, callbacks=adapters.callbacks,
         )
         atomic_write_json(setup.run_dir / "train_log.json", outcome.log_history)
-        atomic_write_json(setup.run_dir / "adapter_norms.json",
-                          {"modules": adapter_update_norms(model, adapters.placement)})
+        if adapters.method == "adalora":
+            self._adalora_outcome(setup, adapters)
+        atomic_write_json(setup.run_dir / "adapter_norms.json", {"modules": self._norms(adapters)})
         return outcome
+
+    def _adalora_outcome(self, setup: RunSetup, adapters: Adapters) -> None:
+        """What AdaLoRA's allocator left: the final ranks and parameters, into the placement's budget
+        record (the result's ``final_params``) and ``adalora.json``."""
+        from loraplace.baselines import adalora_final_ranks, adalora_params
+
+        ranks = adalora_final_ranks(adapters.peft_model)
+        initial, final = adalora_params(adapters.peft_model)
+        budget = adapters.placement.budget
+        budget.update(initial_params=initial, final_params=final, achieved=final,
+                      deviation_pct=100.0 * (final - budget["target"]) / budget["target"])
+        history = adapters.callbacks[0].history if adapters.callbacks else []
+        atomic_write_json(setup.run_dir / "adalora.json", {"final_ranks": ranks, "initial_params": initial,
+                                                           "final_params": final, "budget": budget,
+                                                           "allocator_calls": len(history), "history": history})
+
+    def _norms(self, adapters: Adapters) -> list[dict[str, Any]]:
+        if adapters.method != "adalora":
+            return adapter_update_norms(adapters.peft_model, adapters.placement)
+        from loraplace.baselines import adalora_final_ranks, adalora_update_norms
+
+        norms, ranks = adalora_update_norms(adapters.peft_model), adalora_final_ranks(adapters.peft_model)
+        return [{"name": m.name, "role": m.role, "stack": m.stack, "layer": m.layer, "r": ranks.get(m.name, 0),
+                 "norm": norms[m.name]} for m in adapters.placement.modules if m.name in norms]
 
     def evaluate(self, setup: RunSetup, model) -> EvalResult:
         """The final evaluation on the held-out split, with the all-token sums where the task has them."""
@@ -445,7 +528,7 @@ class RunRecipe:
             trainable_params=trainable, total_params=total,
             trainable_pct=100.0 * trainable / total if total else None,
             match_budget=budget.get("reference"), budget_target=budget.get("target"),
-            budget_deviation_pct=budget.get("deviation_pct"),
+            budget_deviation_pct=budget.get("deviation_pct"), final_params=budget.get("final_params"),
             # training
             train_time_s=outcome.seconds if outcome else None, train_steps=outcome.steps if outcome else None,
             train_real_tokens=outcome.real_tokens if outcome else None,
