@@ -52,6 +52,13 @@ class Arm:
     def trainable_params(self) -> int:
         return int(self.runs[0].result.trainable_params or 0)
 
+    @property
+    def budget_params(self) -> int:
+        """The parameters the arm's placement ends with: ``trainable_params``, except for AdaLoRA,
+        which trains more at first and prunes to ``final_params`` (mean over seeds)."""
+        finals = [r.result.final_params for r in self.runs if r.result.final_params is not None]
+        return round(sum(finals) / len(finals)) if finals else self.trainable_params
+
     @cached_property
     def loss(self) -> Interval:
         return t_interval([r.result.eval_loss for r in self.runs])

@@ -14,6 +14,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
+from loraplace.placement.roles import ALL_ROLES  # noqa: E402
 from loraplace.report import fmt  # noqa: E402
 from loraplace.report.analysis import Arm, Group  # noqa: E402
 from loraplace.report.doc import Figure  # noqa: E402
@@ -298,6 +299,58 @@ def placement(arms: list[Arm], out_dir: Path) -> list[Figure]:
     return [Figure("placement", "Placement matrix of each strategy: rows are module roles, columns are layers; "
                    f"a filled cell carries a LoRA adapter{f' (all rank r={max_r})' if uniform else ' (colour: rank r)'}.",
                    png, svg, alt="Placement matrices")]
+
+
+def _heat_columns(cells: list[tuple[str, str | None, int | None, float]]) -> list[tuple[str | None, int | None]]:
+    """The heatmap's columns: ``(stack, layer)`` per stack in first-seen order, layers ascending,
+    then one column for the modules outside the blocks (layer None)."""
+    stacks = list(dict.fromkeys(stack for _, stack, _, _ in cells))
+    cols = [(stack, layer) for stack in stacks
+            for layer in sorted({lay for _, st, lay, _ in cells if st == stack and lay is not None})]
+    return cols + ([(None, None)] if any(layer is None for _, _, layer, _ in cells) else [])
+
+
+def layer_role_heatmap(cells: list[tuple[str, str | None, int | None, float]], out_dir: Path, name: str,
+                       title: str, value_label: str, caption: str) -> list[Figure]:
+    """A layer x role heatmap of one value per module (importance before training, adapter norms
+    after it): rows are roles, columns layers (per stack), grey cells have no value.
+
+    Args:
+        cells: ``(role, stack, layer, value)`` per module; modules that share a cell are averaged;
+            layer None: outside the blocks (one column "other").
+        out_dir: figures folder; writes ``name.png`` (300 dpi) and ``name.svg``.
+        title: figure title; value_label: colour-bar label, with units.
+        caption: the report's caption.
+
+    Returns:
+        The one :class:`~loraplace.report.doc.Figure` written, or none without cells.
+    """
+    if not cells:
+        return []
+    roles = sorted(dict.fromkeys(c[0] for c in cells), key=lambda r: (ALL_ROLES.index(r) if r in ALL_ROLES
+                                                                      else len(ALL_ROLES), r))
+    cols = _heat_columns(cells)
+    sums, counts = np.zeros((len(roles), len(cols))), np.zeros((len(roles), len(cols)))
+    for role, stack, layer, value in cells:
+        i, j = roles.index(role), cols.index((stack, layer) if layer is not None else (None, None))
+        sums[i, j] += value
+        counts[i, j] += 1
+    grid = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    several = len({st for st, lay in cols if lay is not None}) > 1
+    labels = ["other" if lay is None else f"{st}:{lay}" if several else str(lay) for st, lay in cols]
+    with plt.rc_context({**_STYLE, "axes.grid": False}):
+        fig, ax = plt.subplots(figsize=(WIDTH, 0.3 * len(roles) + 1.6))
+        im = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", interpolation="nearest",
+                       cmap=plt.get_cmap("viridis").with_extremes(bad="#F2F2F2"),
+                       vmin=0.0 if np.nanmin(grid) >= 0 else None)  # magnitudes: the scale starts at 0
+        ax.set_yticks(range(len(roles)), roles)
+        step = max(1, len(cols) // 12)
+        ax.set_xticks(range(0, len(cols), step), labels[::step])
+        ax.set_xlabel("Layer (block index" + (", stack:layer)" if several else ")"))
+        ax.set_title(title)
+        fig.colorbar(im, ax=ax, label=value_label, shrink=0.9)
+        png, svg = _save(fig, out_dir, name)
+    return [Figure(name, caption, png, svg, alt=title)]
 
 
 def all_figures(groups: list[Group], arms: list[Arm], out_dir: Path, time_note: str = "") -> list[Figure]:

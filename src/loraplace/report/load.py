@@ -1,5 +1,6 @@
 """Read study folders back: results.json plus each run's files (eval examples, training log,
-placement). The report is built from these stored files alone; nothing is re-run."""
+placement, adapter norms) and the study's optional importance and allocation files. The report
+is built from these stored files alone; nothing is re-run."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ class RunData:
     eval_examples: dict[str, list] | None = None
     train_log: list[dict[str, Any]] = field(default_factory=list)
     modules: dict[str, Any] | None = None
+    adapter_norms: dict[str, Any] | None = None  # adapter_norms.json: {"modules": [{name, role, ..., norm}]}
 
     @property
     def ok(self) -> bool:
@@ -47,6 +49,8 @@ class Study:
     config: dict[str, Any]
     runs: list[RunData]
     label: str = ""
+    importance: dict[str, dict[str, Any]] = field(default_factory=dict)  # score -> importance/<score>.json
+    allocations: dict[str, dict[str, Any]] = field(default_factory=dict)  # arm label -> allocations/*.json
 
     @property
     def name(self) -> str:
@@ -62,11 +66,66 @@ def _read_json(path: Path) -> Any | None:
         raise LoraplaceError(f"{path} is not valid JSON ({e}); rerun the run or delete the file") from None
 
 
+IMPORTANCE_FORMAT = "loraplace-importance/1"
+ALLOCATION_FORMAT = "loraplace-allocation/1"
+
+
+def _read_format(path: Path, expected: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    """A loraplace JSON file of format ``expected`` holding ``keys``.
+
+    Raises:
+        LoraplaceError: the file is not valid JSON, names another format or lacks a key.
+    """
+    data = _read_json(path)
+    if not isinstance(data, dict) or data.get("format") != expected:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise LoraplaceError(f"{path} has format {found!r}, expected {expected!r}; write it again with this "
+                             "version of loraplace or move it out of the study folder")
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise LoraplaceError(f"{path} lacks {', '.join(missing)}; write it again with this version of loraplace "
+                             "or move it out of the study folder")
+    return data
+
+
+def _load_importance(study_dir: Path) -> dict[str, dict[str, Any]]:
+    """``importance/<score>.json`` of a study folder, by score (empty without the folder)."""
+    out = {}
+    for path in sorted((study_dir / "importance").glob("*.json")):
+        data = _read_format(path, IMPORTANCE_FORMAT, ("max_rank", "slots"))
+        out[str(data.get("score") or path.stem)] = data
+    return out
+
+
+def _load_allocations(study_dir: Path) -> dict[str, dict[str, Any]]:
+    """``allocations/*.json`` of a study folder, by the arm label it was trained as (the
+    ``strategy`` of its results rows); empty without the folder."""
+    out = {}
+    for path in sorted((study_dir / "allocations").glob("*.json")):
+        data = _read_format(path, ALLOCATION_FORMAT, ("arm", "placement"))
+        out[str(data["arm"])] = data
+    return out
+
+
+def _load_norms(path: Path) -> dict[str, Any] | None:
+    """A run's ``adapter_norms.json`` (None when absent).
+
+    Raises:
+        LoraplaceError: the file holds no ``modules`` list.
+    """
+    data = _read_json(path)
+    if data is not None and not (isinstance(data, dict) and isinstance(data.get("modules"), list)):
+        raise LoraplaceError(f"{path} holds no 'modules' list of {{name, role, stack, layer, r, norm}}; "
+                             "rerun the run or delete the file")
+    return data
+
+
 def load_study(study_dir: Path) -> Study:
     """Load one study folder.
 
     Raises:
-        LoraplaceError: the folder does not exist, or holds no (valid) results.json.
+        LoraplaceError: the folder does not exist, or holds no (valid) results.json; an
+            importance, allocation or adapter-norms file is not in the format expected.
     """
     study_dir = Path(study_dir)
     if not study_dir.is_dir():
@@ -93,10 +152,12 @@ def load_study(study_dir: Path) -> Study:
             eval_examples=examples if isinstance(examples, dict) and examples.get("nll_sum") else None,
             train_log=_read_json(run_dir / "train_log.json") or [],
             modules=_read_json(run_dir / "modules.json"),
+            adapter_norms=_load_norms(run_dir / "adapter_norms.json"),
         ))
     if not runs:
         raise LoraplaceError(f"{study_dir / 'results.json'} lists no runs; run the study first")
-    return Study(dir=study_dir, config=data.get("study") or {}, runs=runs)
+    return Study(dir=study_dir, config=data.get("study") or {}, runs=runs,
+                 importance=_load_importance(study_dir), allocations=_load_allocations(study_dir))
 
 
 def load_studies(study_dirs: list[Path]) -> list[Study]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from loraplace.placement.budget import parse_param_count
 from loraplace.report import doc, figures, tables
 from loraplace.report.analysis import build_arms, build_groups, order_note, run_label, worse_than_base
+from loraplace.report.auto import AUTO_METHOD, auto_section
 from loraplace.report.doc import Bullets, Heading, Para
 from loraplace.report.load import load_studies
 from loraplace.report.perplexity import OPTIONAL_FIELDS, diagnose, explain
@@ -167,6 +168,11 @@ def write_report(study_dirs: list[Path], out_dir: Path | None = None, budget: in
     figs = figures.all_figures(groups, arms, fig_dir, time_note)
     blocks += figs or [Para("Nothing to plot: no successful runs.")]
 
+    # ---- automatic placement (only for studies that hold importance or allocation files)
+    auto_blocks, auto_tables = auto_section(studies, groups, fig_dir)
+    blocks += auto_blocks
+    written += auto_tables
+
     # ---- perplexity methodology
     blocks.append(Heading(2, "Perplexity methodology check", "perplexity"))
     blocks.append(Para(
@@ -238,7 +244,7 @@ def write_report(study_dirs: list[Path], out_dir: Path | None = None, budget: in
         "lower in mean eval loss. Knee: the front point farthest below the chord joining the front's ends, with "
         "parameters on a log scale and both axes scaled to [0, 1].",
         "Throughput: non-pad training tokens per second of wall-clock training time (periodic evaluation included).",
-    ]))
+    ] + ([AUTO_METHOD] if auto_blocks else [])))
 
     # ---- write
     for t in written:
