@@ -11,7 +11,7 @@ stops, so a larger budget gives every slot at least the rank a smaller one gave 
 same scores always give the same allocation (ties go to the slot earlier in the model).
 
 The stop rule: the next step is taken while it fits; the first step that does not fit is taken
-too when that lands nearer the budget than stopping. Only when that leaves the result further than
+too when that lands nearer the budget than stopping, and within the tolerance. Only when that leaves the result further than
 ``tolerance`` (1%) from the budget (a budget of a few steps of large slots) do the later steps that
 still fit fill the rest, in the same order; monotonicity is then not guaranteed. A result still
 outside the tolerance means the step is too coarse for the budget (an error says so).
@@ -124,7 +124,8 @@ def allocate(slots: Sequence[SlotCurve], budget: int, *, step: int = 2, max_r: i
         _, i = heapq.heappop(heap)
         cost = step * slots[i].size
         if used + cost > budget:
-            if used + cost - budget < budget - used:  # the overshoot lands nearer the budget
+            over = used + cost - budget
+            if over < budget - used and over <= tolerance * budget:  # the overshoot lands nearer, and near
                 ranks[i] += step
                 used += cost
             else:
@@ -151,7 +152,8 @@ def allocate(slots: Sequence[SlotCurve], budget: int, *, step: int = 2, max_r: i
         raise LoraplaceError(
             f"rank steps of {step} cannot meet the budget {budget:,} within {tolerance:.0%} (got {used:,}, "
             f"{100 * (used - budget) / budget:+.2f}%); one step costs {smallest:,} to "
-            f"{max(s.size for s in slots) * step:,} parameters: use step=1 or a larger budget"
+            f"{max(s.size for s in slots) * step:,} parameters: "
+            + ("use step=1 or a larger budget" if step > 1 else "use a larger budget")
         )
     return {s.name: r for s, r in zip(slots, ranks) if r > 0}
 
