@@ -56,15 +56,20 @@ def _fail(message: str, code: int = 2) -> None:
 
 # ----------------------------------------------------------------------------------------- plan
 def build_plan(model: str, strategies: list[str], r: int, alpha: float,
-               match_budget: str | int | None = None) -> dict[str, Any]:
+               match_budget: str | int | None = None, scores: dict[str, Any] | None = None,
+               score_for: Any = None) -> dict[str, Any]:
     """Placements of every strategy on ``model`` from its config alone (meta device, no weights).
 
     Args:
         model: hub id, local folder or embedded alias.
-        strategies: strategy specs (built-in names or the strategy language).
+        strategies: strategy specs (built-in names or the strategy language; an entry may name its
+            budget reference, ``ffn~attention``).
         r, alpha: the default rank and alpha.
         match_budget: a reference strategy or parameter count; each strategy then also gets a
             budget-matched row (``STRATEGY~REFERENCE``) right after its own.
+        scores: importance results by score name, for automatic strategies (``auto[...]``).
+        score_for: called with a score name that ``scores`` lacks, returns its importance result
+            (computing it needs the model's weights and data); None: such a strategy is an error.
 
     Returns:
         ``{"model", "config_source", "model_type", "base_params", "full_lora_params", "r", "alpha",
@@ -77,16 +82,28 @@ def build_plan(model: str, strategies: list[str], r: int, alpha: float,
         resolve_arm, resolve_placement, study_arms, total_params,
     )
 
-    parse_strategies(strategies)  # unknown or repeated strategies fail here, naming them
+    from loraplace.placement.arms import ARM_SEPARATOR
+    from loraplace.placement.auto import auto_placement
+
+    parse_strategies([s for s in strategies if ARM_SEPARATOR not in s])  # unknown or repeated ones fail here
     reference = parse_budget_reference(match_budget) if match_budget not in (None, "") else None
     config, source = load_config(model)
     skeleton = meta_model(config)
     base = total_params(skeleton)
     full = resolve_placement(skeleton, parse_strategy(REFERENCE_STRATEGY), r, alpha).lora_params
     target = budget_target(skeleton, reference, r, alpha) if reference is not None else None
+    scores = dict(scores or {})
     placements = []
     for arm in study_arms(strategies, reference):
-        placement = resolve_arm(skeleton, arm, r, alpha)
+        auto = parse_strategy(arm.strategy).auto
+        if auto is not None:
+            if auto.score != "random" and auto.score not in scores:
+                if score_for is None:
+                    raise LoraplaceError(f"{arm.label!r} needs {auto.score} importance scores: give --scores")
+                scores[auto.score] = score_for(auto.score)
+            placement = auto_placement(skeleton, arm, r, alpha, scores.get(auto.score))
+        else:
+            placement = resolve_arm(skeleton, arm, r, alpha)
         if arm.reference is not None:
             placement.strategy = arm.label
         placements.append((parse_strategy(arm.strategy), placement))
@@ -141,13 +158,29 @@ def plan(
         "this reference strategy (e.g. full) or count (e.g. 6291456, 6.3M).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON with the exact module names."),
+    scores: Optional[list[Path]] = typer.Option(
+        None, "--scores", help="Importance scores for auto strategies: a <score>.json written by `loraplace "
+        "importance` (or a study's importance/ folder); repeatable. Missing scores are computed on --dataset."),
+    dataset: str = typer.Option("alpaca-demo", "--dataset", "-d", help="Data that auto strategies without "
+                                "--scores are scored on (8 training batches of 8)."),
 ) -> None:
-    """Show where each strategy puts adapters, at which rank, and what it costs, without training or weights."""
+    """Show where each strategy puts adapters, at which rank, and what it costs, without training or weights
+    (auto strategies read --scores, or score the model on --dataset first)."""
     from loraplace.placement import split_strategy_list
 
     try:
         _quiet_libraries()
-        result = build_plan(model, split_strategy_list(strategies), r, alpha, match_budget)
+        loaded = _load_scores(scores or [])
+
+        def score_for(name: str):
+            from loraplace.importance import score_model
+
+            err_console.print(f"scoring {model} on {dataset} ({name} score) for the auto strategies ...",
+                              highlight=False)
+            return score_model(model, dataset, name)
+
+        result = build_plan(model, split_strategy_list(strategies), r, alpha, match_budget, scores=loaded,
+                            score_for=score_for)
     except LoraplaceError as e:
         _fail(str(e))
     if as_json:
@@ -187,6 +220,22 @@ def plan(
     for row in result["strategies"]:
         for warning in row["warnings"]:
             console.print(f"[yellow]warning[/] ({row['strategy']}): {warning}", highlight=False)
+
+
+def _load_scores(paths: list[Path]) -> dict[str, Any]:
+    """Importance results by score name from ``--scores`` files or folders (every ``*.json`` of the
+    importance format in a folder)."""
+    from loraplace.importance import ImportanceResult
+
+    found: dict[str, Any] = {}
+    for path in paths:
+        files = sorted(path.glob("*.json")) if path.is_dir() else [path]
+        if not path.exists() or not files:
+            raise LoraplaceError(f"--scores {path}: no importance file there (write one with `loraplace importance`)")
+        for file in files:
+            result = ImportanceResult.load(file)
+            found[result.score] = result
+    return found
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -369,6 +418,86 @@ def print_results(study_dir: Path) -> None:
     console.print("added MiB: the run's peak memory minus the memory in use when it started (the loaded model); "
                   "peak MiB: the run's own peak (process RSS on CPU, allocated memory on CUDA).", style="dim")
     console.print(f"results: {study_dir / 'results.md'}, {study_dir / 'results.csv'}, {study_dir / 'results.json'}")
+
+
+# ----------------------------------------------------------------------------------- importance
+@app.command()
+def importance(
+    model: str = typer.Option("smollm2-135m-instruct", "--model", "-m", help="Hub id, local folder, local .gguf file or embedded alias."),
+    dataset: str = typer.Option("alpaca-demo", "--dataset", "-d", help="Hub id or local json/jsonl/csv/parquet "
+                                "file; only its training split is read (the eval split is held out as in a study)."),
+    scores: str = typer.Option("gradient,activation,weight", "--score", help="Comma-separated scores: gradient "
+                               "(loss gradient spectrum), activation (input covariance spectrum), weight (data-free "
+                               "heavy-tail prior)."),
+    batches: int = typer.Option(8, "--batches", min=1, help="Training batches to score on."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Examples per batch."),
+    max_rank: int = typer.Option(64, "--max-rank", min=1, help="Ranks 1..max-rank get a predicted gain."),
+    max_length: int = typer.Option(256, "--max-length", min=8, help="Tokens per example; longer ones are truncated."),
+    r: int = typer.Option(16, "--r", min=1, help="The rank the tables, CSV and heatmaps read the curves at."),
+    eval_size: int = typer.Option(100, "--eval-size", min=1, help="Rows held out as a study's eval split (never scored)."),
+    split_seed: int = typer.Option(1234, "--split-seed", help="Seed of the train/eval split, as in a study."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda > mps > cpu), cpu, cuda or mps."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder for the files (default: "
+                                          "./runs/importance-MODEL-TIME)."),
+) -> None:
+    """Score every slot a LoRA adapter can go on (predicted gain per rank), without training."""
+    import re
+
+    from loraplace.importance import SCORES, load_for_scoring, score_setup, write_importance
+
+    try:
+        _quiet_libraries()
+        wanted = [s.strip() for s in scores.split(",") if s.strip()]
+        unknown = [s for s in wanted if s not in SCORES]
+        if unknown or not wanted:
+            raise LoraplaceError(f"unknown score {', '.join(unknown) or repr(scores)}; use one or more of "
+                                 f"{', '.join(SCORES)}, comma-separated")
+        if r > max_rank:
+            raise LoraplaceError(f"--r {r} is above --max-rank {max_rank}: the curves end at max-rank")
+        setup = load_for_scoring(model, dataset if any(s != "weight" for s in wanted) else None, batches=batches,
+                                 batch_size=batch_size, max_length=max_length, eval_size=eval_size,
+                                 split_seed=split_seed, device=device)
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model).name or model)
+        out_dir = output or Path("runs") / f"importance-{slug}-{time.strftime('%Y%m%d-%H%M%S')}"
+        results = []
+        for score in wanted:
+            result = score_setup(setup, score, max_rank)
+            results.append((result, write_importance(result, out_dir, r=r)))
+    except LoraplaceError as e:
+        _fail(str(e))
+    for result, paths in results:
+        _print_importance(result, paths, r)
+
+
+def _print_importance(result, paths: dict[str, Path], r: int) -> None:
+    """One score on the console: the top 10 slots by gain per parameter at ``r``, each role's
+    share of the gain, what it cost, and the files."""
+    from loraplace.importance import role_shares, slot_rows
+
+    data = "data-free" if result.score == "weight" else \
+        f"{result.tokens:,} target tokens in {result.batches} batches of {result.batch_size}"
+    memory = f"{result.peak_memory_mib:,.0f} MiB ({result.memory_kind})" if result.peak_memory_mib is not None else "-"
+    console.print(f"\n[bold]{result.score}[/] score of {result.model}: {len(result.slots)} slots, {data}; "
+                  f"{result.seconds:.1f} s, peak memory {memory}; {result.approximation}", highlight=False,
+                  soft_wrap=True)
+    table = Table(title=f"top 10 slots by gain per adapter parameter at r={r}")
+    for col in ("slot", "role", "layer", f"gain r={r}", "per parameter", "share"):
+        table.add_column(col, justify="left" if col in ("slot", "role") else "right")
+    rows = sorted(slot_rows(result, r), key=lambda row: -row["gain_per_param_at_r"])
+    for row in rows[:10]:
+        table.add_row(row["name"], row["role"], str(row["layer"]), f"{row['gain_at_r']:.4g}",
+                      f"{row['gain_per_param_at_r']:.4g}", f"{100 * row['share_at_r']:.1f}%")
+    console.print(table)
+    shares = role_shares(result, r)
+    by_role = Table(title=f"share of the summed gain at r={r}, by role")
+    for role in shares:
+        by_role.add_column(role, justify="right")
+    by_role.add_row(*(f"{100 * v:.1f}%" for v in shares.values()))
+    console.print(by_role)
+    console.print(result.method, style="dim", highlight=False, markup=False)
+    for warning in result.warnings:
+        console.print(f"[yellow]warning[/] ({result.score}): {warning}", highlight=False, soft_wrap=True)
+    console.print("files: " + ", ".join(str(p) for p in paths.values()), highlight=False, soft_wrap=True)
 
 
 # --------------------------------------------------------------------------------------- report
