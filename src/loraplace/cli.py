@@ -82,10 +82,13 @@ def build_plan(model: str, strategies: list[str], r: int, alpha: float,
         resolve_arm, resolve_placement, study_arms, total_params,
     )
 
-    from loraplace.placement.arms import ARM_SEPARATOR
+    from loraplace.placement.arms import ARM_SEPARATOR, parse_arm
     from loraplace.placement.auto import auto_placement
 
-    parse_strategies([s for s in strategies if ARM_SEPARATOR not in s])  # unknown or repeated ones fail here
+    for spec in strategies:  # unknown strategies and references fail here, naming them
+        parse_arm(spec)
+    if [s for s in strategies if ARM_SEPARATOR not in s]:
+        parse_strategies([s for s in strategies if ARM_SEPARATOR not in s])  # repeats fail here
     reference = parse_budget_reference(match_budget) if match_budget not in (None, "") else None
     config, source = load_config(model)
     skeleton = meta_model(config)

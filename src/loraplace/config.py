@@ -151,7 +151,9 @@ class StudyConfig(_Strict):
         for spec in self.strategies:
             parse_arm(spec)  # an entry may name its budget reference: ffn~attention
         # unknown or duplicate names fail here, with the list of known ones
-        parse_strategies([s for s in self.strategies if ARM_SEPARATOR not in s])
+        plain = [s for s in self.strategies if ARM_SEPARATOR not in s]
+        if plain:
+            parse_strategies(plain)
         parsed = [parse_strategy(s) for s in self.strategies if ARM_SEPARATOR not in s]
         fixed = [s.name for s in parsed if s.has_fixed_ranks]
         if self.match_budget is not None and fixed:

@@ -1,0 +1,140 @@
+"""Automatic arms inside studies: allocated once per study and stored, the same placement for every
+seed and on resume, independent of what ran before; EVA and AdaLoRA arms at the budget; the plan."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from loraplace.cli import app
+
+FAST = dict(seeds=[0, 1], **{"train.max_steps": 4, "train.batch_size": 4, "data.eval_size": 8, "train.eval_every": 0,
+                             "train.precision": "fp32", "lora.r": 4, "lora.alpha": 8.0, "importance.batches": 2,
+                             "importance.batch_size": 4, "importance.max_rank": 16})
+AUTO = "auto[step=1]~attention"
+RANDOM = "auto[score=random,draw=1,step=1]~attention"
+
+
+def _study(model, data, out, strategies, **values):
+    from loraplace.config import load_study
+    from loraplace.study.driver import run_study
+
+    config = load_study(None, {**FAST, "model": str(model), "dataset": str(data), "output": str(out),
+                               "strategies": strategies, **values})
+    return run_study(config)
+
+
+def _ranks(run_dir):
+    modules = json.loads((run_dir / "modules.json").read_text())["modules"]
+    return {m["name"]: (m["r"], m["alpha"]) for m in modules}
+
+
+def _rows(out):
+    return {r["run_id"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from conftest import alpaca_rows
+
+    path = tmp_path_factory.mktemp("data") / "alpaca.json"
+    path.write_text(json.dumps(alpaca_rows()))
+    return path
+
+
+@pytest.fixture(scope="module")
+def auto_study(tiny_llama_dir, data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("auto") / "s"
+    _study(tiny_llama_dir, data, out, ["attention", AUTO, RANDOM])
+    return out
+
+
+def test_every_seed_trains_the_stored_allocation(auto_study):
+    from loraplace.study.allocations import allocation_path
+    from loraplace.study.plan import run_id_for
+
+    rows = _rows(auto_study)
+    attention = rows["attention-s0"]["trainable_params"]
+    for label in (AUTO, RANDOM):
+        stored = json.loads(allocation_path(auto_study, label).read_text())
+        assert stored["arm"] == label
+        expected = {name: (r, 8.0 * r / 4) for name, r in stored["ranks"].items()}  # alpha / r stays 2
+        for seed in (0, 1):
+            run_id = run_id_for(label, seed)
+            assert _ranks(auto_study / "runs" / run_id) == expected
+            assert abs(rows[run_id]["trainable_params"] - attention) <= 0.01 * attention
+            assert rows[run_id]["match_budget"] == "attention"
+        assert len({r for r, _ in expected.values()}) > 1  # not a uniform placement
+    assert (auto_study / "importance" / "gradient.json").is_file()
+    # post-hoc importance: one norm per adapted module, of the rank it trained
+    norms = json.loads((auto_study / "runs" / run_id_for(AUTO, 0) / "adapter_norms.json").read_text())["modules"]
+    assert {m["name"]: m["r"] for m in norms} == _stored_ranks(auto_study, AUTO)
+    assert all(m["norm"] > 0 for m in norms)
+
+
+def _stored_ranks(out, label):
+    from loraplace.study.allocations import allocation_path
+
+    return json.loads(allocation_path(out, label).read_text())["ranks"]
+
+
+def test_resume_reuses_the_allocation_and_scores(auto_study, tiny_llama_dir, data):
+    from loraplace.config import load_study
+    from loraplace.study.allocations import allocation_path, importance_path
+    from loraplace.study.driver import run_study
+    from loraplace.study.plan import run_id_for
+
+    before = {p: p.read_bytes() for p in (allocation_path(auto_study, AUTO), importance_path(auto_study, "gradient"))}
+    # a resume that would score differently (other batches) must still train the stored placement
+    config = load_study(None, {**FAST, "model": str(tiny_llama_dir), "dataset": str(data), "output": str(auto_study),
+                               "strategies": [AUTO], "seeds": [0, 1, 2]})
+    run_study(config, resume=True)
+    assert all(p.read_bytes() == content for p, content in before.items())
+    assert {n: r for n, (r, _) in _ranks(auto_study / "runs" / run_id_for(AUTO, 2)).items()} == \
+        _stored_ranks(auto_study, AUTO)
+
+
+def test_an_auto_arm_after_others_gives_what_it_gives_alone(auto_study, tiny_llama_dir, data, tmp_path):
+    from loraplace.study.plan import run_id_for
+
+    alone = tmp_path / "alone"
+    _study(tiny_llama_dir, data, alone, [AUTO], seeds=[0], include_base=False)
+    run_id = run_id_for(AUTO, 0)
+    assert _ranks(alone / "runs" / run_id) == _ranks(auto_study / "runs" / run_id)
+    assert _rows(alone)[run_id]["eval_loss"] == _rows(auto_study)[run_id]["eval_loss"]
+
+
+def test_eva_and_adalora_arms_train_at_the_budget(tiny_llama_dir, data, tmp_path):
+    from loraplace.study.allocations import allocation_path
+
+    out = tmp_path / "s"
+    # EVA's incremental SVD needs enough tokens to converge: all 40 training rows
+    _study(tiny_llama_dir, data, out, ["attention", "eva~attention", "adalora~attention"], seeds=[0],
+           **{"importance.batches": 5, "importance.batch_size": 8})
+    rows = _rows(out)
+    assert all(r["status"] == "ok" for r in rows.values()), [r["error"] for r in rows.values()]
+    stored = json.loads(allocation_path(out, "eva~attention").read_text())
+    eva_r = stored["budget"]["eva_r"]
+    assert _ranks(out / "runs" / "eva~attention-s0") == {n: (r, 8.0 * r / eva_r) for n, r in stored["ranks"].items()}
+    adalora = json.loads((out / "runs" / "adalora~attention-s0" / "adalora.json").read_text())
+    row = rows["adalora~attention-s0"]
+    assert adalora["allocator_calls"] == 4  # once per optimizer step
+    assert row["final_params"] == adalora["final_params"] < row["trainable_params"]
+    assert row["budget_target"] == rows["attention-s0"]["trainable_params"]
+    # the final ranks, counted independently from the modules' norms file: pruned modules have rank < init_r
+    norms = json.loads((out / "runs" / "adalora~attention-s0" / "adapter_norms.json").read_text())["modules"]
+    assert {m["name"]: m["r"] for m in norms} == adalora["final_ranks"]
+
+
+def test_plan_shows_an_auto_allocation_from_stored_scores(auto_study, tiny_llama_dir):
+    result = CliRunner().invoke(app, ["plan", "-m", str(tiny_llama_dir), "-s", f"attention,{AUTO}", "--r", "4",
+                                      "--alpha", "8", "--scores", str(auto_study / "importance"), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["strategy"]: r for r in json.loads(result.output)["strategies"]}
+    # the same scores and budget give the placement the study trained
+    assert {m["name"]: m["r"] for m in rows[AUTO]["modules"]} == _stored_ranks(auto_study, AUTO)
+    missing = CliRunner().invoke(app, ["plan", "-m", str(tiny_llama_dir), "-s", AUTO, "--scores",
+                                       str(auto_study / "nothing")])
+    assert missing.exit_code == 2 and "no importance file" in missing.output
