@@ -4,17 +4,14 @@ and SVG, in the report's figure style). Every file is replaced atomically."""
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from loraplace.errors import LoraplaceError
 from loraplace.importance.scores import ImportanceResult
-from loraplace.study.files import atomic_write_json, atomic_write_text, fsync_dir
+from loraplace.study.files import atomic_replace, atomic_write_json, atomic_write_text
 
 CSV_COLUMNS = ("name", "role", "stack", "layer", "in_features", "out_features", "r", "gain_at_1", "gain_at_r",
                "gain_at_max_rank", "gain_per_param_at_r", "share_at_r")
@@ -78,18 +75,8 @@ def write_importance(result: ImportanceResult, out_dir: str | Path, *, r: int = 
 
 
 def _save_atomic(fig, path: Path, **kwargs) -> None:
-    """``fig.savefig`` into a temp file beside ``path``, then renamed over it (PNG is binary, so
-    :func:`~loraplace.study.files.atomic_write_text` cannot take it)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format=path.suffix.lstrip("."), **kwargs)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
+    """``fig.savefig`` through the atomic writer (the temp file keeps the suffix: it picks the format)."""
+    atomic_replace(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip("."), **kwargs), suffix=path.suffix)
 
 
 def heatmap(result: ImportanceResult, path_stem: str | Path, r: int) -> tuple[Path, Path]:

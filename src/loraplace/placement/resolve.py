@@ -14,7 +14,7 @@ from torch import nn
 from loraplace.errors import LoraplaceError
 from loraplace.placement.params import linear_modules, lora_param_count
 from loraplace.placement.roles import ALL_ROLES, BLOCK_NAME, OUTER_ROLES, ArchitectureRoles, group_of, roles_for
-from loraplace.placement.strategies import Strategy, Term, layer_span
+from loraplace.placement.strategies import Strategy, Term
 
 
 
@@ -122,35 +122,12 @@ class Placement:
             the blocks (embed, lm_head) form a last row with stack None and layers ``"-"``. A cell
             holds ``"8/16"`` when a role's modules in one layer got different ranks.
         """
+        from loraplace.placement.matrix import rank_rows
+
         adapted_roles = set(self.roles())
         columns = [r for r in self.available_roles if r not in OUTER_ROLES or r in adapted_roles]
         columns += [r for r in self.roles() if r not in columns]
-        cells: dict[tuple[str | None, int | None], dict[str, set[int]]] = defaultdict(lambda: defaultdict(set))
-        for m in self.modules:
-            cells[(m.stack, m.layer)][m.role].add(m.r)
-
-        def row_cells(key) -> dict[str, Any]:
-            found = cells.get(key, {})
-            out = {}
-            for role in columns:
-                ranks = sorted(found.get(role, ()))
-                out[role] = None if not ranks else ranks[0] if len(ranks) == 1 else "/".join(map(str, ranks))
-            return out
-
-        rows: list[dict[str, Any]] = []
-        for stack, count in self.stacks.items():
-            run_start, run_cells = 0, row_cells((stack, 0))
-            for layer in range(1, count + 1):
-                current = row_cells((stack, layer)) if layer < count else None
-                if current != run_cells:
-                    rows.append({"stack": stack, "layers": layer_span(run_start, layer - 1), "cells": run_cells})
-                    run_start, run_cells = layer, current  # type: ignore[assignment]
-        outer = [k for k in cells if k[1] is None]
-        if outer:
-            merged: dict[str, Any] = {role: None for role in columns}
-            for key in outer:
-                merged.update({r: v for r, v in row_cells(key).items() if v is not None})
-            rows.append({"stack": None, "layers": "-", "cells": merged})
+        rows = rank_rows(((m.stack, m.layer, m.role, m.r) for m in self.modules), self.stacks, columns)
         return {"columns": columns, "rows": rows}
 
     def to_dict(self) -> dict:

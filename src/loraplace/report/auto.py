@@ -32,7 +32,6 @@ import numpy as np
 from scipy import stats as sps
 
 from loraplace.placement.roles import ALL_ROLES, group_of
-from loraplace.placement.strategies import layer_span
 from loraplace.report import figures, fmt
 from loraplace.report.analysis import Arm, Group
 from loraplace.report.doc import Block, Bullets, Heading, Para, Table
@@ -158,36 +157,14 @@ def rank_matrix(modules: list[dict[str, Any]], stacks: dict[Any, int] | None = N
         role's modules in one layer differ, or None}}``; modules outside the blocks form a last
         row with layers ``"-"``.
     """
+    from loraplace.placement.matrix import rank_rows
+
     roles = sorted({m["role"] for m in modules}, key=_role_key)
-    cells: dict[tuple, dict[str, set[int]]] = defaultdict(lambda: defaultdict(set))
-    for m in modules:
-        cells[(m.get("stack"), m.get("layer"))][m["role"]].add(int(m["r"]))
-    counts = _stack_layers(cells, stacks or {})
-
-    def row_cells(key) -> dict[str, Any]:
-        found = cells.get(key, {})
-        out = {}
-        for role in roles:
-            ranks = sorted(found.get(role, ()))
-            out[role] = None if not ranks else ranks[0] if len(ranks) == 1 else "/".join(map(str, ranks))
-        return out
-
-    rows: list[dict[str, Any]] = []
-    for stack, count in counts.items():
-        start, current = 0, row_cells((stack, 0))
-        for layer in range(1, int(count) + 1):
-            nxt = row_cells((stack, layer)) if layer < count else None
-            if nxt != current:
-                rows.append({"stack": stack, "layers": layer_span(start, layer - 1), "cells": current})
-                start, current = layer, nxt
-    outer = [row_cells(k) for k in cells if k[1] is None]
-    if outer:
-        rows.append({"stack": None, "layers": "-",
-                     "cells": {r: next((c[r] for c in outer if c[r] is not None), None) for r in roles}})
-    return roles, rows
+    counts = _stack_layers({(m.get("stack"), m.get("layer")) for m in modules}, stacks or {})
+    return roles, rank_rows(((m.get("stack"), m.get("layer"), m["role"], m["r"]) for m in modules), counts, roles)
 
 
-def _stack_layers(cells: dict[tuple, Any], stored: dict[Any, int]) -> dict[Any, int]:
+def _stack_layers(cells: set[tuple], stored: dict[Any, int]) -> dict[Any, int]:
     """Layers per stack: the stored count (JSON keys are strings, so a None stack reads "null"),
     at least each stack's highest adapted layer + 1."""
     counts: dict[Any, int] = {}

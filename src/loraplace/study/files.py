@@ -8,20 +8,22 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Replace ``path`` by ``text`` so that a reader (or a crash at any point) sees either the old
-    file or the new one, never a mix: write a unique temp file in the same folder, flush and fsync
-    it, ``os.replace`` it over ``path``, then fsync the folder so the rename itself is durable.
-    The temp file is removed if anything fails."""
+def atomic_replace(path: Path, write: Callable[[Path], None], suffix: str = ".tmp") -> None:
+    """Replace ``path`` by what ``write`` writes so that a reader (or a crash at any point) sees
+    either the old file or the new one, never a mix: ``write`` fills a unique temp file in the same
+    folder (its path is passed), which is fsynced, ``os.replace``\ d over ``path``, then the folder
+    is fsynced so the rename itself is durable. The temp file is removed if anything fails.
+    ``suffix``: the temp file's (a writer that picks the format from the name, like matplotlib's
+    ``savefig``, needs the real one)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
+        write(Path(tmp))
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -29,6 +31,11 @@ def atomic_write_text(path: Path, text: str) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """:func:`atomic_replace` of ``path`` by ``text`` (UTF-8)."""
+    atomic_replace(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def fsync_dir(folder: Path) -> None:
