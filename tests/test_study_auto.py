@@ -117,6 +117,13 @@ def test_eva_and_adalora_arms_train_at_the_budget(tiny_llama_dir, data, tmp_path
     assert all(r["status"] == "ok" for r in rows.values()), [r["error"] for r in rows.values()]
     stored = json.loads(allocation_path(out, "eva~attention").read_text())
     eva_r = stored["budget"]["eva_r"]
+    # the initial A matrices are stored once, beside the allocation, with the allocation's ranks
+    from safetensors.torch import load_file
+
+    from loraplace.study.allocations import eva_state_path
+
+    state = load_file(eva_state_path(out, "eva~attention"))
+    assert {n: int(w.shape[0]) for n, w in state.items()} == stored["ranks"]
     assert _ranks(out / "runs" / "eva~attention-s0") == {n: (r, 8.0 * r / eva_r) for n, r in stored["ranks"].items()}
     adalora = json.loads((out / "runs" / "adalora~attention-s0" / "adalora.json").read_text())
     row = rows["adalora~attention-s0"]

@@ -4,8 +4,10 @@ The pipeline, a module for each step:
 
 * placement (:mod:`loraplace.placement`): roles per architecture (``roles``, ``infer``),
   strategies (``strategies``), study arms and the reference arm ``full`` (``arms``), parameter
-  counts (``params``), budget matching and the parser of parameter counts (``budget``), and
-  resolution to exact module names (``resolve``);
+  counts (``params``), budget matching and the parser of parameter counts (``budget``),
+  resolution to exact module names (``resolve``), and automatic placement (``allocate``,
+  ``auto``) from importance scores (:mod:`loraplace.importance`); the published baselines EVA and
+  AdaLoRA (:mod:`loraplace.baselines`);
 * data and tasks (:mod:`loraplace.data`, :mod:`loraplace.tasks`, :mod:`loraplace.models`):
   rows, tokenization and the train/eval split; what the architecture trains as (causal LM,
   seq2seq, classifier); loading models;
@@ -23,4 +25,11 @@ The command line (:mod:`loraplace.cli`) wires these together: ``loraplace plan``
 ``report`` and ``assets``.
 """
 
+import logging as _logging
+
 __version__ = "0.1.0"
+
+# bitsandbytes' CPU backend warns at import (PEFT and transformers import it whenever it is
+# installed) about an optional kernel for a CPU inference layout that loraplace switches off
+# (loraplace.quantization.prepare_quantized): nothing to act on. Set before anything imports it.
+_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)

@@ -57,7 +57,8 @@ def _fail(message: str, code: int = 2) -> None:
 # ----------------------------------------------------------------------------------------- plan
 def build_plan(model: str, strategies: list[str], r: int, alpha: float,
                match_budget: str | int | None = None, scores: dict[str, Any] | None = None,
-               score_for: Any = None) -> dict[str, Any]:
+               score_for: Any = None, batch_size: int = 8, max_length: int = 256, precision: str = "auto",
+               device: str = "auto") -> dict[str, Any]:
     """Placements of every strategy on ``model`` from its config alone (meta device, no weights).
 
     Args:
@@ -70,11 +71,15 @@ def build_plan(model: str, strategies: list[str], r: int, alpha: float,
         scores: importance results by score name, for automatic strategies (``auto[...]``).
         score_for: called with a score name that ``scores`` lacks, returns its importance result
             (computing it needs the model's weights and data); None: such a strategy is an error.
+        batch_size, max_length, precision, device: the training settings the memory estimate of
+            each row is for (:func:`loraplace.memory_plan.estimate_memory`; the study defaults).
 
     Returns:
         ``{"model", "config_source", "model_type", "base_params", "full_lora_params", "r", "alpha",
-        "match_budget", "budget_target", "strategies": [row, ...]}``; a row is the placement's
-        ``to_dict()`` (exact module names, ranks) plus counts, ``by_role`` and ``matrix``.
+        "match_budget", "budget_target", "memory", "strategies": [row, ...]}``; a row is the placement's
+        ``to_dict()`` (exact module names, ranks) plus counts, ``by_role``, ``matrix`` and ``memory``
+        (estimated peak MiB without and with gradient checkpointing, and the components); ``memory``
+        says which device, how much of its memory is free (None: unknown) and which settings.
     """
     from loraplace.models import load_config, meta_model
     from loraplace.placement import (
@@ -110,6 +115,13 @@ def build_plan(model: str, strategies: list[str], r: int, alpha: float,
         if arm.reference is not None:
             placement.strategy = arm.label
         placements.append((parse_strategy(arm.strategy), placement))
+    from loraplace.memory_plan import device_free_mib
+    from loraplace.models import pick_device
+    from loraplace.training import resolve_precision
+
+    dev = pick_device(device)
+    memory = {"device": dev.type, "free_mib": device_free_mib(dev), "batch_size": batch_size,
+              "max_length": max_length, "precision": resolve_precision(precision, dev)}
     rows = []
     for strategy, p in placements:
         rows.append({
@@ -122,10 +134,28 @@ def build_plan(model: str, strategies: list[str], r: int, alpha: float,
             "params_vs_full_pct": 100.0 * p.lora_params / full,
             "by_role": {role: layer_ranges(layers) for role, layers in p.by_role().items()},
             "matrix": p.matrix(),
+            "memory": _plan_memory(config, skeleton, p, memory, dev),
         })
     return {"model": model, "config_source": source, "model_type": config.model_type, "base_params": base,
             "full_lora_params": full, "r": r, "alpha": alpha, "match_budget": reference, "budget_target": target,
-            "strategies": rows}
+            "memory": memory, "strategies": rows}
+
+
+def _plan_memory(config: Any, skeleton: Any, placement: Any, memory: dict[str, Any], device: Any) -> dict[str, Any]:
+    """A plan row's memory: estimated peak MiB without and with gradient checkpointing, and the
+    components of the one without; None values where the config has no sizes the plan knows."""
+    from loraplace.memory_plan import estimate_memory
+
+    kwargs = dict(batch_size=memory["batch_size"], max_length=memory["max_length"], precision=memory["precision"],
+                  device=device, skeleton=skeleton)
+    try:
+        without = estimate_memory(config, placement, gradient_checkpointing=False, **kwargs)
+        checkpointed = estimate_memory(config, placement, gradient_checkpointing=True, **kwargs)
+    except ValueError:
+        return {"total_mib": None, "with_checkpointing_mib": None, "components_mib": {}}
+    return {"total_mib": round(without.total, 1), "with_checkpointing_mib": round(checkpointed.total, 1),
+            "needed_mib": round(without.needed_mib, 1), "needed_with_checkpointing_mib": round(checkpointed.needed_mib, 1),
+            "components_mib": without.components()}
 
 
 def _matrix_table(row: dict[str, Any]) -> Table:
@@ -166,9 +196,16 @@ def plan(
         "importance` (or a study's importance/ folder); repeatable. Missing scores are computed on --dataset."),
     dataset: str = typer.Option("alpaca-demo", "--dataset", "-d", help="Data that auto strategies without "
                                 "--scores are scored on (8 training batches of 8)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Training batch the memory estimate is for."),
+    max_length: int = typer.Option(256, "--max-length", min=8, help="Tokens per example the memory estimate is for."),
+    precision: str = typer.Option("auto", "--precision", help="auto, fp32, bf16 or fp16: the training precision "
+                                  "the memory estimate is for."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps: the device whose free memory "
+                               "the estimates are compared with."),
 ) -> None:
-    """Show where each strategy puts adapters, at which rank, and what it costs, without training or weights
-    (auto strategies read --scores, or score the model on --dataset first)."""
+    """Show where each strategy puts adapters, at which rank, and what it costs (parameters, and the estimated
+    peak memory of a run), without training or weights (auto strategies read --scores, or score the model on
+    --dataset first)."""
     from loraplace.placement import split_strategy_list
 
     try:
@@ -182,8 +219,11 @@ def plan(
                               highlight=False)
             return score_model(model, dataset, name)
 
+        if precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise LoraplaceError(f"--precision {precision!r}: use auto, fp32, bf16 or fp16")
         result = build_plan(model, split_strategy_list(strategies), r, alpha, match_budget, scores=loaded,
-                            score_for=score_for)
+                            score_for=score_for, batch_size=batch_size, max_length=max_length, precision=precision,
+                            device=device)
     except LoraplaceError as e:
         _fail(str(e))
     if as_json:
@@ -198,8 +238,9 @@ def plan(
     )
     table = Table(show_lines=True)
     for col in ("strategy", "adapted roles: layers", "ranks", "modules", "trainable", "% of total", "% of base",
-                "vs full-LoRA", "vs budget"):
-        table.add_column(col, justify="right" if col in ("modules", "trainable") or "%" in col or "vs" in col else "left")
+                "vs full-LoRA", "vs budget", "memory MiB", "with ckpt"):
+        table.add_column(col, justify="right" if col in ("modules", "trainable") or "%" in col or "vs" in col
+                         or "M" in col or "ckpt" in col else "left")
     for row in result["strategies"]:
         roles = "\n".join(f"{role}: {layers}" for role, layers in row["by_role"].items())
         ranks = "\n".join(f"{role}: {'/'.join(map(str, rs))}" for role, rs in row["ranks"].items())
@@ -209,12 +250,22 @@ def plan(
             f"{row['trainable_pct_of_total']:.2f}%", f"{row['trainable_pct_of_base']:.2f}%",
             f"{row['params_vs_full_pct']:.1f}%",
             f"{budget['deviation_pct']:+.2f}%" if budget else "-",
+            *(f"{row['memory'][k]:,.0f}" if row["memory"][k] is not None else "?"
+              for k in ("total_mib", "with_checkpointing_mib")),
         )
     console.print(table)
     console.print(
         "% of total = trainable / (base + adapter) parameters (PEFT's convention); % of base = trainable / base "
         f"parameters; vs full-LoRA = trainable / the '{REFERENCE_STRATEGY}' strategy's trainable parameters; "
         "vs budget = (trainable - budget) / budget for budget-matched rows.", style="dim"
+    )
+    mem = result["memory"]
+    free = f"{mem['free_mib']:,.0f} MiB free" if mem["free_mib"] is not None else "free memory unknown"
+    console.print(
+        f"memory MiB = estimated peak of one run (loraplace.memory_plan) at batch {mem['batch_size']} x "
+        f"{mem['max_length']} tokens, {mem['precision']}, on {mem['device']} ({free}); with ckpt = with gradient "
+        "checkpointing. An upper bound within ~15%: every batch at max length, every token labelled.",
+        style="dim", highlight=False,
     )
     for row in result["strategies"]:
         console.print(f"\n[bold]{row['strategy']}[/]: rank per layer and role ({len(row['modules'])} modules, "
@@ -260,6 +311,9 @@ def run(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Study folder (default: ./runs/NAME-TIME)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto (cuda > mps > cpu), cpu, cuda or mps; choose a GPU with CUDA_VISIBLE_DEVICES."),
     resume: bool = typer.Option(False, "--resume", help="Continue the study in --output, skipping finished runs."),
+    quantization: Optional[str] = typer.Option(
+        None, "--quantization", help="Base model precision: none (default), nf4 (4-bit NormalFloat, QLoRA) or "
+        "int8 (LLM.int8()); nf4 and int8 need pip install 'loraplace[quant]'."),
     report_to: Optional[str] = typer.Option(
         None, "--report-to", help="Trainer loggers, comma-separated: tensorboard, wandb, mlflow (off by default)."),
     match_budget: Optional[str] = typer.Option(
@@ -285,7 +339,7 @@ def run(
         values: dict[str, Any] = dict(parse_override(o) for o in extra)
         values.update({k: v for k, v in dict(model=model, dataset=dataset, strategies=strategies, seeds=seeds,
                                              device=device, output=str(output) if output else None,
-                                             match_budget=match_budget).items() if v})
+                                             match_budget=match_budget, quantization=quantization).items() if v})
         if executor:
             values["executor.kind"] = executor
         if ray_address:

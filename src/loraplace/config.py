@@ -16,6 +16,9 @@ from loraplace.errors import LoraplaceError
 TaskChoice = Literal["auto", "causal-lm", "seq2seq", "classification"]
 """What a study trains; ``auto`` follows the architecture (see :mod:`loraplace.tasks`)."""
 
+Quantization = Literal["none", "nf4", "int8"]
+"""Precision of the frozen base model's projections (see :mod:`loraplace.quantization`)."""
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -43,9 +46,11 @@ class TrainSettings(_Strict):
         "auto", description="auto: bfloat16 autocast where the hardware runs it fast (CUDA, CPUs with "
         "AVX512-BF16/AMX), else float32. Adapter weights stay float32 in every mode."
     )
-    gradient_checkpointing: bool = Field(
-        False, description="Recompute each decoder layer's activations in backward instead of keeping them "
-        "(non-reentrant torch checkpointing): less memory at long sequences, ~30% more compute; same loss."
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto", description="Recompute each decoder layer's activations in backward instead of keeping them "
+        "(non-reentrant torch checkpointing): less memory, ~30% more compute; same loss. auto: on only when "
+        "the memory plan (loraplace.memory_plan) says the run would not fit in the device's free memory "
+        "without it; each run records the decision and the estimate."
     )
     eval_batch_size: int = Field(16, ge=1, description="Examples per evaluation batch (no gradients).")
     logging_steps: int = Field(5, ge=1)
@@ -109,6 +114,12 @@ class StudyConfig(_Strict):
         "encoder-decoder such as T5/BART: seq2seq; encoder-only such as BERT: classification)."
     )
     device: str = Field("auto", description="auto (cuda > mps > cpu), cpu, cuda or mps; choose a GPU with CUDA_VISIBLE_DEVICES.")
+    quantization: Quantization = Field(
+        "none", description="Precision of the frozen base model: none (float32 as loaded); nf4: 4-bit NormalFloat "
+        "with double quantisation and bfloat16 compute (QLoRA, arXiv:2305.14314); int8: LLM.int8() "
+        "(arXiv:2208.07339). Adapters train in float32 either way; nf4 and int8 need bitsandbytes "
+        "(pip install 'loraplace[quant]').",
+    )
     output: str | None = Field(None, description="Output folder; default: a new folder under ./runs/.")
     executor: ExecutorSettings = Field(
         default_factory=ExecutorSettings, exclude=True,

@@ -111,6 +111,10 @@ def library_versions() -> dict[str, str]:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             out[name] = "not installed"
+    try:  # only where installed: it matters to quantized base models alone (not pinned on resume)
+        out["bitsandbytes"] = importlib.metadata.version("bitsandbytes")
+    except importlib.metadata.PackageNotFoundError:
+        pass
     return out
 
 

@@ -132,21 +132,43 @@ def load_tokenizer(path: str):
 
 
 def load_model(path: str, task: str = "causal-lm", num_labels: int | None = None,
-               dtype: torch.dtype = torch.float32) -> nn.Module:
+               dtype: torch.dtype = torch.float32, quantization: str = "none",
+               device: torch.device | None = None) -> nn.Module:
     """Load a model's weights with the head of task ``task`` (a name in :data:`loraplace.tasks.TASKS`;
     float32 by default: adapters train in float32 and the matmuls run under autocast).
-    ``num_labels`` sizes a classification head."""
+    ``num_labels`` sizes a classification head. ``device``: where the model goes (None: stays
+    on the CPU).
+
+    ``quantization`` nf4 or int8 quantizes the linear projections with bitsandbytes while loading,
+    straight onto ``device`` (a quantized model cannot be cast afterwards), and prepares the model
+    for LoRA training (:func:`loraplace.quantization.prepare_quantized`); the rest (embeddings,
+    norms, a tied or separate output head) stays ``dtype``.
+
+    Raises:
+        LoraplaceError: the model cannot be loaded, or bitsandbytes cannot run ``quantization`` on
+            ``device`` (:func:`loraplace.quantization.check_quantization`).
+    """
+    from loraplace.quantization import bnb_config, check_quantization, prepare_quantized
+
     path = resolve_model_path(path) if assets.is_gguf_file(path) else path
     kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": assets.offline()}
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
+    quantized = quantization != "none"
+    if quantized:
+        device = device if device is not None else torch.device("cpu")
+        check_quantization(quantization, device)
+        # Without a device_map transformers would quantize onto the first GPU whatever device was asked.
+        kwargs.update(quantization_config=bnb_config(quantization), device_map={"": str(device)})
     try:
         model = get_task(task).auto_class.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         where = "local folder" if os.path.isdir(path) else "hub id"
         raise LoraplaceError(f"could not load model {path!r} ({where}): {_first_line(e)}") from None
     model.config.use_cache = False
-    return model
+    if quantized:
+        return prepare_quantized(model)
+    return model.to(device) if device is not None else model
 
 
 def plain_linears(model: nn.Module) -> list[nn.Linear]:
@@ -155,7 +177,9 @@ def plain_linears(model: nn.Module) -> list[nn.Linear]:
 
     These are the weights that run in ``dtype`` under autocast: rounded once at load
     (:func:`round_linear_weights`) and, where frozen, held in ``dtype`` while training
-    (:func:`loraplace.training.frozen_weights_as`).
+    (:func:`loraplace.training.frozen_weights_as`). Quantized projections (bitsandbytes'
+    ``Linear4bit`` and ``Linear8bitLt``: subclasses of ``nn.Linear``, with 4- or 8-bit integer
+    weights) are not among them: their storage must stay as bitsandbytes packed it.
     """
     get_emb = getattr(model, "get_input_embeddings", None)
     emb = get_emb() if callable(get_emb) else None

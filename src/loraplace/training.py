@@ -18,6 +18,7 @@ The Trainer runs the loop; loraplace plugs in through its extension points only:
 * optional gradient checkpointing (``train.gradient_checkpointing``, :func:`checkpointing`),
   switched on and off by loraplace around the warm-up and the training, not by the Trainer (whose
   switch would miss the warm-up and leave an input-embedding hook on the shared base model);
+  ``auto`` is decided from the memory plan (:func:`loraplace.memory_plan.plan_checkpointing`);
 * a callback for progress, and a non-finite-loss check that fails the run with its reason.
 
 Before the timer starts, :func:`train_adapters` checks the selective-logits loss against the
@@ -395,6 +396,7 @@ class TrainOutcome:
     choices: dict[str, str] = field(default_factory=dict)  # speed choices made (attention, dropout, weights, warmup)
     warmup_seconds: float = 0.0  # the untimed warm-up forward and backward (0: none)
     selective_check: tuple[float, float] | None = None  # (selective, full-logits) loss of the check batch
+    memory_plan: dict = field(default_factory=dict)  # gradient checkpointing's decision and the estimates (memory_plan)
 
     @property
     def tokens_per_second(self) -> float:
@@ -469,8 +471,14 @@ def train_adapters(model: nn.Module, train_dataset, collator, settings: TrainSet
         with torch.random.fork_rng(**_rng_devices(run_device)):
             selective = check_selective_loss(trainer.model, collator(features[:2]))
     warmup_seconds = 0.0
+    gradient_checkpointing, memory_plan = settings.gradient_checkpointing, {}
+    if gradient_checkpointing == "auto":  # a caller without its own decision (a study's run decides before)
+        from loraplace.memory_plan import plan_checkpointing
+
+        plan = plan_checkpointing("auto", model, None, train_dataset, settings, precision=precision, device=device)
+        gradient_checkpointing, memory_plan = plan.enabled, plan.record()
     with frozen_weights_as(model, autocast_dtype(precision)), attention_as(model, fast_attention(device)) as attn, \
-            checkpointing(model, settings.gradient_checkpointing) as ckpt:
+            checkpointing(model, gradient_checkpointing) as ckpt:
         choices.update(attention=attn, frozen_weights=str(autocast_dtype(precision) or torch.float32),
                        gradient_checkpointing="on (non-reentrant)" if ckpt else "off")
         if warmup and features:
@@ -490,4 +498,5 @@ def train_adapters(model: nn.Module, train_dataset, collator, settings: TrainSet
         choices=choices,
         warmup_seconds=warmup_seconds,
         selective_check=selective,
+        memory_plan=memory_plan,
     )

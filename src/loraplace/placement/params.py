@@ -7,6 +7,8 @@ i.e. ``r * (in + out)`` trainable parameters (no bias), and computes
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -21,14 +23,27 @@ def lora_param_count(in_features: int, out_features: int, r: int, experts: int =
     return experts * r * (in_features + out_features)
 
 
+def param_count(p: torch.Tensor) -> int:
+    """The number of weights a parameter holds.
+
+    ``p.numel()``, except for a quantized 4-bit weight (bitsandbytes ``Params4bit``): it packs two
+    4-bit values per byte into a ``(out * in / 2, 1)`` tensor, so its numel is half the real count,
+    which its ``quant_state.shape`` ``(out, in)`` keeps. An 8-bit weight is one byte per value.
+    """
+    quant_state = getattr(p, "quant_state", None)
+    shape = getattr(quant_state, "shape", None)
+    return math.prod(shape) if shape is not None else p.numel()
+
+
 def total_params(model: nn.Module) -> int:
-    """All parameters of a model, shared (tied) tensors counted once. Works on meta tensors."""
-    return sum(p.numel() for p in model.parameters())  # parameters() already deduplicates
+    """All parameters of a model, shared (tied) tensors counted once, quantized ones by their real
+    shape (:func:`param_count`). Works on meta tensors."""
+    return sum(param_count(p) for p in model.parameters())  # parameters() already deduplicates
 
 
 def trainable_params(model: nn.Module) -> int:
     """Parameters with ``requires_grad``: what the optimizer updates."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return sum(param_count(p) for p in model.parameters() if p.requires_grad)
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int] | None:

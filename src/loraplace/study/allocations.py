@@ -24,7 +24,7 @@ from loraplace.config import ImportanceSettings, StudyConfig
 from loraplace.errors import LoraplaceError
 from loraplace.placement.arms import Arm
 from loraplace.placement.strategies import parse_strategy
-from loraplace.study.files import atomic_write_json
+from loraplace.study.files import atomic_replace, atomic_write_json
 from loraplace.study.plan import run_id_for
 from loraplace.study.records import RunSpec
 
@@ -42,6 +42,11 @@ def allocated_per_study(label: str) -> bool:
 def allocation_path(study_dir: Path, label: str) -> Path:
     """``allocations/<label as a safe file name>.json`` (the run id of the arm without its seed)."""
     return Path(study_dir) / "allocations" / (run_id_for(label, 0).removesuffix("-s0") + ".json")
+
+
+def eva_state_path(study_dir: Path, label: str) -> Path:
+    """``allocations/<arm>.eva.safetensors``: an EVA arm's initial A matrices, beside its allocation."""
+    return allocation_path(study_dir, label).with_suffix(".eva.safetensors")
 
 
 def importance_path(study_dir: Path, score: str) -> Path:
@@ -103,7 +108,14 @@ def resolve_allocations(config: StudyConfig, study_dir: Path, specs: list[RunSpe
     if missing:
         stored.update(_allocate(config, study_dir, [s for s in specs if s.strategy == missing[0]][0], missing,
                                 ctx, note))
-    return [s.model_copy(update={"ranks": stored[s.strategy]["ranks"], "budget": stored[s.strategy]["budget"]})
+    states = {label: eva_state_path(study_dir, label).read_bytes() for label in stored
+              if eva_state_path(study_dir, label).is_file()}
+    for label in stored:
+        if parse_strategy(Arm.parse(label).strategy).method == "eva" and label not in states:
+            raise LoraplaceError(f"{eva_state_path(study_dir, label)} is missing; delete "
+                                 f"{allocation_path(study_dir, label)} to recompute EVA's allocation")
+    return [s.model_copy(update={"ranks": stored[s.strategy]["ranks"], "budget": stored[s.strategy]["budget"],
+                                 "eva_state": states.get(s.strategy)})
             if s.strategy in stored else s for s in specs]
 
 
@@ -140,7 +152,8 @@ def _allocate(config: StudyConfig, study_dir: Path, template: RunSpec, labels: l
             if batches is None:
                 batches = scoring_batches(setup, config.importance)
             note(f"running EVA's SVD of the module inputs of {config.model} for {label} ({len(batches)} batches)")
-            (placement, _), score = eva_allocation(setup, arm, config.lora, batches), "eva"
+            (placement, state), score = eva_allocation(setup, arm, config.lora, batches), "eva"
+            save_eva_state(eva_state_path(study_dir, label), state)
         else:
             score = parse_strategy(arm.strategy).auto.score  # type: ignore[union-attr]
             placement = auto_placement(setup.base, arm, config.lora.r, config.lora.alpha, results.get(score))
@@ -159,9 +172,24 @@ def _allocate(config: StudyConfig, study_dir: Path, template: RunSpec, labels: l
     return records
 
 
+def save_eva_state(path: Path, state: dict) -> None:
+    """EVA's A matrices as safetensors (modules at rank 0 left out), written atomically."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {name: w.detach().to("cpu", dtype=torch.float32).contiguous()
+               for name, w in state.items() if w.shape[0] > 0}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_replace(path, lambda tmp: save_file(tensors, str(tmp)))
+
+
 def eva_allocation(setup, arm: Arm, lora, batches: list[dict], eva_r: int | None = None):
     """EVA's placement of ``arm`` (``eva`` or ``eva~REFERENCE``) on the loaded base model: PEFT's EVA on
-    the modules of ``full``, its rank knob searched to meet the arm's budget (or run at ``eva_r``).
+    the modules of ``full`` at the ``LoraConfig`` rank ``eva_r``, by default the uniform rank that
+    spends the arm's budget on those modules (one EVA pass; EVA then moves rank between modules of
+    different widths, so it trains about, not exactly, the budget: the record says how far).
+    A search over the rank (``loraplace.baselines.eva_ranks`` without ``r``) would cost one whole
+    EVA pass per candidate: 8 minutes each for SmolLM2-135M on 2 CPU cores.
 
     Returns:
         ``(placement, state)``: the placement (modules EVA gave rank 0 left out) with its ``budget``
@@ -175,8 +203,10 @@ def eva_allocation(setup, arm: Arm, lora, batches: list[dict], eva_r: int | None
 
     reference = arm.reference if arm.reference is not None else REFERENCE_STRATEGY
     target = budget_target(setup.base, reference, lora.r, lora.alpha)
-    ranks, state, info = eva_ranks(setup.base, slot_placement(setup.base), lora, batches, target_params=target,
-                                   task_type=setup.task.peft_task_type, r=eva_r)
+    slots = slot_placement(setup.base)
+    uniform = max(1, round(target / sum(m.size for m in slots.modules)))
+    ranks, state, info = eva_ranks(setup.base, slots, lora, batches, target_params=target,
+                                   task_type=setup.task.peft_task_type, r=eva_r or uniform)
     kept = {name: k for name, k in ranks.items() if k > 0}
     budget = {"reference": reference, "target": target, "achieved": info["achieved"],
               "deviation_pct": info["deviation_pct"], "method": "eva", "eva_r": info["r"], "rho": info["rho"],

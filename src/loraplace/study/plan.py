@@ -65,7 +65,8 @@ def run_specs(config: StudyConfig, study_dir: Path) -> list[RunSpec]:
         LoraplaceError: two arms whose run ids coincide (only on a hash collision).
     """
     common = dict(model=config.model, dataset=config.dataset, lora=config.lora, train=config.train,
-                  data=config.data, importance=config.importance, device=config.device, task=config.task)
+                  data=config.data, importance=config.importance, device=config.device, task=config.task,
+                  quantization=config.quantization)
     specs = []
     if config.include_base:
         specs.append(RunSpec(run_id="base", kind="base", strategy="base", seed=config.seeds[0],

@@ -351,4 +351,4 @@ def failed_result(spec: RunSpec, error: str) -> RunResult:
 
     return RunResult(run_id=spec.run_id, kind=spec.kind, strategy=spec.strategy, seed=spec.seed, status="failed",
                      error=error, model=spec.model, dataset=spec.dataset, position=spec.position,
-                     finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                     quantization=spec.quantization, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from loraplace.config import DataSettings, ImportanceSettings, LoraSettings, TaskChoice, TrainSettings
+from loraplace.config import DataSettings, ImportanceSettings, LoraSettings, Quantization, TaskChoice, TrainSettings
 
 RUN_FILES = ("config.json", "modules.json", "train_log.json", "adapter_norms.json", "eval_examples.json",
              "result.json")
@@ -29,11 +29,15 @@ class RunSpec(BaseModel):
     importance: ImportanceSettings = Field(default_factory=ImportanceSettings)
     device: str = "auto"
     task: TaskChoice = "auto"
+    quantization: Quantization = Field("none", description="precision of the frozen base model: none, nf4, int8")
     run_dir: str
     position: int | None = Field(None, description="place of this run in the study's execution order (0 = first)")
     ranks: dict[str, int] | None = Field(
         None, description="automatic arms: the study's stored allocation, exact module name -> rank")
     budget: dict[str, Any] | None = Field(None, description="automatic arms: the allocation's budget record")
+    eva_state: bytes | None = Field(
+        None, exclude=True, repr=False,
+        description="EVA arms: the study's initial A matrices (safetensors bytes), carried to the worker")
 
 
 class RunResult(BaseModel):
@@ -91,6 +95,12 @@ class RunResult(BaseModel):
         None, description="memory in use when the run started (loaded base model and data), same kind as the peak")
     peak_memory_increase_mib: float | None = Field(
         None, description="peak_memory_mib - memory_start_mib: what the run itself added on top of the loaded model")
+    memory_estimate_mib: float | None = Field(
+        None, description="the memory plan's estimated peak of the run as it trained (loraplace.memory_plan), "
+        "in the measure of peak_memory_mib")
+    memory_plan: dict[str, Any] = Field(
+        default_factory=dict, description="the gradient-checkpointing decision and why, the device's free memory, "
+        "the estimates with and without checkpointing and the estimate's components (MiB)")
     position: int | None = Field(None, description="place of this run in the study's execution order (0 = first)")
     diverged: bool = Field(False, description="training diverged without a NaN: see diverged_reason")
     diverged_reason: str | None = None
@@ -98,6 +108,8 @@ class RunResult(BaseModel):
         None, description="eval loss above the base model's (set by the study store; None without a base run)")
     device: str | None = None
     precision: str | None = None
+    quantization: str = Field("none", description="precision of the frozen base model: none, nf4 (4-bit "
+                              "NormalFloat, QLoRA) or int8 (LLM.int8()); results before it existed: none")
     speed_choices: dict[str, str | None] = Field(
         default_factory=dict, description="how training ran: attention implementation, dropout, frozen-weight dtype")
     versions: dict[str, str] = Field(default_factory=dict)

@@ -57,8 +57,12 @@ class RunContext:
         return get_task(self._tasks[spec.model])
 
     def base_model(self, model: str, device: torch.device, task: Task, num_labels: int | None = None,
-                   round_to: torch.dtype | None = None):
+                   round_to: torch.dtype | None = None, quantization: str = "none"):
         """The loaded base model with the head of ``task``, shared by the runs (one in memory at a time).
+
+        ``quantization`` (nf4, int8) quantizes its projections with bitsandbytes at load and prepares
+        it for LoRA training once (:func:`loraplace.quantization.prepare_quantized`); rounding leaves
+        the quantized weights alone. The quantization is part of the cache key.
 
         ``round_to`` (bfloat16 or float16: the run's autocast dtype, else None) rounds the
         frozen linear weights once at load (:func:`loraplace.models.round_linear_weights`).
@@ -71,13 +75,14 @@ class RunContext:
         """
         from loraplace.models import load_model, resolve_model_path, round_linear_weights
 
-        key = (model, str(device), task.name, num_labels, str(round_to))
+        key = (model, str(device), task.name, num_labels, str(round_to), quantization)
         if key not in self._models:
             self._models.clear()  # one base model in memory at a time
             from transformers import set_seed
 
             set_seed(0)  # a classification head is initialised at load: the same head for every run
-            loaded = load_model(resolve_model_path(model, self.allow_fetch), task.name, num_labels).to(device)
+            loaded = load_model(resolve_model_path(model, self.allow_fetch), task.name, num_labels,
+                                quantization=quantization, device=device)
             if loaded.config.pad_token_id is None:  # classifiers find the last token by the pad id
                 loaded.config.pad_token_id = self.tokenizer(model).pad_token_id
             if round_to is not None:
@@ -344,7 +349,8 @@ class RunRecipe:
         tokenizer = ctx.tokenizer(spec.model)
         data = ctx.data(spec, task)
         num_labels = len(data.labels) if data.labels is not None else None  # classification: the classes
-        base = ctx.base_model(spec.model, device, task, num_labels, round_to=autocast_dtype(precision))
+        base = ctx.base_model(spec.model, device, task, num_labels, round_to=autocast_dtype(precision),
+                              quantization=spec.quantization)
         return RunSetup(run_dir=run_dir, device=device, precision=precision, task=task, tokenizer=tokenizer,
                         data=data, base=base, collator=task.collator(tokenizer.pad_token_id),
                         base_params=total_params(base), uniform_loss=uniform_loss(base, num_labels))
@@ -429,32 +435,40 @@ class RunRecipe:
         return placement, config, [AdaLoraCallback()]
 
     def _eva_state(self, setup: RunSetup):
-        """EVA's initial A matrices for this run: PEFT's EVA rerun at the rank the study chose (its
-        SVD is seeded, so it gives the stored ranks again; checked)."""
-        from loraplace.placement.arms import Arm
-        from loraplace.study.allocations import eva_allocation, scoring_batches
+        """EVA's initial A matrices for this run: the ones the study computed once
+        (:func:`loraplace.study.allocations.eva_allocation`), carried in the spec; checked against
+        the stored ranks."""
+        from safetensors.torch import load as load_tensors
 
         spec = self.spec
-        batches = scoring_batches(setup, spec.importance)
-        placement, state = eva_allocation(setup, Arm.parse(spec.strategy), spec.lora, batches,
-                                          eva_r=(spec.budget or {}).get("eva_r"))
-        ranks = {m.name: m.r for m in placement.modules}
+        if not spec.eva_state:
+            raise LoraplaceError(f"arm {spec.strategy!r}: the study's EVA initialisation is missing from the run")
+        state = load_tensors(spec.eva_state)
+        ranks = {name: int(w.shape[0]) for name, w in state.items() if w.shape[0] > 0}
         if ranks != spec.ranks:
-            differ = sorted(n for n in set(ranks) | set(spec.ranks or {}) if ranks.get(n) != (spec.ranks or {}).get(n))
-            raise LoraplaceError(f"EVA gave other ranks in this run than when the study allocated them "
-                                 f"({len(differ)} modules differ, e.g. {differ[:3]}): different data or library versions?")
+            raise LoraplaceError(f"arm {spec.strategy!r}: the stored EVA initialisation has other ranks than the "
+                                 "stored allocation; delete both files in allocations/ to recompute them")
         return state
 
     def train(self, setup: RunSetup, adapters: Adapters) -> TrainOutcome:
+        """Decide gradient checkpointing from the memory plan (``auto``: on only when the run would not
+        fit in the device's free memory without it), then train; the decision and the estimates go
+        into the outcome (the result's ``memory_plan``)."""
+        from loraplace.memory_plan import plan_checkpointing
         from loraplace.training import train_adapters
 
         spec, model = self.spec, adapters.peft_model
+        plan = plan_checkpointing(spec.train.gradient_checkpointing, model, adapters.placement, setup.data.train,
+                                  spec.train, precision=setup.precision, device=setup.device, task=setup.task.name,
+                                  lora_dropout=spec.lora.dropout, quantization=getattr(spec, "quantization", "none"))
+        settings = spec.train.model_copy(update={"gradient_checkpointing": plan.enabled})
         outcome = train_adapters(
-            model, setup.data.train, setup.collator, spec.train, seed=spec.seed, precision=setup.precision,
+            model, setup.data.train, setup.collator, settings, seed=spec.seed, precision=setup.precision,
             device=setup.device, output_dir=setup.run_dir / "trainer", on_step=self.on_step, nll_fn=setup.task.nll,
             check_selective=setup.task.selective_logits,
             eval_loss=lambda: self._evaluate(setup, model, by_length=True).loss, callbacks=adapters.callbacks,
         )
+        outcome.memory_plan = plan.record()
         atomic_write_json(setup.run_dir / "train_log.json", outcome.log_history)
         if adapters.method == "adalora":
             self._adalora_outcome(setup, adapters)
@@ -518,7 +532,7 @@ class RunRecipe:
             run_id=spec.run_id, kind=spec.kind, strategy=spec.strategy, seed=spec.seed, position=spec.position,
             status="failed" if error else "ok", error=error, task=setup.task.name, model=spec.model,
             dataset=spec.dataset, device=device_description(setup.device), precision=setup.precision,
-            versions=library_versions(), base_params=setup.base_params,
+            quantization=spec.quantization, versions=library_versions(), base_params=setup.base_params,
             # the adapters (lora rows that got that far)
             r=adapters.rank if adapters else None, alpha=spec.lora.alpha if adapters else None,
             dropout=spec.lora.dropout if adapters else None,
@@ -545,6 +559,8 @@ class RunRecipe:
             # memory (the run's own: see PeakMemory)
             peak_memory_mib=memory.peak_mib, memory_kind=memory.kind, memory_start_mib=memory.start_mib,
             peak_memory_increase_mib=memory.increase_mib, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            memory_estimate_mib=outcome.memory_plan.get("estimate_mib") if outcome else None,
+            memory_plan=outcome.memory_plan if outcome else {},
         )
         atomic_write_json(setup.run_dir / "result.json", result.model_dump())
         return result

@@ -54,7 +54,7 @@ CSV_COLUMNS = [
     "trainable_params", "total_params", "trainable_pct",
     "params_vs_full_pct", "eval_loss", "perplexity", "delta_eval_loss", "delta_eval_loss_pct", "worse_than_base",
     "eval_tokens", "train_time_s", "train_steps", "train_real_tokens", "train_tokens_per_s", "eval_time_s",
-    "peak_memory_mib", "memory_kind", "position", "device", "precision", "error",
+    "peak_memory_mib", "memory_kind", "position", "device", "precision", "quantization", "error",
 ]
 
 # Library versions whose change may change a run's numbers: a resume must match them.
@@ -222,9 +222,10 @@ def merge_configs(stored: StudyConfig, current: StudyConfig) -> StudyConfig:
 
 
 # Settings a resume may change: they add runs (merged into the union) or do not change what a run
-# means (the name, the folder). device and precision are compared by what they resolve to.
+# means (the name, the folder, gradient checkpointing: same loss, less memory). device and precision
+# are compared by what they resolve to.
 _GROWABLE = {"name": True, "output": True, "seeds": True, "strategies": True, "match_budget": True,
-             "include_base": True, "device": True, "train": {"precision"}}
+             "include_base": True, "device": True, "train": {"precision", "gradient_checkpointing"}}
 
 
 # ----------------------------------------------------------------------------------- environment
