@@ -10,6 +10,8 @@ import signal
 
 import pytest
 
+from loraplace.study.records import RUN_FILES
+
 ray = pytest.importorskip("ray")
 
 FAST = {"train.max_steps": 2, "train.batch_size": 4, "data.eval_size": 8, "train.eval_every": 1,
@@ -162,9 +164,8 @@ def test_killed_worker_is_replaced_and_its_run_retried(ray_cluster, tiny_llama_d
     assert executors[0].retries == {"full-s0": 1}
     notes = [e[1] for e in progress.events if e[0] == "note"]
     assert any("full-s0" in n and "retrying" in n for n in notes), notes
-    assert files(out) == sorted(f"runs/{r}/{name}" for r in runs for name in
-                                ("config.json", "eval_examples.json", "modules.json", "result.json", "train_log.json")
-                                if not (r == "base" and name == "train_log.json"))
+    assert files(out) == sorted(f"runs/{r}/{name}" for r in runs for name in RUN_FILES
+                                if not (r == "base" and name in ("train_log.json", "adapter_norms.json")))
 
 
 def test_run_failed_after_max_retries(ray_cluster, tiny_llama_dir, data_file, tmp_path, monkeypatch):
