@@ -54,22 +54,16 @@ def importance_path(study_dir: Path, score: str) -> Path:
 
 
 def scoring_batches(setup, settings: ImportanceSettings) -> list[dict]:
-    """The batches every importance score of a study reads: ``settings.batches`` batches of
-    ``settings.batch_size`` training examples, from a permutation of the training split seeded with
-    :data:`SCORING_SEED`, collated like training batches and moved to the run's device."""
+    """The batches every importance score (and EVA) of a study reads: those of
+    :func:`loraplace.importance.score_batches` (a permutation of the training split seeded with
+    :data:`SCORING_SEED`), moved to the run's device."""
     import torch
 
-    train = setup.data.train
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(SCORING_SEED)).tolist()
-    size = settings.batch_size
-    batches = []
-    for b in range(min(settings.batches, -(-len(order) // size))):
-        features = [train[i] for i in order[b * size:(b + 1) * size]]
-        batch = setup.collator(features)
-        batches.append({k: v.to(setup.device) if torch.is_tensor(v) else v for k, v in batch.items()})
-    if not batches:
-        raise LoraplaceError("the training split is empty: nothing to score the modules on")
-    return batches
+    from loraplace.importance import score_batches
+
+    batches = score_batches(setup.data.train, setup.collator, batches=settings.batches,
+                            batch_size=settings.batch_size, seed=SCORING_SEED)
+    return [{k: v.to(setup.device) if torch.is_tensor(v) else v for k, v in batch.items()} for batch in batches]
 
 
 def _read(path: Path) -> dict[str, Any]:
