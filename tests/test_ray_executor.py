@@ -138,6 +138,27 @@ def recording_executors(monkeypatch) -> list:
     return executors
 
 
+def test_tokenized_data_is_prepared_once_by_the_driver(ray_cluster, tiny_llama_dir, data_file, tmp_path, monkeypatch):
+    """The workers get the driver's tokenized data from the object store: none tokenizes, and
+    the driver tokenizes the study's data once for the three runs (base, two seeds)."""
+    import loraplace.study.ray_executor as rx
+
+    seen = {}
+
+    class Counting(rx.RayExecutor):
+        def close(self):
+            if self.workers:
+                seen["workers"] = self.ray.get([w.prepared.remote() for w in self.workers])
+                seen["driver"] = self.ctx.prepared
+            super().close()
+
+    monkeypatch.setattr(rx, "RayExecutor", Counting)
+    out = study(tiny_llama_dir, data_file, tmp_path / "s", **RAY, **{"train.max_length": 48, "strategies": ["full"],
+                                                                       "seeds": [0, 1]})
+    assert all(r["status"] == "ok" for r in rows(out).values())
+    assert seen == {"workers": [0, 0], "driver": 1}
+
+
 def test_killed_worker_is_replaced_and_its_run_retried(ray_cluster, tiny_llama_dir, data_file, tmp_path, monkeypatch):
     executors = recording_executors(monkeypatch)
     killed = []

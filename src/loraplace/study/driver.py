@@ -134,10 +134,8 @@ def run_study(config: StudyConfig, resume: bool = False, allow_mixed: bool = Fal
         progress.planned(study, study_dir, len(specs), len(finished), kept)
         # Automatic arms: scored and allocated once per study (stored, so a resume trains the same ranks).
         from loraplace.study.allocations import resolve_allocations
-        from loraplace.study.runs import RunContext
 
-        todo = resolve_allocations(study, study_dir, todo, executor.ctx if not ray else RunContext(),
-                                   note=progress.note)
+        todo = resolve_allocations(study, study_dir, todo, executor.ctx, note=progress.note)
 
         place = {s.run_id: len(finished) + i + 1 for i, s in enumerate(todo)}
         positions = {s.run_id: s.position for s in specs}

@@ -1,7 +1,8 @@
 """Runs a study's jobs in parallel on a Ray cluster (``loraplace run --executor ray``).
 
 Each worker is a Ray actor (:class:`RunWorker`) that holds a :class:`RunContext`, so the base
-model and the tokenized data are loaded once per worker and reused run after run; its resources
+model is loaded once per worker and reused run after run, and the tokenized data is prepared once
+by the driver and shared through Ray's object store (each worker fetches it once); its resources
 (``num_gpus``, ``num_cpus``) are declared so Ray's scheduler spreads the workers over every node
 of the cluster. A worker runs :func:`execute_run` into a worker-local temp folder and returns the
 :class:`RunResult` with the bytes of the run's files; the driver writes them into
@@ -74,6 +75,10 @@ class RunWorkerImpl:
     def pid(self) -> int:
         return os.getpid()
 
+    def prepared(self) -> int:
+        """How many times this worker tokenized data itself (0 when the driver's data reached it)."""
+        return self.ctx.prepared
+
     def _push(self, item: tuple) -> None:
         if self.queue is not None:
             try:
@@ -81,11 +86,21 @@ class RunWorkerImpl:
             except Exception:  # noqa: BLE001 - progress is best effort, the run goes on
                 pass
 
-    def run(self, spec: RunSpec) -> tuple[RunResult, dict[str, bytes], str]:
+    def run(self, spec: RunSpec, data_key: tuple | None = None,
+            data_ref: list | None = None) -> tuple[RunResult, dict[str, bytes], str]:
         """Run ``spec`` in a temp folder of this worker; returns the result, the run's files
-        (path relative to the run folder -> bytes) and the temp folder's path."""
+        (path relative to the run folder -> bytes) and the temp folder's path.
+
+        ``data_ref`` (``[ObjectRef]``, in a list so that Ray does not fetch it for every call) is
+        the tokenized data the driver put in the object store for ``data_key``: fetched on this
+        worker's first run of that key, then kept, so no worker tokenizes.
+        """
         from loraplace.study.runs import execute_run
 
+        if data_key is not None and data_ref and not self.ctx.has_data(data_key):
+            import ray
+
+            self.ctx.add_data(data_key, ray.get(data_ref[0]))
         tmp = tempfile.mkdtemp(prefix=f"loraplace-{spec.run_id}-")
         try:
             local = spec.model_copy(update={"run_dir": tmp})
@@ -173,6 +188,12 @@ class RayExecutor:
         self.infos: list[dict[str, Any]] = []
         self.retries: dict[str, int] = {}  # run id -> times it was resubmitted after its worker died
         self.running: dict[str, int] = {}  # run id -> pid of the worker process that runs (or ran) it
+        from loraplace.study.runs import RunContext
+
+        # The driver's context: tokenizes each distinct dataset once, for the object store (and
+        # serves the study's automatic-placement scoring).
+        self.ctx = RunContext(allow_fetch=allow_fetch)
+        self._data_refs: dict[tuple, Any] = {}
 
     # ---------------------------------------------------------------------------------- setup
     def _connect(self) -> None:
@@ -281,7 +302,8 @@ class RayExecutor:
         while todo or pending:
             while todo and idle:
                 spec, worker = todo.popleft(), idle.pop()
-                pending[worker.run.remote(spec)] = (worker, spec)
+                key, ref = self._shared_data(spec)
+                pending[worker.run.remote(spec, key, [ref])] = (worker, spec)
             done, _ = ray.wait(list(pending), num_returns=1, timeout=self.poll_s)
             self._drain(by_id)
             for ref in done:
@@ -295,6 +317,14 @@ class RayExecutor:
                 self._drain(by_id)  # the run's last steps before its end
                 write_run_files(Path(spec.run_dir), files, worker_dir)
                 yield result
+
+    def _shared_data(self, spec: RunSpec) -> tuple[tuple, Any]:
+        """The object-store reference of ``spec``'s tokenized data, prepared here on first use."""
+        task = self.ctx.task(spec)
+        key = self.ctx.data_key(spec, task)
+        if key not in self._data_refs:
+            self._data_refs[key] = self.ray.put(self.ctx.data(spec, task))
+        return key, self._data_refs[key]
 
     def _worker_died(self, worker, spec: RunSpec, error: Exception, todo: deque, idle: list) -> Iterator[RunResult]:
         """Replace the dead worker; resubmit ``spec`` (first in line) or, after ``max_retries``, fail it."""
@@ -328,6 +358,7 @@ class RayExecutor:
             with _suppress():
                 ray.kill(w, no_restart=True)
         self.workers = []
+        self._data_refs = {}
         if self.queue is not None:
             with _suppress():
                 self.queue.shutdown()

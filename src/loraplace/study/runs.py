@@ -36,6 +36,7 @@ class RunContext:
         self._models: dict[str, Any] = {}
         self._tokenizers: dict[str, Any] = {}
         self._data: dict[tuple, Any] = {}
+        self.prepared = 0  # data preparations (tokenizations) this context ran itself
         self._tasks: dict[str, str] = {}  # model -> the name of the task its architecture implies
 
     def tokenizer(self, model: str):
@@ -90,11 +91,24 @@ class RunContext:
             self._models[key] = loaded
         return self._models[key]
 
+    @staticmethod
+    def data_key(spec: RunSpec, task: Task) -> tuple:
+        """What the tokenized data of ``spec`` depends on (runs with the same key share it)."""
+        return (spec.model, spec.dataset, task.name, spec.train.max_length, spec.train.loss_on, spec.data.eval_size,
+                spec.data.split_seed, spec.data.max_train_examples)
+
+    def add_data(self, key: tuple, data: PreparedData) -> None:
+        """Use ``data``, prepared elsewhere (the Ray driver), for the runs of ``key``."""
+        self._data.setdefault(key, data)
+
+    def has_data(self, key: tuple) -> bool:
+        return key in self._data
+
     def data(self, spec: RunSpec, task: Task) -> PreparedData:
         """The spec's tokenized train and eval splits, prepared by its task (:attr:`Task.prepare`)."""
-        key = (spec.model, spec.dataset, task.name, spec.train.max_length, spec.train.loss_on, spec.data.eval_size,
-               spec.data.split_seed, spec.data.max_train_examples)
+        key = self.data_key(spec, task)
         if key not in self._data:
+            self.prepared += 1
             self._data[key] = task.prepare(
                 spec.dataset, self.tokenizer(spec.model), eval_size=spec.data.eval_size,
                 max_length=spec.train.max_length, split_seed=spec.data.split_seed, loss_on=spec.train.loss_on,
