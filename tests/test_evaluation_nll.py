@@ -164,3 +164,60 @@ def test_all_token_sums_make_no_full_logits(monkeypatch):
     finally:
         hook.remove()
     assert seen and all(len(s) == 2 and s[0] <= 5 for s in seen)
+
+
+def _loss_and_grads(model, batch, autocast: bool):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        nll, n = token_nll(model, batch)
+    loss = nll.sum() / n.sum()
+    loss.backward()
+    return nll.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_training_loss_in_blocks_keeps_loss_and_gradients(monkeypatch, autocast):
+    """The training loss's vocabulary projection in recomputed blocks gives the loss and every
+    parameter's gradient of the model's own full logits (a second code path), in float32 and
+    under bf16 autocast, and keeps no tensor of N x vocab elements for backward."""
+    import loraplace.evaluation as ev
+
+    model = tiny_llama(tie=True).train()
+    batch = PadCollator(PAD)(examples(9, seed=3))
+    n_labelled = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    monkeypatch.setattr(ev, "TRAIN_CHUNK_ELEMENTS", 97 * 16)  # 16 positions per block
+    assert n_labelled > 3 * ev.train_chunk(97)
+    sizes = []
+
+    def pack(t):
+        sizes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        nll, grads = _loss_and_grads(model, batch, autocast)
+    # the reference: F.cross_entropy over the model's own (B, T, V) logits
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    labels = batch["labels"][:, 1:]
+    ref = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, reduction="none", ignore_index=IGNORE_INDEX).sum(1)
+    (ref.sum() / n_labelled).backward()
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(nll, ref.detach(), **tol)
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[name], p.grad, **tol, msg=name)
+    def logits_saved():  # logits, their float copy, the log-softmax: (positions, 97)
+        return [s for s in sizes if s and s[-1] == 97 and math.prod(s) > 16 * 97]
+
+    assert logits_saved() == []  # no more than a block's positions kept for backward
+    # and with blocks of everything at once, the same numbers (the unchunked path)
+    monkeypatch.setattr(ev, "TRAIN_CHUNK_ELEMENTS", 10**9)
+    sizes.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        nll_one, grads_one = _loss_and_grads(model, batch, autocast)
+    assert logits_saved()  # (the check above can see them: the unchunked loss keeps (N, V) tensors)
+    same = tol if autocast else dict(rtol=1e-5, atol=1e-6)  # bf16: a block's weight gradients add up in bf16
+    torch.testing.assert_close(nll, nll_one, rtol=1e-6, atol=1e-5)
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_one[name], **same, msg=name)

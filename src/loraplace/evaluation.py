@@ -80,6 +80,53 @@ def _nll_chunked(states: torch.Tensor, head: nn.Module | None, targets: torch.Te
     return torch.cat([_nll_at(states[s:s + chunk], head, targets[s:s + chunk]) for s in range(0, n, chunk)])
 
 
+TRAIN_CHUNK_ELEMENTS = 1 << 24
+"""Logits elements (positions x vocab) projected at once by the training loss: 64 MiB of float32
+(341 positions of a 49k vocabulary, 64 of a 262k one)."""
+
+
+def train_chunk(vocab: int) -> int:
+    """Positions per block of the training loss's vocabulary projection (:func:`_nll_recomputed`)."""
+    return max(16, TRAIN_CHUNK_ELEMENTS // max(1, vocab))
+
+
+def _nll_recomputed(states: torch.Tensor, head: nn.Module | None, targets: torch.Tensor) -> torch.Tensor:
+    """:func:`_nll_at` with gradients, in blocks of :func:`train_chunk` positions whose logits are
+    recomputed in backward (non-reentrant checkpointing) instead of kept.
+
+    The unchunked loss keeps ``N x vocab`` logits, their float32 copy and the log-softmax for
+    backward (about 1 GB for 1,688 labelled positions and a 49k vocabulary, at the step's memory
+    peak); this keeps the hidden states only and holds one block's logits at a time, for one more
+    vocabulary matmul per position in backward. A plain ``nn.Linear`` head's weight is cast to the
+    autocast dtype once for all blocks (autocast would cast it once per block and again in each
+    recomputation); other heads (an adapted or quantized head) are called as they are.
+    """
+    n = states.shape[0]
+    vocab = getattr(head, "out_features", None) if head is not None else states.shape[-1]
+    if head is None or vocab is None or n <= train_chunk(vocab):
+        return _nll_at(states, head, targets)
+    chunk = train_chunk(vocab)
+    if type(head) is nn.Linear:
+        device = states.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head.weight.dtype
+        weight = head.weight.to(dtype)
+        bias = head.bias.to(dtype) if head.bias is not None else None
+
+        def part(s: torch.Tensor, t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            return F.cross_entropy(F.linear(s.to(weight.dtype), weight, bias).float(), t, reduction="none")
+
+        args = (weight, bias)
+    else:
+        def part(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return _nll_at(s, head, t)
+
+        args = ()
+    from torch.utils.checkpoint import checkpoint
+
+    return torch.cat([checkpoint(part, states[i:i + chunk], targets[i:i + chunk], *args, use_reentrant=False,
+                                 preserve_rng_state=False) for i in range(0, n, chunk)])
+
+
 def token_nll(model: nn.Module, batch: dict[str, torch.Tensor], selective: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed NLL and labelled-token count per example of a causal-LM batch.
 
@@ -95,9 +142,9 @@ def token_nll(model: nn.Module, batch: dict[str, torch.Tensor], selective: bool 
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE_INDEX  # (B, T-1)
     states, head = _hidden_and_head(model, batch, selective)
-    # Without gradients (evaluation) the vocabulary projection runs in blocks of EVAL_CHUNK positions:
-    # with loss_on=all, N is about B*T. With gradients it runs at once (backward needs every block).
-    nll_fn = _nll_at if torch.is_grad_enabled() else _nll_chunked
+    # The vocabulary projection runs in blocks: without gradients (evaluation) of EVAL_CHUNK positions
+    # (with loss_on=all, N is about B*T); with gradients of train_chunk(vocab), recomputed in backward.
+    nll_fn = _nll_recomputed if torch.is_grad_enabled() else _nll_chunked
     nll = nll_fn(states[:, :-1][mask], head, labels[mask])  # (N,)
     rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)[mask]
     nll_sum = torch.zeros(labels.shape[0], dtype=torch.float32, device=nll.device).index_add(0, rows, nll)
