@@ -8,7 +8,11 @@ and max length, each in its own subprocess (so peak RSS is per variant):
   (b) plain+bf16: the same script with ``TrainingArguments(bf16=True)``;
   (c) loraplace:  a loraplace study (:func:`loraplace.study.driver.run_study`, what ``loraplace run``
                   runs) for the same strategies, with ``train.loss_on=all`` so that its
-                  loss covers the same tokens as the plain script's (every non-padding token).
+                  loss covers the same tokens as the plain script's (every non-padding token);
+  (c0, d-g):      loraplace levers against (c): the training loss's vocabulary projection in one
+                  block (as before it was chunked), shared LoRA dropout masks, gradient
+                  checkpointing, shared masks with checkpointing, torch.compile of the decoder
+                  layers (``--variants c,c0,d,e,f,g``).
 
 and prints study wall time, training real tokens/s, eval time, peak RSS, eval loss, the ratios
 c/a and c/b, the machine's measured peak matmul rate (float32 and bfloat16) and each variant's
@@ -35,7 +39,16 @@ import time
 from pathlib import Path
 
 STRATEGIES = ("full", "attention", "ffn")
-VARIANTS = {"a": "plain fp32, pad to max_length", "b": "plain + Trainer bf16=True", "c": "loraplace run"}
+VARIANTS = {"a": "plain fp32, pad to max_length", "b": "plain + Trainer bf16=True", "c": "loraplace run",
+            "c0": "c, loss logits unchunked (before)", "d": "c + shared dropout masks",
+            "e": "c + gradient checkpointing", "f": "c + shared masks + checkpointing",
+            "g": "c + torch.compile (dynamic)"}
+# loraplace variants: the settings each adds to (c); c0 also puts the training loss's vocabulary
+# projection back into one block (loraplace.evaluation.TRAIN_CHUNK_ELEMENTS), as before it was chunked.
+LORAPLACE_SETTINGS = {"c": {}, "c0": {}, "d": {"lora.dropout_masks": "shared"},
+                      "e": {"train.gradient_checkpointing": True},
+                      "f": {"lora.dropout_masks": "shared", "train.gradient_checkpointing": True},
+                      "g": {"train.compile": True}}
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -170,11 +183,16 @@ def run_plain(args, bf16: bool) -> dict:
 
 
 # -------------------------------------------------------------------------------- variant (c)
-def run_loraplace(args) -> dict:
+def run_loraplace(args, variant: str = "c") -> dict:
     """A loraplace study in this process, run by the study driver as ``loraplace run`` runs it
-    (report included), without the progress display."""
+    (report included), without the progress display, with the settings of ``variant``."""
     from loraplace.config import load_study
     from loraplace.study.driver import run_study
+
+    if variant == "c0":
+        import loraplace.evaluation
+
+        loraplace.evaluation.TRAIN_CHUNK_ELEMENTS = 1 << 62
 
     out = Path(tempfile.mkdtemp(prefix="bench-loraplace-"))
     config = load_study(None, {
@@ -182,6 +200,7 @@ def run_loraplace(args) -> dict:
         "include_base": False, "train.max_steps": args.steps, "train.batch_size": args.batch_size,
         "train.max_length": args.max_length, "train.loss_on": "all", "train.eval_every": 0,
         "data.eval_size": args.eval_size, "lora.r": args.r, "lora.alpha": 2 * args.r,
+        **LORAPLACE_SETTINGS[variant],
     })
     start = time.perf_counter()
     run_study(config)
@@ -199,8 +218,8 @@ def run_loraplace(args) -> dict:
 
 # ------------------------------------------------------------------------------------- driver
 def child(args) -> None:
-    if args.child == "c":
-        result = run_loraplace(args)
+    if args.child in LORAPLACE_SETTINGS:
+        result = run_loraplace(args, args.child)
     else:
         result = run_plain(args, bf16=args.child == "b")
     print("BENCH_RESULT " + json.dumps(result), flush=True)
@@ -233,7 +252,7 @@ def main() -> None:
     parser.add_argument("--eval-size", type=int, default=100, help="held-out examples (same for all variants)")
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
-    parser.add_argument("--variants", default="a,b,c", help="which of a,b,c to run")
+    parser.add_argument("--variants", default="a,b,c", help="which of " + ",".join(VARIANTS) + " to run")
     parser.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2)")
     parser.add_argument("--dataset", default=None, help="data file (default: the embedded Alpaca demo)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -281,14 +300,20 @@ def main() -> None:
         results[name] = summarize(name, json.loads(line[len("BENCH_RESULT "):]), shapes, loras, peaks)
         results[name]["runs"] = json.loads(line[len("BENCH_RESULT "):])["runs"]
 
-    header = f"{'variant':<32}{'wall s':>9}{'train tok/s':>13}{'eval s':>9}{'peak RSS MiB':>14}{'MFU':>16}  eval loss ({'/'.join(args.strategies)})"
+    header = f"{'variant':<40}{'wall s':>9}{'train tok/s':>13}{'eval s':>9}{'peak RSS MiB':>14}{'MFU':>16}  eval loss ({'/'.join(args.strategies)})"
     print("\n" + header)
     print("-" * len(header))
     for name, r in results.items():
         losses = " / ".join(f"{r['eval_loss'][s]:.4f}" for s in args.strategies)
         mfu = f"{r['mfu_pct']:.1f}% {'fp32' if name == 'a' else 'bf16'}"
-        print(f"({name}) {r['what']:<28}{r['wall_s']:>9.1f}{r['train_tok_s']:>13.0f}{r['eval_s']:>9.1f}"
+        print(f"{'(' + name + ')':<5}{r['what']:<35}{r['wall_s']:>9.1f}{r['train_tok_s']:>13.0f}{r['eval_s']:>9.1f}"
               f"{r['peak_rss_mib']:>14.0f}{mfu:>16}  {losses}")
+    for name in [v for v in results if v in LORAPLACE_SETTINGS and v != "c"]:
+        if "c" in results:
+            c, o = results["c"], results[name]
+            print(f"{name}/c: training tokens/s {o['train_tok_s'] / c['train_tok_s']:.2f}x, study wall "
+                  f"{o['wall_s'] / c['wall_s']:.2f}x, peak RSS {o['peak_rss_mib'] / c['peak_rss_mib']:.2f}x "
+                  f"({o['peak_rss_mib']:.0f} vs {c['peak_rss_mib']:.0f} MiB)")
     for base in ("a", "b"):
         if "c" in results and base in results:
             c, o = results["c"], results[base]

@@ -94,3 +94,24 @@ def test_checkpointing_lowers_peak_memory_where_activations_dominate():
     # eager attention alone keeps 6 layers x 4 x 8 heads x 768^2 floats (~450 MiB) of probabilities
     assert increase[False] > 200
     assert increase[True] < 0.5 * increase[False], increase
+
+
+def test_compiled_layers_train_like_eager_and_are_eager_after(tmp_path):
+    """train.compile: the decoder layers run compiled during training (losses equal to eager ones
+    without dropout, float32) and eagerly again afterwards (the next arm on the shared base)."""
+    from loraplace.training import decoder_layers
+
+    ds = datasets.Dataset.from_list(list(ListDataset(examples(16, seed=5))))
+    losses, choices = [], []
+    for compile_ in (False, True):
+        base, model = peft_tiny()
+        settings = TrainSettings(max_steps=3, batch_size=4, logging_steps=1, eval_every=0, compile=compile_)
+        out = train_adapters(model, ds, PadCollator(PAD), settings, seed=0, precision="fp32",
+                             device=torch.device("cpu"), output_dir=tmp_path / str(compile_))
+        losses.append([h["loss"] for h in out.log_history if "loss" in h])
+        choices.append(out.choices)
+        layers = decoder_layers(base)
+    assert "compile" not in choices[0] and choices[1]["compile"].startswith("2 decoder layers")
+    assert len(layers) == 2 and all(layer._compiled_call_impl is None for layer in layers)
+    assert len(losses[1]) == 3
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-4)

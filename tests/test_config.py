@@ -64,3 +64,12 @@ def test_missing_and_invalid_study_files(tmp_path):
     bad.write_text("train: [1, 2\n")
     with pytest.raises(LoraplaceError, match="not valid YAML"):
         load_study(bad)
+
+
+def test_shared_dropout_masks_and_compile_are_refused_together():
+    assert load_study(None, {"lora.dropout_masks": "shared"}).lora.dropout_masks == "shared"
+    assert load_study(None, {"train.compile": True}).train.compile is True
+    with pytest.raises(LoraplaceError, match="dropout_masks=shared cannot be compiled"):
+        load_study(None, {"lora.dropout_masks": "shared", "train.compile": True})
+    with pytest.raises(LoraplaceError, match="dropout_masks"):
+        load_study(None, {"lora.dropout_masks": "same"})

@@ -90,10 +90,12 @@ def test_only_layers_from_the_first_adapted_one_save_activations():
     assert estimate(config, last).attention_probs * 4 == estimate(config, full).attention_probs
 
 
+@pytest.mark.parametrize("masks", ["independent", "shared"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_activations_are_what_autograd_saves(precision):
+def test_activations_are_what_autograd_saves(precision, masks):
     """The saved-tensor part of the estimate against the bytes autograd saves in a real forward of
-    loraplace's training path (frozen weights in the autocast dtype, eager attention, mask dropout)."""
+    loraplace's training path (frozen weights in the autocast dtype, eager attention, mask dropout,
+    independent or shared between the adapters of one input)."""
     from peft import get_peft_model
 
     from loraplace.evaluation import token_nll
@@ -110,7 +112,7 @@ def test_activations_are_what_autograd_saves(precision):
     base.config.use_cache = False
     placement = resolve_placement(base, parse_strategy("full"), 8, 16)
     model = get_peft_model(base, lora_config_for(placement, LoraSettings(r=8, alpha=16, dropout=0.1)))
-    use_mask_dropout(model)
+    use_mask_dropout(model, shared=masks == "shared")
     model.train()
     ids = torch.randint(0, 256, (B, T))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
@@ -129,7 +131,7 @@ def test_activations_are_what_autograd_saves(precision):
                 torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
             token_nll(model, batch)
     est = estimate_memory(config, placement, batch_size=B, max_length=T, precision=precision,
-                          gradient_checkpointing=False, device="cpu", lora_dropout=0.1)
+                          gradient_checkpointing=False, device="cpu", lora_dropout=0.1, dropout_masks=masks)
     # the loss keeps its log-softmax (a third of the logits component, which is the loss's peak)
     expected = (est.activations + est.attention_probs + est.logits / 3) * MIB
     measured = sum(saved.values())

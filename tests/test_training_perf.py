@@ -135,3 +135,104 @@ def test_eager_attention_same_loss_as_sdpa_and_restored():
             eager, _ = token_nll(model, batch)
     assert base.config._attn_implementation == "sdpa"
     torch.testing.assert_close(eager, ref, rtol=1e-4, atol=1e-4)
+
+
+def peft_dropout(targets=TARGETS, shared=True, p=0.3):
+    from loraplace.training import use_mask_dropout
+
+    base = tiny_llama()
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=p, target_modules=list(targets),
+                                            task_type="CAUSAL_LM"))
+    for name, q in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(q, std=0.02)
+    use_mask_dropout(model, shared=shared)
+    return base, model.train()
+
+
+def dropout_outputs(model, batch):
+    """(module name, input, output) of every LoRA dropout call in one training forward."""
+    calls = []
+    hooks = [m.lora_dropout["default"].register_forward_hook(lambda mod, i, o, n=n: calls.append((n, i[0], o)))
+             for n, m in model.named_modules() if hasattr(m, "lora_dropout")]
+    try:
+        token_nll(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return calls
+
+
+def test_shared_masks_only_between_adapters_of_one_input():
+    """q/k/v of a layer read one tensor and get one dropout output; gate/up likewise; o and down
+    (each the only reader of its input) and different layers never share."""
+    _, model = peft_dropout()
+    calls = dropout_outputs(model, PadCollator(PAD)(examples()))
+    out = {name.split("model.layers.")[1]: o for name, _, o in calls}
+    for layer in ("0", "1"):
+        a = f"{layer}.self_attn."
+        m = f"{layer}.mlp."
+        assert out[a + "q_proj"] is out[a + "k_proj"] is out[a + "v_proj"]
+        assert out[m + "gate_proj"] is out[m + "up_proj"]
+        distinct = [out[a + "q_proj"], out[a + "o_proj"], out[m + "gate_proj"], out[m + "down_proj"]]
+        assert len({id(t) for t in distinct}) == 4
+    assert out["0.self_attn.q_proj"] is not out["1.self_attn.q_proj"]
+    # independent masks: every adapter its own output
+    _, independent = peft_dropout(shared=False)
+    calls = dropout_outputs(independent, PadCollator(PAD)(examples()))
+    assert len({id(o) for _, _, o in calls}) == len(calls) == 2 * len(TARGETS)
+
+
+def test_shared_mask_keeps_each_adapters_dropout():
+    """Each adapter's input is still kept with probability 1 - p and scaled by 1 / (1 - p)."""
+    from loraplace.training import MaskDropout, SharedMasks
+
+    torch.manual_seed(0)
+    masks = SharedMasks()
+    q, k = MaskDropout(0.3, masks).train(), MaskDropout(0.3, masks).train()
+    x = torch.ones(400_000)
+    y = q(x)
+    assert k(x) is y  # the sibling reads the same tensor: the same draw
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.7) < 0.005
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.7))
+    x2 = x.clone()
+    assert k(x2) is not y  # another tensor (same values) draws its own
+    x.mul_(1.0)
+    assert q(x) is not y  # modified in place since: drawn again
+    assert torch.equal(q.eval()(x), x)
+
+
+def test_shared_mask_bf16_output_is_autocasts_own_cast():
+    """Where no two adapters read one tensor (only o_proj and down_proj adapted), shared masks draw
+    the same random numbers as independent ones; the dropout output cast to bf16 once gives the
+    loss and gradients of autocast's cast in lora_A, bit for bit."""
+    batch = PadCollator(PAD)(examples())
+    results = []
+    for shared in (False, True):
+        _, model = peft_dropout(targets=("o_proj", "down_proj"), shared=shared)
+        torch.manual_seed(7)
+        results.append(loss_and_grads(model, batch, torch.bfloat16))
+    (ref_loss, ref_grads), (loss, grads) = results
+    assert torch.equal(loss, ref_loss)
+    for k in ref_grads:
+        assert torch.equal(grads[k], ref_grads[k]), k
+
+
+def test_shared_masks_same_under_gradient_checkpointing():
+    """The recomputation of a checkpointed layer draws the same shared masks as its forward:
+    loss and gradients equal with checkpointing on and off (same seed), float32 and bf16."""
+    from loraplace.training import checkpointing
+
+    batch = PadCollator(PAD)(examples())
+    for dtype in (None, torch.bfloat16):
+        _, model = peft_dropout()
+        torch.manual_seed(3)
+        ref_loss, ref_grads = loss_and_grads(model, batch, dtype)
+        torch.manual_seed(3)
+        with checkpointing(model, True):
+            loss, grads = loss_and_grads(model, batch, dtype)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+        for k in ref_grads:
+            torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-5, atol=1e-6, msg=k)

@@ -28,6 +28,11 @@ class LoraSettings(_Strict):
     r: int = Field(16, ge=1, description="LoRA rank r: adapters add r * (in + out) parameters per module.")
     alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the adapter's input.")
+    dropout_masks: Literal["independent", "shared"] = Field(
+        "independent", description="independent: one dropout mask per adapter (PEFT's). shared: adapters that "
+        "read the same input tensor (q/k/v, gate/up) share one mask: each adapter's own dropout is unchanged, "
+        "fewer random numbers and less activation memory."
+    )
 
 
 class TrainSettings(_Strict):
@@ -51,6 +56,10 @@ class TrainSettings(_Strict):
         "(non-reentrant torch checkpointing): less memory, ~30% more compute; same loss. auto: on only when "
         "the memory plan (loraplace.memory_plan) says the run would not fit in the device's free memory "
         "without it; each run records the decision and the estimate."
+    )
+    compile: bool = Field(
+        False, description="torch.compile each decoder layer for training (dynamic shapes: one graph for every "
+        "length). Each arm compiles anew, in its untimed warm-up; see benchmarks/README.md for when it pays."
     )
     eval_batch_size: int = Field(16, ge=1, description="Examples per evaluation batch (no gradients).")
     logging_steps: int = Field(5, ge=1)
@@ -174,6 +183,9 @@ class StudyConfig(_Strict):
             )
         if len(set(self.seeds)) != len(self.seeds) or not self.seeds:
             raise ValueError(f"seeds must be a non-empty list without repeats, got {self.seeds}")
+        if self.train.compile and self.lora.dropout_masks == "shared":
+            raise ValueError("lora.dropout_masks=shared cannot be compiled (its mask cache is Python state); "
+                             "use train.compile=false or lora.dropout_masks=independent")
         return self
 
 

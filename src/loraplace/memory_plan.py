@@ -33,11 +33,13 @@
   ``(4 + a) B heads T^2`` per layer (4 in float32, where the two are the same tensor). SDPA (the
   model's own implementation, used on CUDA) keeps none.
 * **logits**: the training loss projects to the vocabulary only at labelled positions (selective
-  logits, :func:`loraplace.evaluation.token_nll`), ``N = f * B * (T - 1)`` of them; its peak is in
-  backward, where the saved float32 log-softmax, its incoming gradient and the gradient it makes
-  are alive together: ``12 N V`` bytes. ``f`` (``labelled_fraction``) is 1 by default, an upper
-  bound (every token labelled, ``train.loss_on=all``); with ``loss_on=response`` it is the
-  response share.
+  logits, :func:`loraplace.evaluation.token_nll`), ``N = f * B * (T - 1)`` of them, in blocks of
+  ``C = min(N, train_chunk(V))`` positions recomputed in backward; its peak is a block's backward,
+  where its float32 log-softmax, incoming gradient and the gradient it makes are alive together:
+  ``12 C V`` bytes, plus the head weight cast once to the autocast dtype (``a V H``). ``f``
+  (``labelled_fraction``) is 1 by default, an upper bound (every token labelled,
+  ``train.loss_on=all``); with ``loss_on=response`` it is the response share. Sequence-to-sequence
+  models keep full logits at every decoder position (``(12 + a) B T V``).
 * **backward workspace**: what one layer's backward adds where that exceeds the loss's peak (long
   sequences with eager attention): ``(2 a + 4) B heads T^2`` or ``4 a E I``.
 * **allocator overhead** (CPU only): glibc serves blocks below its mmap threshold (at most 32 MiB)
@@ -279,16 +281,29 @@ def _active_layers(placement: Placement, layers: int) -> int:
     return layers - min(adapted) if adapted else 0
 
 
-def _module_terms(placement: Placement, tokens: int, a: int, dropout: float) -> dict[int | None, list]:
-    """Saved bytes of each adapted module, grouped by layer: ``{layer: [(size, count), ...]}``."""
+# Roles that read one input tensor in a block (with shared dropout masks, one mask and one copy of
+# the dropout output serve them all): the attention input, the FFN input, the encoder states.
+_SAME_INPUT = {"attn.q": "attn", "attn.k": "attn", "attn.v": "attn", "attn.qkv": "attn",
+               "mlp.gate": "mlp", "mlp.up": "mlp", "mlp.gate_up": "mlp", "xattn.k": "xattn.kv", "xattn.v": "xattn.kv"}
+
+
+def _module_terms(placement: Placement, tokens: int, a: int, dropout: float,
+                  shared_masks: bool = False) -> dict[int | None, list]:
+    """Saved bytes of each adapted module, grouped by layer: ``{layer: [(size, count), ...]}``.
+    With ``shared_masks`` (``lora.dropout_masks=shared``) the adapters of one input
+    (:data:`_SAME_INPUT`) keep one dropout output and one mask between them."""
     out: dict[int | None, list] = {}
+    seen: set[tuple] = set()
     for m in placement.modules:
         r = m.r * m.num_experts
         if m.role == "embed":  # PEFT's embedding adapter looks rows of A up: no dropout, no input copy
             out.setdefault(m.layer, []).append((a * tokens * r, 1))
             continue
-        terms = [(a * tokens * m.in_features, 1), (a * tokens * r, 1)]
-        if dropout > 0:
+        group = (m.layer, _SAME_INPUT.get(m.role, m.name))
+        first = not (shared_masks and dropout > 0 and group in seen)
+        seen.add(group)
+        terms = [(a * tokens * m.in_features, 1 if first else 0), (a * tokens * r, 1)]
+        if dropout > 0 and first:
             terms.append((tokens * m.in_features, 1))  # the boolean dropout mask
         if a == 2:
             terms.append((2 * r * (m.in_features + m.out_features), 1))  # autocast's cached casts of A and B
@@ -300,7 +315,7 @@ def estimate_memory(model_config: Any, placement: Placement, *, batch_size: int,
                     precision: str, gradient_checkpointing: bool, device: str | torch.device,
                     task: str = "causal-lm", lora_dropout: float = 0.1, eval_batch_size: int = 16,
                     labelled_fraction: float = 1.0, model_loaded: bool = False, quantization: str = "none",
-                    skeleton: nn.Module | None = None) -> MemoryEstimate:
+                    skeleton: nn.Module | None = None, dropout_masks: str = "independent") -> MemoryEstimate:
     """The estimated peak memory of training ``placement`` on the model of ``model_config``.
 
     Args:
@@ -317,6 +332,7 @@ def estimate_memory(model_config: Any, placement: Placement, *, batch_size: int,
         task: ``causal-lm`` (selective logits), ``seq2seq`` (full logits at every decoder
             position) or ``classification`` (no vocabulary projection).
         lora_dropout: the adapters' dropout (> 0 keeps a mask per adapted module).
+        dropout_masks: ``independent`` or ``shared`` (one mask per input tensor, ``lora.dropout_masks``).
         eval_batch_size: rows of an evaluation batch.
         labelled_fraction: share of the batch's positions that carry a label (1: an upper bound).
         model_loaded: the base model and adapters are already in memory (a run deciding on
@@ -329,7 +345,7 @@ def estimate_memory(model_config: Any, placement: Placement, *, batch_size: int,
     """
     import torch
 
-    from loraplace.evaluation import EVAL_CHUNK
+    from loraplace.evaluation import EVAL_CHUNK, train_chunk
     from loraplace.models import meta_model, pick_device
     from loraplace.training import autocast_dtype, fast_attention, resolve_precision
 
@@ -354,7 +370,8 @@ def estimate_memory(model_config: Any, placement: Placement, *, batch_size: int,
         return layer, probs if materialised else []
 
     layer, probs = layer_terms(a)
-    modules = _module_terms(placement, E, a, lora_dropout)
+    shared = dropout_masks == "shared"
+    modules = _module_terms(placement, E, a, lora_dropout, shared)
     final = [(4 * E * H, 1), (4 * E, 1)]
     active = _active_layers(placement, shape.layers)
     all_modules = [t for terms in modules.values() for t in terms]
@@ -371,7 +388,10 @@ def estimate_memory(model_config: Any, placement: Placement, *, batch_size: int,
         loss = []
     else:
         n = max(1, round(labelled_fraction * B * (T - 1))) if task == "causal-lm" else B * T
-        loss = [(4 * n * V, 3)] + ([(a * n * V, 1)] if task != "causal-lm" else [])
+        if task == "causal-lm":  # blocks recomputed in backward (loraplace.evaluation._nll_recomputed)
+            loss = [(4 * min(n, train_chunk(V)) * V, 3)] + ([(a * V * H, 1)] if a != 4 else [])
+        else:
+            loss = [(4 * n * V, 3), (a * n * V, 1)]
     workspace = max(_bytes([(a * B * heads * T * T, 2), (4 * B * heads * T * T, 1)]) if materialised else
                     3 * a * E * d, 4 * a * E * I)
     backward_extra = max(0.0, workspace - _bytes(loss)) if active else 0.0
@@ -381,7 +401,7 @@ def estimate_memory(model_config: Any, placement: Placement, *, batch_size: int,
     # dropout's random numbers, the LoRA branches), whatever the autocast dtype: counted as the
     # heap-served activations of a float32 step without checkpointing.
     layer32, probs32 = layer_terms(4)
-    modules32 = [t for terms in _module_terms(placement, E, 4, lora_dropout).values() for t in terms]
+    modules32 = [t for terms in _module_terms(placement, E, 4, lora_dropout, shared).values() for t in terms]
     basis = _heap_bytes([(s, c * active) for s, c in layer32 + probs32] + modules32)
     retention = CPU_HEAP_RETENTION_CHECKPOINTED if gradient_checkpointing else CPU_HEAP_RETENTION
     allocator = retention * basis if on_cpu else 0.0
@@ -540,7 +560,8 @@ def _longest(train_dataset, max_length: int) -> int:
 
 def plan_checkpointing(setting: bool | Literal["auto"], model, placement: Placement | None, train_dataset,
                        settings, *, precision: str, device: str | torch.device, task: str = "causal-lm",
-                       lora_dropout: float = 0.1, quantization: str = "none") -> CheckpointingChoice:
+                       lora_dropout: float = 0.1, quantization: str = "none",
+                       dropout_masks: str = "independent") -> CheckpointingChoice:
     """Decide a run's gradient checkpointing (:func:`choose_checkpointing`) from its estimates with
     and without it and the device's free memory now (:func:`device_free_mib`).
 
@@ -558,7 +579,8 @@ def plan_checkpointing(setting: bool | Literal["auto"], model, placement: Placem
 
         kwargs = dict(batch_size=settings.batch_size, max_length=_longest(train_dataset, settings.max_length),
                       precision=precision, device=device, task=task, lora_dropout=lora_dropout,
-                      eval_batch_size=settings.eval_batch_size, model_loaded=True, quantization=quantization)
+                      eval_batch_size=settings.eval_batch_size, model_loaded=True, quantization=quantization,
+                      dropout_masks=dropout_masks)
         placement = placement if placement is not None else adapted_placement(model)
         skeleton = meta_model(base.config)
         without = estimate_memory(base.config, placement, gradient_checkpointing=False, skeleton=skeleton, **kwargs)

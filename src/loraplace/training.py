@@ -19,6 +19,7 @@ The Trainer runs the loop; loraplace plugs in through its extension points only:
   switched on and off by loraplace around the warm-up and the training, not by the Trainer (whose
   switch would miss the warm-up and leave an input-embedding hook on the shared base model);
   ``auto`` is decided from the memory plan (:func:`loraplace.memory_plan.plan_checkpointing`);
+* optional ``torch.compile`` of each decoder layer (``train.compile``, :func:`compiled_layers`);
 * a callback for progress, and a non-finite-loss check that fails the run with its reason.
 
 Before the timer starts, :func:`train_adapters` checks the selective-logits loss against the
@@ -107,29 +108,84 @@ def frozen_weights_as(model: nn.Module, dtype: torch.dtype | None):
                 m.bias.data = m.bias.data.to(torch.float32)
 
 
+class SharedMasks:
+    """Which dropout output each recent input tensor got, so that adapters reading the *same*
+    tensor (q/k/v of one attention block, gate/up of one MLP: called one after another on one
+    hidden-state tensor) share one mask and one output instead of drawing one each.
+
+    Each adapter still sees its input with every element kept with probability ``1 - p`` and
+    scaled by ``1 / (1 - p)``: the distribution of any single adapter's training is unchanged, only
+    the masks of sibling adapters are the same draw (as in PEFT, a module's own q/k/v would be
+    independent). An input is matched by identity (a weak reference) and its version counter: a
+    tensor that was freed, modified in place, or a different tensor (another layer, a
+    recomputation under gradient checkpointing) never matches. The ``keep`` most recent outputs
+    are held (under checkpointing nothing else keeps them between sibling calls): one layer's
+    few tensors at most.
+    """
+
+    def __init__(self, keep: int = 4):
+        self.keep = keep
+        self.entries: list[tuple] = []  # (weakref input, version, p, output)
+
+    def get(self, x: torch.Tensor, p: float) -> torch.Tensor | None:
+        for ref, version, q, out in self.entries:
+            if ref() is x and version == x._version and q == p:
+                return out
+        return None
+
+    def put(self, x: torch.Tensor, p: float, out: torch.Tensor) -> None:
+        import weakref
+
+        self.entries = [(weakref.ref(x), x._version, p, out)] + self.entries[: self.keep - 1]
+
+    def clear(self) -> None:
+        self.entries = []
+
+
 class MaskDropout(nn.Module):
     """Inverted dropout, as ``nn.Dropout``: keep each element with probability ``1 - p`` and scale
     the kept ones by ``1 / (1 - p)``. The mask comes from ``torch.rand`` (``u >= p``) instead of
     ``bernoulli_``, which is about 30% faster on CPU, where LoRA dropout's random numbers were a
-    quarter of a training step. Same distribution; another random stream (still seeded)."""
+    quarter of a training step. Same distribution; another random stream (still seeded).
 
-    def __init__(self, p: float):
+    With ``shared`` (a :class:`SharedMasks`), adapters that read the same input tensor get the same
+    output (one mask for all of them). Under autocast that output is cast to the autocast dtype
+    here, once, rather than by each adapter's ``lora_A`` matmul, so the siblings also share the
+    16-bit copy that backward keeps; the numbers are those autocast's own cast gives.
+    """
+
+    def __init__(self, p: float, shared: SharedMasks | None = None):
         super().__init__()
         self.p = float(p)
+        self.shared = shared
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
+            if self.shared is not None and self.shared.entries:
+                self.shared.clear()  # evaluation: release the last training outputs
             return x
+        if self.shared is not None:
+            out = self.shared.get(x, self.p)
+            if out is not None:
+                return out
         # Multiplying by the boolean mask first keeps only that mask for backward (as nn.Dropout
         # does), not a float copy of it.
-        return x * (torch.rand_like(x) >= self.p) * (1.0 / (1.0 - self.p))
+        out = x * (torch.rand_like(x) >= self.p) * (1.0 / (1.0 - self.p))
+        if self.shared is not None:
+            device = x.device.type
+            if torch.is_autocast_enabled(device) and x.dtype == torch.float32:
+                out = out.to(torch.get_autocast_dtype(device))
+            self.shared.put(x, self.p, out)
+        return out
 
     def extra_repr(self) -> str:
-        return f"p={self.p}"
+        return f"p={self.p}" + (", shared masks" if self.shared is not None else "")
 
 
-def use_mask_dropout(model: nn.Module) -> int:
-    """Swap PEFT's LoRA dropout modules (``nn.Dropout``) for :class:`MaskDropout`; returns how many."""
+def use_mask_dropout(model: nn.Module, shared: bool = False) -> int:
+    """Swap PEFT's LoRA dropout modules (``nn.Dropout``) for :class:`MaskDropout`; returns how many.
+    With ``shared``, adapters that read the same input tensor share one mask (:class:`SharedMasks`)."""
+    masks = SharedMasks() if shared else None
     swapped = 0
     for module in model.modules():
         dropouts = getattr(module, "lora_dropout", None)
@@ -137,7 +193,7 @@ def use_mask_dropout(model: nn.Module) -> int:
             continue
         for name in list(dropouts.keys()):
             if type(dropouts[name]) is nn.Dropout and dropouts[name].p > 0:
-                dropouts[name] = MaskDropout(dropouts[name].p)
+                dropouts[name] = MaskDropout(dropouts[name].p, masks)
                 swapped += 1
     return swapped
 
@@ -201,6 +257,37 @@ def checkpointing(model: nn.Module, enabled: bool):
         disable()
         if not had_hooks and hasattr(base, "disable_input_require_grads"):
             base.disable_input_require_grads()
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks (transformers' ``GradientCheckpointingLayer`` subclasses: the
+    decoder and encoder layers of current architectures)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+@contextlib.contextmanager
+def compiled_layers(model: nn.Module, enabled: bool):
+    """``torch.compile`` each decoder layer (regional compilation, ``dynamic=True``: one graph for
+    every sequence length and batch size instead of one per shape) inside the block; yields how
+    many layers were compiled. On exit the layers run eagerly again and dynamo's caches are reset,
+    so each arm pays its own compilation (a shared cache would make an arm's time depend on the
+    arms before it)."""
+    if not enabled:
+        yield 0
+        return
+    layers = decoder_layers(model)
+    if not layers:
+        raise ValueError(f"train.compile: no decoder layers found in {type(model).__name__}; set train.compile=false")
+    for layer in layers:
+        layer.compile(dynamic=True)
+    try:
+        yield len(layers)
+    finally:
+        for layer in layers:
+            layer._compiled_call_impl = None
+        torch._dynamo.reset()
 
 
 def target_counter(nll_fn: Callable, model: nn.Module) -> Callable[[dict], torch.Tensor]:
@@ -408,14 +495,17 @@ def train_adapters(model: nn.Module, train_dataset, collator, settings: TrainSet
                    on_step: Callable[[int, int, float | None], None] | None = None,
                    eval_loss: Callable[[], float] | None = None,
                    nll_fn: Callable = token_nll, warmup: bool = True,
-                   check_selective: bool = True, callbacks: Sequence[TrainerCallback] = ()) -> TrainOutcome:
+                   check_selective: bool = True, callbacks: Sequence[TrainerCallback] = (),
+                   dropout_masks: str = "independent") -> TrainOutcome:
     """Train the adapters of a PEFT-wrapped model for ``settings.max_steps`` optimizer steps.
 
     ``nll_fn`` gives the per-example loss sums of a batch: the task's
     :attr:`~loraplace.tasks.Task.nll` (default: causal-LM :func:`~loraplace.evaluation.token_nll`).
     ``eval_loss`` (called every ``settings.eval_every`` steps when given) returns the held-out loss
     for the eval-loss curve; its time is not excluded from ``seconds``. ``callbacks`` are added to
-    the Trainer (a method's own step hooks, such as AdaLoRA's allocator).
+    the Trainer (a method's own step hooks, such as AdaLoRA's allocator). ``dropout_masks``:
+    ``independent`` (one LoRA dropout mask per adapter, as PEFT) or ``shared`` (adapters that read
+    the same input share one; :class:`SharedMasks`).
 
     The data order depends only on ``seed`` (and the dataset), never on the strategy, so every
     arm of a study sees the same batches in the same order.
@@ -462,7 +552,9 @@ def train_adapters(model: nn.Module, train_dataset, collator, settings: TrainSet
     for callback in callbacks:  # e.g. AdaLoRA's rank allocator (loraplace.baselines.AdaLoraCallback)
         trainer.add_callback(callback)
     trainer.remove_callback(PrinterCallback)  # progress and the log go through on_step and log_history
-    choices = {"lora_dropout": "mask" if use_mask_dropout(model) else "none"}
+    swapped = use_mask_dropout(model, shared=dropout_masks == "shared")
+    choices = {"lora_dropout": ("mask, shared by adapters of one input" if dropout_masks == "shared" else "mask")
+               if swapped else "none"}
     features = _first_features(train_dataset, settings.batch_size) if (warmup or check_selective) else []
     run_device = trainer.args.device
     selective = None
@@ -478,9 +570,11 @@ def train_adapters(model: nn.Module, train_dataset, collator, settings: TrainSet
         plan = plan_checkpointing("auto", model, None, train_dataset, settings, precision=precision, device=device)
         gradient_checkpointing, memory_plan = plan.enabled, plan.record()
     with frozen_weights_as(model, autocast_dtype(precision)), attention_as(model, fast_attention(device)) as attn, \
-            checkpointing(model, gradient_checkpointing) as ckpt:
+            checkpointing(model, gradient_checkpointing) as ckpt, compiled_layers(model, settings.compile) as compiled:
         choices.update(attention=attn, frozen_weights=str(autocast_dtype(precision) or torch.float32),
                        gradient_checkpointing="on (non-reentrant)" if ckpt else "off")
+        if compiled:
+            choices["compile"] = f"{compiled} decoder layers, dynamic shapes (compiled in the untimed warm-up)"
         if warmup and features:
             batch = {k: v.to(run_device) if torch.is_tensor(v) else v for k, v in collator(features).items()}
             warmup_seconds = warm_up(trainer.model, batch, nll_fn, autocast=trainer.accelerator.autocast,

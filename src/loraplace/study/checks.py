@@ -86,7 +86,7 @@ def check_memory(config: StudyConfig, model_config, skeleton, task: str) -> None
         else:
             placement = resolve_arm(skeleton, arm, config.lora.r, config.lora.alpha)
         kwargs = dict(batch_size=train.batch_size, max_length=train.max_length, precision=train.precision,
-                      device=device, task=task, lora_dropout=config.lora.dropout,
+                      device=device, task=task, lora_dropout=config.lora.dropout, dropout_masks=config.lora.dropout_masks,
                       eval_batch_size=train.eval_batch_size, quantization=config.quantization, skeleton=skeleton)
         estimate = estimate_memory(model_config, placement, gradient_checkpointing=setting is not False, **kwargs)
         if estimate.fits(free):

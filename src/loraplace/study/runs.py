@@ -474,13 +474,15 @@ class RunRecipe:
         spec, model = self.spec, adapters.peft_model
         plan = plan_checkpointing(spec.train.gradient_checkpointing, model, adapters.placement, setup.data.train,
                                   spec.train, precision=setup.precision, device=setup.device, task=setup.task.name,
-                                  lora_dropout=spec.lora.dropout, quantization=getattr(spec, "quantization", "none"))
+                                  lora_dropout=spec.lora.dropout, quantization=getattr(spec, "quantization", "none"),
+                                  dropout_masks=spec.lora.dropout_masks)
         settings = spec.train.model_copy(update={"gradient_checkpointing": plan.enabled})
         outcome = train_adapters(
             model, setup.data.train, setup.collator, settings, seed=spec.seed, precision=setup.precision,
             device=setup.device, output_dir=setup.run_dir / "trainer", on_step=self.on_step, nll_fn=setup.task.nll,
             check_selective=setup.task.selective_logits,
             eval_loss=lambda: self._evaluate(setup, model, by_length=True).loss, callbacks=adapters.callbacks,
+            dropout_masks=spec.lora.dropout_masks,
         )
         outcome.memory_plan = plan.record()
         atomic_write_json(setup.run_dir / "train_log.json", outcome.log_history)
