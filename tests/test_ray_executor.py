@@ -112,8 +112,10 @@ def test_ray_study_matches_the_local_one(local_and_ray):
 def test_ray_progress_reaches_the_driver(local_and_ray):
     _, _, progress = local_and_ray
     names = [e[0] for e in progress.events]
-    started = {e[1].run_id for e in progress.events if e[0] == "run_started"}
+    order = [e[1].run_id for e in progress.events if e[0] == "run_started"]
+    started = set(order)
     assert started == {"base", "full-s0", "attention-s0", "ffn-s0"}
+    assert order[-1] == "base"  # trained runs are submitted first, the base row's evaluation last
     steps = [(e[1].run_id, e[2], e[3]) for e in progress.events if e[0] == "run_step"]
     assert ("full-s0", 2, 2) in steps and ("ffn-s0", 2, 2) in steps
     assert names.count("run_ended") == 4
@@ -157,6 +159,31 @@ def test_tokenized_data_is_prepared_once_by_the_driver(ray_cluster, tiny_llama_d
                                                                        "seeds": [0, 1]})
     assert all(r["status"] == "ok" for r in rows(out).values())
     assert seen == {"workers": [0, 0], "driver": 1}
+
+
+def test_automatic_and_eva_arms_train_the_drivers_allocation_on_ray(ray_cluster, tiny_llama_dir, data_file, tmp_path):
+    """The study's allocations (auto scores, EVA's initial A matrices) are made once by the driver
+    and carried in each run's spec: on Ray the workers train the same ranks and reach the same
+    numbers as the local executor."""
+    import torch
+
+    values = {"strategies": ["auto[step=1]~attention", "eva~attention"], "include_base": False, "lora.r": 4,
+              "lora.alpha": 8.0, "importance.batches": 5, "importance.batch_size": 8, "importance.max_rank": 16}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        local = study(tiny_llama_dir, data_file, tmp_path / "local", **values)
+    finally:
+        torch.set_num_threads(threads)
+    remote = study(tiny_llama_dir, data_file, tmp_path / "ray", **RAY, **values)
+    a, b = rows(local), rows(remote)
+    assert sorted(a) == sorted(b) and len(a) == 2
+    for run_id in a:
+        assert a[run_id]["status"] == b[run_id]["status"] == "ok", (a[run_id]["error"], b[run_id]["error"])
+        modules = [json.loads((out / "runs" / run_id / "modules.json").read_text())["modules"] for out in (local, remote)]
+        ranks = [{m["name"]: (m["r"], m["alpha"]) for m in ms} for ms in modules]
+        assert ranks[0] == ranks[1] and len(set(r for r, _ in ranks[0].values())) > 1  # non-uniform ranks
+        assert b[run_id]["eval_loss"] == a[run_id]["eval_loss"], run_id
 
 
 def test_killed_worker_is_replaced_and_its_run_retried(ray_cluster, tiny_llama_dir, data_file, tmp_path, monkeypatch):

@@ -295,7 +295,9 @@ class RayExecutor:
         ray = self.ray
         from ray.exceptions import RayActorError
 
-        todo = deque(specs)
+        # Base rows (an evaluation, no training) last: the long runs start first, and the short
+        # ones fill the workers that free up (the order of the results does not change any number).
+        todo = deque(sorted(specs, key=lambda s: s.kind == "base"))
         by_id = {s.run_id: s for s in todo}
         idle = list(self.workers)
         pending: dict[Any, tuple[Any, RunSpec]] = {}
