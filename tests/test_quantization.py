@@ -112,19 +112,9 @@ def _lora_grads(model, batch):
 def llama64_dir(tmp_path_factory) -> Path:
     """A tiny Llama whose projections are wide enough (in_features a multiple of bitsandbytes'
     4-bit block of 64) for bitsandbytes' CPU inference layout to apply."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from conftest import save_tiny_llama
 
-    from conftest import make_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny-llama-64")
-    tokenizer = make_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-64"), hidden=64, intermediate=128, seed=0)
 
 
 @pytest.mark.parametrize("quantization", ["nf4", "int8"])

@@ -102,8 +102,8 @@ def _nll_recomputed(states: torch.Tensor, head: nn.Module | None, targets: torch
     recomputation); other heads (an adapted or quantized head) are called as they are.
     """
     n = states.shape[0]
-    vocab = getattr(head, "out_features", None) if head is not None else states.shape[-1]
-    if head is None or vocab is None or n <= train_chunk(vocab):
+    vocab = getattr(head, "out_features", None)  # None: full logits given (no head), or a head of unknown width
+    if vocab is None or n <= train_chunk(vocab):
         return _nll_at(states, head, targets)
     chunk = train_chunk(vocab)
     if type(head) is nn.Linear:
