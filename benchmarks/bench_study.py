@@ -44,7 +44,7 @@ VARIANTS = {"a": "plain fp32, pad to max_length", "b": "plain + Trainer bf16=Tru
             "e": "c + gradient checkpointing", "f": "c + shared masks + checkpointing",
             "g": "c + torch.compile (dynamic)"}
 # loraplace variants: the settings each adds to (c); c0 also puts the training loss's vocabulary
-# projection back into one block (loraplace.evaluation.TRAIN_CHUNK_ELEMENTS), as before it was chunked.
+# projection back into one block (loraplace.run.evaluation.TRAIN_CHUNK_ELEMENTS), as before it was chunked.
 LORAPLACE_SETTINGS = {"c": {}, "c0": {}, "d": {"lora.dropout_masks": "shared"},
                       "e": {"train.gradient_checkpointing": True},
                       "f": {"lora.dropout_masks": "shared", "train.gradient_checkpointing": True},
@@ -89,8 +89,9 @@ def model_shapes(model_dir: str) -> dict:
 
 
 def lora_params(model_dir: str, strategy: str, r: int) -> tuple[list[str], int]:
-    from loraplace.models import load_config, meta_model
-    from loraplace.placement import parse_strategy, resolve_placement
+    from loraplace.placement.resolve import resolve_placement
+    from loraplace.placement.strategies import parse_strategy
+    from loraplace.run.models import load_config, meta_model
 
     config, _ = load_config(model_dir)
     p = resolve_placement(meta_model(config), parse_strategy(strategy), r, 2.0 * r)
@@ -121,7 +122,7 @@ def run_plain(args, bf16: bool) -> dict:
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, set_seed
 
     from loraplace.data import IGNORE_INDEX, prepare_data
-    from loraplace.models import load_tokenizer
+    from loraplace.run.models import load_tokenizer
 
     start = time.perf_counter()
     tokenizer = load_tokenizer(args.model)
@@ -190,9 +191,9 @@ def run_loraplace(args, variant: str = "c") -> dict:
     from loraplace.study.driver import run_study
 
     if variant == "c0":
-        import loraplace.evaluation
+        import loraplace.run.evaluation
 
-        loraplace.evaluation.TRAIN_CHUNK_ELEMENTS = 1 << 62
+        loraplace.run.evaluation.TRAIN_CHUNK_ELEMENTS = 1 << 62
 
     out = Path(tempfile.mkdtemp(prefix="bench-loraplace-"))
     config = load_study(None, {

@@ -1,4 +1,4 @@
-"""The memory plan (:mod:`loraplace.memory_plan`) against measured peaks of real runs.
+"""The memory plan (:mod:`loraplace.run.memory_plan`) against measured peaks of real runs.
 
     python benchmarks/memory_plan_check.py                        # small, medium, large; fp32; checkpointing off and on
     python benchmarks/memory_plan_check.py --sizes small --precisions fp32,bf16
@@ -23,12 +23,12 @@ truncated to the length) with ``train.loss_on=all``, so every position carries a
 plan's default (``labelled_fraction=1``) is then exact, not an upper bound.
 
 Measured: the run's ``peak_memory_mib``, ``memory_start_mib`` and ``peak_memory_increase_mib``
-(:class:`loraplace.measure.PeakMemory`: resident memory, sampled every 20 ms, from before the
+(:class:`loraplace.run.measure.PeakMemory`: resident memory, sampled every 20 ms, from before the
 adapters are wrapped to the end of the evaluation). Estimated: the run's own
 ``memory_estimate_mib`` (the plan it recorded before training). The error is
 (estimate - peak) / peak, and, harsher, the same difference as a share of the increase (what the
 run added above its start). Also printed: the resident memory of a fresh process that imported what
-a run imports, against :data:`loraplace.memory_plan.RUNTIME_OVERHEAD_CPU_MIB`.
+a run imports, against :data:`loraplace.run.memory_plan.RUNTIME_OVERHEAD_CPU_MIB`.
 
 On CPU a float32 model's safetensors weights are memory-mapped and become resident only when the
 first forward reads them, so the first run of a process starts with little of them resident and its
@@ -102,8 +102,9 @@ def data_file(cache: Path, rows: int = 48, varied: bool = False) -> Path:
 def one(args) -> None:
     """One configuration, in this (fresh) process: execute_run, then its result as one JSON line."""
     from loraplace.config import DataSettings, TrainSettings
-    from loraplace.study.records import RunSpec
-    from loraplace.study.runs import RunContext, execute_run
+    from loraplace.records import RunSpec
+    from loraplace.run.context import RunContext
+    from loraplace.study.runs import execute_run
 
     size = SIZES[args.one]
     run_dir = Path(tempfile.mkdtemp(prefix="loraplace-memplan-"))
@@ -125,10 +126,10 @@ def one(args) -> None:
 
 def runtime_overhead() -> float:
     """Resident MiB of a fresh process that imported what a run imports (after gc and malloc_trim)."""
-    code = ("import loraplace.study.runs, loraplace.training, loraplace.evaluation, peft, datasets, psutil\n"
+    code = ("import loraplace.study.runs, loraplace.run.training, loraplace.run.evaluation, peft, datasets, psutil\n"
             "import transformers.models.llama.modeling_llama\n"
             "from transformers import Trainer\n"
-            "from loraplace.measure import release_memory\n"
+            "from loraplace.run.measure import release_memory\n"
             "release_memory(); print(psutil.Process().memory_info().rss / 2**20)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
@@ -154,7 +155,7 @@ def main() -> None:
     if args.one:
         return one(args)
 
-    from loraplace.memory_plan import CPU_HEAP_RETENTION, CPU_HEAP_RETENTION_CHECKPOINTED, RUNTIME_OVERHEAD_CPU_MIB
+    from loraplace.run.memory_plan import CPU_HEAP_RETENTION, CPU_HEAP_RETENTION_CHECKPOINTED, RUNTIME_OVERHEAD_CPU_MIB
 
     overhead = runtime_overhead()
     print(f"runtime overhead: measured {overhead:.0f} MiB, the plan uses {RUNTIME_OVERHEAD_CPU_MIB:.0f}; "

@@ -6,7 +6,7 @@
 
 Phases (``--steps`` optimizer steps of one arm, run by loraplace's own RunRecipe, the study's code
 path): RSS before anything, after loading the base model, and the peak RSS increase
-(:class:`loraplace.measure.PeakMemory`) of wrapping, training (warm-up included) and the final
+(:class:`loraplace.run.measure.PeakMemory`) of wrapping, training (warm-up included) and the final
 evaluation (all-token sums), each with ``train.gradient_checkpointing`` off and on.
 
 ``--step``: one forward + backward + AdamW step on the longest 8 training examples (the first
@@ -34,10 +34,12 @@ def rss() -> float:
 
 def phases(args) -> list[dict]:
     from loraplace import assets
+    from loraplace.adapters import unload_adapters
     from loraplace.config import DataSettings, LoraSettings, TrainSettings
-    from loraplace.measure import PeakMemory, release_memory
-    from loraplace.study.records import RunSpec
-    from loraplace.study.runs import RunContext, RunRecipe, unload_adapters
+    from loraplace.records import RunSpec
+    from loraplace.run.context import RunContext
+    from loraplace.run.measure import PeakMemory, release_memory
+    from loraplace.study.runs import RunRecipe
 
     ctx = RunContext(allow_fetch=False)
     out = []
@@ -78,11 +80,12 @@ def step(args) -> list[dict]:
 
     from loraplace import assets
     from loraplace.data import PadCollator, prepare_data
-    from loraplace.evaluation import token_nll
-    from loraplace.measure import PeakMemory
-    from loraplace.models import load_model, load_tokenizer, round_linear_weights
-    from loraplace.placement import parse_strategy, resolve_placement
-    from loraplace.training import attention_as, checkpointing, frozen_weights_as, use_mask_dropout
+    from loraplace.placement.resolve import resolve_placement
+    from loraplace.placement.strategies import parse_strategy
+    from loraplace.run.evaluation import token_nll
+    from loraplace.run.measure import PeakMemory
+    from loraplace.run.models import load_model, load_tokenizer, round_linear_weights
+    from loraplace.run.training import attention_as, checkpointing, frozen_weights_as, use_mask_dropout
 
     tok = load_tokenizer(str(assets.model_dir()))
     data = prepare_data(str(assets.dataset_path()), tok, eval_size=100, max_length=args.max_length,

@@ -27,10 +27,12 @@ def main() -> None:
 
     from loraplace import assets
     from loraplace.data import PadCollator, prepare_data
-    from loraplace.evaluation import token_nll
-    from loraplace.models import load_model, load_tokenizer
-    from loraplace.placement import parse_strategy, resolve_placement
-    from loraplace.training import attention_as, fast_attention, frozen_weights_as, use_mask_dropout
+    from loraplace.placement.resolve import resolve_placement
+    from loraplace.placement.strategies import parse_strategy
+    from loraplace.run.device import fast_attention
+    from loraplace.run.evaluation import token_nll
+    from loraplace.run.models import load_model, load_tokenizer
+    from loraplace.run.training import attention_as, frozen_weights_as, use_mask_dropout
 
     tok = load_tokenizer(str(assets.model_dir()))
     data = prepare_data(str(assets.ensure_dataset(allow_fetch=False)), tok, eval_size=100, max_length=256,

@@ -1,5 +1,5 @@
 """Synthetic study folders with known effects, in the exact on-disk layout ``loraplace run``
-writes (run ids and execution order from :func:`loraplace.study.plan.run_specs`, results
+writes (run ids and execution order from :func:`loraplace.study.specs.run_specs`, results
 files from the study store): for the report's tests, without training anything."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import numpy as np
 
 from loraplace.config import StudyConfig
 from loraplace.metrics import perplexity
-from loraplace.study.plan import run_specs
-from loraplace.study.records import RunResult
+from loraplace.records import RunResult
+from loraplace.study.specs import run_specs
 from loraplace.study.store import StudyStore
 
 ROLES = {"attn": ["attn.q", "attn.k", "attn.v", "attn.o"], "mlp": ["mlp.gate", "mlp.up", "mlp.down"]}

@@ -1,4 +1,4 @@
-"""AdaLoRA and EVA (loraplace.baselines) do what their papers and PEFT say, at a parameter budget:
+"""AdaLoRA and EVA (loraplace.methods) do what their papers and PEFT say, at a parameter budget:
 AdaLoRA's callback really prunes to its total-rank budget inside loraplace's training, and EVA's
 ranks and initial A matrices are the top input directions and really land in the wrapped model.
 
@@ -12,20 +12,28 @@ import pytest
 import torch
 from peft import get_peft_model
 from peft.tuners.lora.eva import _Hook
+from test_evaluation_nll import PAD, ListDataset, examples, tiny_llama
 
-from loraplace import training
-from loraplace.baselines import (
-    AdaLoraCallback, adalora_config, adalora_final_ranks, adalora_orth_penalty, adalora_params,
-    adalora_placement, adalora_schedule, adalora_update_norms, apply_eva, check_adalora_wrapped, eva_batches,
-    eva_placement, eva_ranks,
-)
+from loraplace.run import training
+from loraplace.adapters import check_wrapped, lora_config_for, unload_adapters, wrapped_adapters
 from loraplace.config import LoraSettings, TrainSettings
 from loraplace.data import IGNORE_INDEX, PadCollator
 from loraplace.errors import LoraplaceError
-from loraplace.placement import parse_strategy, resolve_placement, trainable_params
-from loraplace.study.runs import check_wrapped, lora_config_for, unload_adapters, wrapped_adapters
-
-from test_evaluation_nll import PAD, ListDataset, examples, tiny_llama
+from loraplace.methods.adalora import (
+    AdaLoraCallback,
+    adalora_config,
+    adalora_final_ranks,
+    adalora_orth_penalty,
+    adalora_params,
+    adalora_placement,
+    adalora_schedule,
+    adalora_update_norms,
+    check_adalora_wrapped,
+)
+from loraplace.methods.eva import apply_eva, eva_batches, eva_placement, eva_ranks
+from loraplace.placement.params import trainable_params
+from loraplace.placement.resolve import resolve_placement
+from loraplace.placement.strategies import parse_strategy
 
 LORA = LoraSettings(r=4, alpha=16.0, dropout=0.0)
 ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

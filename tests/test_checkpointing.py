@@ -4,14 +4,13 @@ activation memory, and switched off again on the shared base model after the run
 import datasets
 import torch
 from peft import LoraConfig, get_peft_model
+from test_evaluation_nll import PAD, ListDataset, examples
+from test_training_perf import TARGETS, loss_and_grads, peft_tiny
 
 from loraplace.config import TrainSettings
 from loraplace.data import PadCollator
-from loraplace.measure import PeakMemory
-from loraplace.training import checkpointing, train_adapters
-
-from test_evaluation_nll import PAD, ListDataset, examples
-from test_training_perf import TARGETS, loss_and_grads, peft_tiny
+from loraplace.run.measure import PeakMemory
+from loraplace.run.training import checkpointing, train_adapters
 
 
 def state_of(base):
@@ -99,7 +98,7 @@ def test_checkpointing_lowers_peak_memory_where_activations_dominate():
 def test_compiled_layers_train_like_eager_and_are_eager_after(tmp_path):
     """train.compile: the decoder layers run compiled during training (losses equal to eager ones
     without dropout, float32) and eagerly again afterwards (the next arm on the shared base)."""
-    from loraplace.training import decoder_layers
+    from loraplace.run.training import decoder_layers
 
     ds = datasets.Dataset.from_list(list(ListDataset(examples(16, seed=5))))
     losses, choices = [], []

@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from loraplace.cli import app
-from loraplace.placement import layer_ranges
+from loraplace.placement.strategies import layer_ranges
 
 runner = CliRunner()
 
@@ -130,7 +130,7 @@ def test_unknown_device():
     code, output = invoke("run", "--device", "tpu", "--model", "x", "--help")
     assert code == 0  # --help wins
     from loraplace.errors import LoraplaceError
-    from loraplace.models import pick_device
+    from loraplace.run.device import pick_device
 
     with pytest.raises(LoraplaceError, match="unknown device 'tpu'"):
         pick_device("tpu")
@@ -151,7 +151,7 @@ def test_bad_budget_reference_fails_before_training(tiny_gpt2_dir, alpaca_file, 
 
 def test_device_errors_say_what_to_do():
     from loraplace.errors import LoraplaceError
-    from loraplace.models import pick_device
+    from loraplace.run.device import pick_device
 
     with pytest.raises(LoraplaceError, match="CUDA_VISIBLE_DEVICES=1 and --device cuda"):
         pick_device("cuda:1")

@@ -2,13 +2,19 @@ import json
 
 import pytest
 import torch
+from conftest import alpaca_rows, make_tokenizer
 
 from loraplace.data import (
-    IGNORE_INDEX, PadCollator, check_columns, load_rows, prepare_data, render, to_messages, tokenize_example,
+    IGNORE_INDEX,
+    PadCollator,
+    check_columns,
+    load_rows,
+    prepare_data,
+    render,
+    to_messages,
+    tokenize_example,
 )
 from loraplace.errors import LoraplaceError
-
-from conftest import alpaca_rows, make_tokenizer
 
 
 def test_alpaca_row_becomes_a_two_turn_chat():

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from loraplace.data import IGNORE_INDEX, PadCollator
-from loraplace.evaluation import evaluate_nll, token_nll, token_nll_all
+from loraplace.run.evaluation import evaluate_nll, token_nll, token_nll_all
 
 PAD = 0
 
@@ -129,7 +129,7 @@ def padding_nll_by_hand(model, batches: list[list[list[int]]]) -> list[float]:
 def test_chunked_vocab_projection_same_numbers(monkeypatch):
     """The vocabulary projection in blocks of positions (no (B, T, V) logits) gives the numbers of
     the unchunked projection: all-token and padding sums per row, and token_nll without gradients."""
-    import loraplace.evaluation as ev
+    import loraplace.run.evaluation as ev
 
     model = tiny_llama()
     batch = PadCollator(PAD)(examples(9, seed=5))
@@ -180,7 +180,7 @@ def test_training_loss_in_blocks_keeps_loss_and_gradients(monkeypatch, autocast)
     """The training loss's vocabulary projection in recomputed blocks gives the loss and every
     parameter's gradient of the model's own full logits (a second code path), in float32 and
     under bf16 autocast, and keeps no tensor of N x vocab elements for backward."""
-    import loraplace.evaluation as ev
+    import loraplace.run.evaluation as ev
 
     model = tiny_llama(tie=True).train()
     batch = PadCollator(PAD)(examples(9, seed=3))

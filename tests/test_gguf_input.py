@@ -5,13 +5,12 @@ import json
 import os
 
 import pytest
+from gguf_tiny import write_tiny_gguf
 from typer.testing import CliRunner
 
 from loraplace import assets
 from loraplace.cli import app
-from loraplace.models import load_config, load_model, load_tokenizer, resolve_model_path
-
-from gguf_tiny import write_tiny_gguf
+from loraplace.run.models import load_config, load_model, load_tokenizer, resolve_model_path
 
 
 @pytest.fixture

@@ -14,11 +14,17 @@ import torch
 from typer.testing import CliRunner
 
 from loraplace.data import IGNORE_INDEX, PadCollator, prepare_data
-from loraplace.evaluation import token_nll
 from loraplace.importance import (
-    ImportanceResult, SpectrumAccumulator, hill_alpha, load_for_scoring, score_batches, score_slots, write_importance,
+    ImportanceResult,
+    SpectrumAccumulator,
+    hill_alpha,
+    load_for_scoring,
+    score_batches,
+    score_slots,
+    write_importance,
 )
 from loraplace.importance.scores import weight_eigenvalues
+from loraplace.run.evaluation import token_nll
 
 
 def _products(m: int, n: int, steps: int = 6, rank: int | None = None, noise: float = 0.0, seed: int = 0):
@@ -179,7 +185,7 @@ def _encoder_model(family: str, vocab: int):
     """A tiny random T5 (seq2seq) or BERT (classification) model and its task."""
     from transformers import BertConfig, BertForSequenceClassification, T5Config, T5ForConditionalGeneration
 
-    from loraplace.tasks import get_task
+    from loraplace.run.tasks import get_task
 
     torch.manual_seed(0)
     if family == "t5":
@@ -229,7 +235,7 @@ def test_activation_score_ignores_padding(family, tiny_llama_dir, tiny_gpt2_dir)
     token's activations, so with the right token masks it changes no covariance."""
     from transformers import AutoModelForCausalLM
 
-    from loraplace.tasks import get_task
+    from loraplace.run.tasks import get_task
 
     if family in ("t5", "bert"):
         model, task = _encoder_model(family, 256)

@@ -1,4 +1,4 @@
-"""The memory plan (loraplace.memory_plan): components against hand-computed values and against what
+"""The memory plan (loraplace.run.memory_plan): components against hand-computed values and against what
 autograd actually saves, monotonicity, the study's refusal, ``gradient_checkpointing=auto`` in a real
 tiny run, and the plan command's memory columns. The accuracy claim against measured peaks of
 larger models is benchmarks/memory_plan_check.py's."""
@@ -12,12 +12,18 @@ import torch
 from transformers import LlamaConfig
 
 from loraplace.errors import LoraplaceError
-from loraplace.memory_plan import (
-    AUTO_HEADROOM, FREE_MEMORY_ENV, MIB, RUNTIME_OVERHEAD_CPU_MIB, choose_checkpointing, device_free_mib,
+from loraplace.placement.resolve import resolve_placement
+from loraplace.placement.strategies import parse_strategy
+from loraplace.run.memory_plan import (
+    AUTO_HEADROOM,
+    FREE_MEMORY_ENV,
+    MIB,
+    RUNTIME_OVERHEAD_CPU_MIB,
+    choose_checkpointing,
+    device_free_mib,
     estimate_memory,
 )
-from loraplace.models import meta_model
-from loraplace.placement import parse_strategy, resolve_placement
+from loraplace.run.models import meta_model
 
 # hidden 32, 4 heads of 8, 2 key-value heads (k and v project to 16), intermediate 64, 2 layers, tied head
 TINY = dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -97,12 +103,13 @@ def test_activations_are_what_autograd_saves(precision, masks):
     loraplace's training path (frozen weights in the autocast dtype, eager attention, mask dropout,
     independent or shared between the adapters of one input)."""
     from peft import get_peft_model
-
-    from loraplace.evaluation import token_nll
-    from loraplace.study.runs import lora_config_for
-    from loraplace.config import LoraSettings
-    from loraplace.training import attention_as, autocast_dtype, frozen_weights_as, use_mask_dropout
     from transformers import LlamaForCausalLM
+
+    from loraplace.adapters import lora_config_for
+    from loraplace.config import LoraSettings
+    from loraplace.run.device import autocast_dtype
+    from loraplace.run.evaluation import token_nll
+    from loraplace.run.training import attention_as, frozen_weights_as, use_mask_dropout
 
     B, T = 2, 48
     config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
@@ -189,7 +196,7 @@ def test_study_refuses_an_arm_that_does_not_fit(tiny_llama_dir, alpaca_file, mon
 
 
 def test_refusal_suggests_checkpointing_when_it_was_switched_off(tiny_llama_dir, alpaca_file, monkeypatch):
-    from loraplace.models import load_config
+    from loraplace.run.models import load_config
     from loraplace.study.checks import check_study
 
     config = _study(tiny_llama_dir, alpaca_file, gradient_checkpointing=False)
@@ -209,8 +216,9 @@ def test_auto_checkpointing_in_a_real_run(tiny_llama_dir, alpaca_file, tmp_path,
     """auto: off with plenty of free memory; on when the free memory lies between the run's needs
     with and without checkpointing; recorded in the result, with the estimate."""
     from loraplace.config import DataSettings, TrainSettings
-    from loraplace.study.records import RunSpec
-    from loraplace.study.runs import RunContext, execute_run
+    from loraplace.records import RunSpec
+    from loraplace.run.context import RunContext
+    from loraplace.study.runs import execute_run
 
     ctx = RunContext(allow_fetch=False)
 

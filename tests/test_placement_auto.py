@@ -115,15 +115,15 @@ def test_auto_strategy_language():
 def skeleton():
     from transformers import LlamaConfig
 
-    from loraplace.models import meta_model
+    from loraplace.run.models import meta_model
 
     return meta_model(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                                   num_attention_heads=4, num_key_value_heads=2))
 
 
 def test_auto_placement_meets_the_reference_budget_with_constant_update_scale(skeleton):
-    from loraplace.placement import resolve_placement
-    from loraplace.placement.auto import auto_placement, explicit_placement, slot_placement
+    from loraplace.methods.auto import auto_placement
+    from loraplace.placement.resolve import explicit_placement, resolve_placement, slot_placement
 
     attention = resolve_placement(skeleton, parse_strategy("attention"), 8, 16.0).lora_params
     modules = slot_placement(skeleton).modules
@@ -148,10 +148,10 @@ def test_peft_trains_exactly_the_explicit_placement(tiny_llama_dir):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from loraplace.adapters import check_wrapped, lora_config_for, wrapped_adapters
     from loraplace.config import LoraSettings
-    from loraplace.placement import trainable_params
-    from loraplace.placement.auto import explicit_placement
-    from loraplace.study.runs import check_wrapped, lora_config_for, wrapped_adapters
+    from loraplace.placement.params import trainable_params
+    from loraplace.placement.resolve import explicit_placement
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     ranks = {"model.layers.0.self_attn.q_proj": 2, "model.layers.1.mlp.down_proj": 6,

@@ -7,16 +7,18 @@ import pytest
 import torch
 
 from loraplace.errors import LoraplaceError
-from loraplace.placement import (
-    Arm, budget_target, match_placement, parse_budget_reference, parse_param_count, parse_strategy, resolve_arm,
-    resolve_matched, resolve_placement, study_arms,
-)
+from loraplace.methods.base import resolve_arm
+from loraplace.placement.arms import Arm, parse_budget_reference, parse_param_count, study_arms
+from loraplace.placement.budget import budget_target, match_placement, resolve_matched
+from loraplace.placement.resolve import resolve_placement
+from loraplace.placement.strategies import parse_strategy
 
 
 @pytest.fixture(scope="module")
 def dialogpt_medium():
-    from loraplace.models import KNOWN_CONFIGS, meta_model
     from transformers import GPT2Config
+
+    from loraplace.run.models import KNOWN_CONFIGS, meta_model
 
     values = {k: v for k, v in KNOWN_CONFIGS["microsoft/DialoGPT-medium"].items() if k != "model_type"}
     return meta_model(GPT2Config(**values))
@@ -24,8 +26,9 @@ def dialogpt_medium():
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from loraplace.models import KNOWN_CONFIGS, meta_model
     from transformers import LlamaConfig
+
+    from loraplace.run.models import KNOWN_CONFIGS, meta_model
 
     values = {k: v for k, v in KNOWN_CONFIGS["HuggingFaceTB/SmolLM2-135M-Instruct"].items() if k != "model_type"}
     return meta_model(LlamaConfig(**values))
@@ -44,7 +47,7 @@ def _per_rank(config: dict) -> dict[str, int]:
 
 
 def _config(name: str) -> dict:
-    from loraplace.models import KNOWN_CONFIGS
+    from loraplace.run.models import KNOWN_CONFIGS
 
     return KNOWN_CONFIGS[name]
 

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from loraplace.errors import LoraplaceError
-from loraplace.placement import parse_strategy, resolve_placement
+from loraplace.placement.resolve import resolve_placement
 from loraplace.placement.roles import BLOCK_NAME, FAMILIES, known_model_types, roles_for
+from loraplace.placement.strategies import parse_strategy
 
 
 def build(family: str, device: str = "meta") -> nn.Module:
@@ -198,8 +199,8 @@ def test_the_mixtral_router_stays_frozen_and_unwrapped_under_peft():
     from peft import get_peft_model
     from peft.tuners.lora import LoraLayer
 
+    from loraplace.adapters import lora_config_for
     from loraplace.config import LoraSettings
-    from loraplace.study.runs import lora_config_for
 
     torch.manual_seed(0)
     model = build("mixtral", device="cpu")
@@ -357,9 +358,9 @@ def _expected_trainable(family: str) -> int:
 def test_peft_wraps_exactly_the_full_plan_on_real_weights(family):
     from peft import get_peft_model
 
+    from loraplace.adapters import check_wrapped, lora_config_for, wrapped_adapters
     from loraplace.config import LoraSettings
-    from loraplace.placement import trainable_params
-    from loraplace.study.runs import check_wrapped, lora_config_for, wrapped_adapters
+    from loraplace.placement.params import trainable_params
 
     torch.manual_seed(0)
     model = build(family, device="cpu")

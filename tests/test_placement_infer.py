@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from loraplace.errors import LoraplaceError
-from loraplace.placement import parse_strategy, resolve_placement
+from loraplace.placement.resolve import resolve_placement
+from loraplace.placement.strategies import parse_strategy
 
 
 def test_gpt_neo_roles_are_inferred_and_said():
@@ -103,7 +104,7 @@ def test_no_block_stack_at_all():
 
 def test_literal_strategies_skip_inference():
     model = Mystery({"lin_a": (8, 16), "lin_b": (16, 8)})
-    from loraplace.placement import Strategy
+    from loraplace.placement.strategies import Strategy
 
     p = resolve_placement(model, Strategy("lit", peft_targets=("lin_a",)), 2, 4)
     assert p.module_names == ["layers.0.lin_a", "layers.1.lin_a"] and {m.role for m in p.modules} == {"?"}

@@ -3,17 +3,19 @@ and the trainable count equal the plan; mismatches fail loudly."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from peft import get_peft_model
 from torch import nn
 
+from loraplace.adapters import check_wrapped, lora_config_for, wrapped_adapters
 from loraplace.config import LoraSettings
 from loraplace.errors import LoraplaceError
-from loraplace.placement import Arm, parse_strategy, resolve_arm, resolve_placement, trainable_params
-from loraplace.placement.resolve import AdaptedModule, Placement
-from loraplace.study.runs import check_wrapped, lora_config_for, wrapped_adapters
+from loraplace.methods.base import resolve_arm
+from loraplace.placement.arms import Arm
+from loraplace.placement.params import trainable_params
+from loraplace.placement.resolve import AdaptedModule, Placement, resolve_placement
+from loraplace.placement.strategies import parse_strategy
 
 NO_DROPOUT = LoraSettings(r=4, alpha=8, dropout=0.0)
 
@@ -188,7 +190,7 @@ def test_bert_classifier_head_trains_in_full_beside_the_adapters():
     from peft.utils.other import ModulesToSaveWrapper
     from transformers import BertConfig, BertForSequenceClassification
 
-    from loraplace.tasks import get_task
+    from loraplace.run.tasks import get_task
 
     config = BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
                         vocab_size=40, num_labels=3)

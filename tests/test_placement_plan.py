@@ -213,7 +213,7 @@ def test_plan_errors_are_one_line(args, fragment):
 def test_study_arms_and_config_errors(tmp_path):
     from loraplace.config import load_study
     from loraplace.errors import LoraplaceError
-    from loraplace.study.plan import run_specs
+    from loraplace.study.specs import run_specs
 
     config = load_study(None, {"strategies": "full,attention@last:1/2,ffn", "match_budget": "full",
                                "seeds": "0,1", "include_base": False})

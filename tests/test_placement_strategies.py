@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from loraplace.errors import LoraplaceError
-from loraplace.placement import (
-    BUILTIN_STRATEGIES, parse_strategies, parse_strategy, resolve_placement, split_strategy_list,
-)
+from loraplace.placement.resolve import resolve_placement
+from loraplace.placement.strategies import BUILTIN_STRATEGIES, parse_strategies, parse_strategy, split_strategy_list
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ BOUND = {"nf4": 0.05, "int8": 0.005}  # nats: largest loss difference from the u
 
 
 def _needs_bitsandbytes():
-    from loraplace.quantization import check_quantization
+    from loraplace.run.quantization import check_quantization
 
     pytest.importorskip("bitsandbytes")
     try:
@@ -36,7 +36,7 @@ def _needs_bitsandbytes():
 
 
 def _load(path, quantization: str):
-    from loraplace.models import load_model
+    from loraplace.run.models import load_model
 
     return load_model(str(path), quantization=quantization, device=CPU)
 
@@ -57,9 +57,8 @@ def test_quantized_model_has_the_parameters_of_the_unquantized_one(tiny_llama_di
     _needs_bitsandbytes()
     import bitsandbytes as bnb
 
-    from loraplace.models import load_config, meta_model
-    from loraplace.placement import total_params, trainable_params
-    from loraplace.placement.params import param_count
+    from loraplace.placement.params import param_count, total_params, trainable_params
+    from loraplace.run.models import load_config, meta_model
 
     plain = _load(tiny_llama_dir, "none")
     model = _load(tiny_llama_dir, quantization)
@@ -78,9 +77,9 @@ def test_quantized_model_has_the_parameters_of_the_unquantized_one(tiny_llama_di
 @pytest.mark.parametrize("quantization", ["nf4", "int8"])
 def test_rounding_and_frozen_dtype_leave_quantized_weights_alone(tiny_llama_dir, quantization):
     _needs_bitsandbytes()
-    from loraplace.models import plain_linears, round_linear_weights
-    from loraplace.quantization import quantized_layers
-    from loraplace.training import frozen_weights_as
+    from loraplace.run.models import plain_linears, round_linear_weights
+    from loraplace.run.quantization import quantized_layers
+    from loraplace.run.training import frozen_weights_as
 
     model = _load(tiny_llama_dir, quantization)
     layers = quantized_layers(model)
@@ -202,8 +201,9 @@ def test_tiny_quantized_study_end_to_end(tiny_llama_dir, plain_study, quantizati
     assert abs(runs["base"]["eval_loss"] - plain["base"]["eval_loss"]) < BOUND[quantization]
     # The last arm ran on the base model the base row and the first arm used: alone, on a freshly
     # loaded one, it gives the same numbers.
-    from loraplace.study.records import RunSpec
-    from loraplace.study.runs import RunContext, execute_run
+    from loraplace.records import RunSpec
+    from loraplace.run.context import RunContext
+    from loraplace.study.runs import execute_run
 
     spec = RunSpec.model_validate_json((out / "runs" / "ffn-s0" / "config.json").read_text())
     assert spec.quantization == quantization
@@ -248,7 +248,7 @@ def test_cli_refuses_a_quantized_study_without_bitsandbytes(tiny_llama_dir, alpa
 
 
 def test_device_without_a_bitsandbytes_backend_is_refused(monkeypatch):
-    from loraplace.quantization import check_quantization
+    from loraplace.run.quantization import check_quantization
 
     fake = SimpleNamespace(supported_torch_devices={"cuda"}, __version__="0.50.2")
     monkeypatch.setitem(sys.modules, "bitsandbytes", fake)

@@ -10,7 +10,7 @@ import signal
 
 import pytest
 
-from loraplace.study.records import RUN_FILES
+from loraplace.records import RUN_FILES
 
 ray = pytest.importorskip("ray")
 
@@ -271,11 +271,11 @@ def test_interrupted_ray_driver_resumes_without_losing_a_run(ray_cluster, tiny_l
 
 
 def test_version_mismatch_is_refused(ray_cluster, tiny_llama_dir, data_file, tmp_path, monkeypatch):
-    import loraplace.measure
+    import loraplace.study.ray_executor as rx
     from loraplace.errors import LoraplaceError
 
-    real = loraplace.measure.library_versions
-    monkeypatch.setattr(loraplace.measure, "library_versions", lambda: {**real(), "loraplace": "9.9.9"})
+    real = rx.library_versions  # the driver's versions; the workers report the real ones
+    monkeypatch.setattr(rx, "library_versions", lambda: {**real(), "loraplace": "9.9.9"})
     out = tmp_path / "s"
     with pytest.raises(LoraplaceError) as info:
         study(tiny_llama_dir, data_file, out, **RAY)

@@ -11,16 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy import stats as sps
+from synthetic import make_study
 from typer.testing import CliRunner
 
 from loraplace.cli import app
 from loraplace.errors import LoraplaceError
-from loraplace.placement.budget import parse_param_count
+from loraplace.placement.arms import parse_param_count
 from loraplace.report import write_report
 from loraplace.report.analysis import build_arms, build_groups
 from loraplace.report.load import load_studies
 from loraplace.report.stats import holm, paired_bootstrap, t_interval
-from synthetic import make_study
 
 FIGURES = ["pareto_params", "pareto_time", "eval_loss", "loss_curves", "time_throughput", "placement"]
 RESAMPLES = 2000
@@ -227,7 +227,7 @@ def test_report_and_the_command_line_do_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys, loraplace.cli, loraplace.report.write, loraplace.study.plan, loraplace.study.store; "
+    code = ("import sys, loraplace.cli, loraplace.report.write, loraplace.study.specs, loraplace.study.store; "
             "print(sorted(m for m in ('torch', 'peft', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -371,7 +371,7 @@ def test_time_dominance_says_when_the_order_is_unknown(tmp_path):
 
 def test_synthetic_positions_follow_the_study_stores_execution_order(tmp_path):
     from loraplace.config import StudyConfig
-    from loraplace.study.plan import run_specs
+    from loraplace.study.specs import run_specs
 
     study = make_study(tmp_path / "s", {"full": -0.3, "attention": -0.2, "ffn": -0.1}, seeds=(0, 1, 2))
     config = StudyConfig.model_validate(json.loads((study / "results.json").read_text())["study"])

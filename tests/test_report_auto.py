@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy import stats as sps
+from synthetic import ROLES, make_study
 
 from loraplace.errors import LoraplaceError
 from loraplace.report import write_report
 from loraplace.report.load import load_study
-from synthetic import ROLES, make_study
 
 RESAMPLES = 1000
 LAYERS = 4

@@ -11,9 +11,9 @@ import shutil
 import subprocess
 
 import pytest
+from synthetic import make_study
 
 from loraplace.report import write_report
-from synthetic import make_study
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="headless test needs `chromium` on PATH "

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_tokenizer
 
 from loraplace.config import DataSettings, LoraSettings, TrainSettings
+from loraplace.records import RunSpec
+from loraplace.run.context import RunContext
 from loraplace.study.executor import LocalExecutor
-from loraplace.study.runs import RunContext, RunSpec, divergence, execute_run
-
-from conftest import make_tokenizer
+from loraplace.study.runs import divergence, execute_run
 
 CPU = torch.device("cpu")
 
@@ -108,7 +109,7 @@ def test_second_arm_equals_the_arm_in_a_fresh_process(tiny_bert_study, tmp_path)
     done = subprocess.run([sys.executable, "-c", _ALONE, str(spec_file), str(torch.get_num_threads())],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    from loraplace.study.records import RunResult
+    from loraplace.records import RunResult
 
     b_alone = RunResult.model_validate_json(done.stdout.strip().splitlines()[-1])
     _same(b_after_a, b_alone, b.run_dir, alone.run_dir)
@@ -142,7 +143,7 @@ def test_base_weights_are_bit_identical_after_an_arm(which, precision, request, 
 
 
 def test_rounding_at_load_keeps_the_tied_embedding_and_changes_no_bf16_result(tiny_llama_dir):
-    from loraplace.models import load_model, round_linear_weights
+    from loraplace.run.models import load_model, round_linear_weights
 
     model = load_model(str(tiny_llama_dir))
     emb = model.get_input_embeddings().weight.detach().clone()
@@ -161,7 +162,7 @@ def test_rounding_at_load_keeps_the_tied_embedding_and_changes_no_bf16_result(ti
 def test_peak_memory_increase_reflects_a_known_allocation():
     import time
 
-    from loraplace.measure import PeakMemory
+    from loraplace.run.measure import PeakMemory
 
     with PeakMemory(CPU, interval_s=0.01) as memory:
         block = torch.ones(200 * 2**20 // 4)  # 200 MiB, touched
@@ -174,7 +175,7 @@ def test_peak_memory_increase_reflects_a_known_allocation():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_peak_memory_increase_reflects_a_known_allocation():
-    from loraplace.measure import PeakMemory
+    from loraplace.run.measure import PeakMemory
 
     cuda = torch.device("cuda")
     kept = torch.ones(50 * 2**20 // 4, device=cuda)  # allocated before: part of the start, not the increase
@@ -215,9 +216,8 @@ def test_run_memory_excludes_what_earlier_runs_left(tiny_llama_dir, alpaca_file,
 def trained_tiny_llama(tmp_path_factory):
     """The tiny llama trained in full for a few dozen steps on Alpaca-style rows: clearly better
     than uniform (loss < 1 nat vs ln(V) = 5.8), as a pretrained model is."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from conftest import alpaca_rows
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     path = tmp_path_factory.mktemp("trained-llama")
     tok = make_tokenizer()

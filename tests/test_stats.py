@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from loraplace.evaluation import perplexity
+from loraplace.metrics import perplexity
 from loraplace.report.pareto import Point, dominators, knee, pareto_front
 from loraplace.report.perplexity import aggregations, diagnose, explain
 from loraplace.report.stats import fmt_p, holm, paired_bootstrap, t_interval, welch_p

@@ -8,7 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from loraplace.cli import app
-from loraplace.study.records import RUN_FILES
+from loraplace.records import RUN_FILES
 
 runner = CliRunner()
 FAST = ["train.max_steps=2", "train.batch_size=4", "data.eval_size=8", "train.eval_every=1", "train.logging_steps=1",
@@ -192,7 +192,7 @@ def test_results_table_lists_every_run(tiny_study):
 def test_runs_are_deterministic_under_a_fixed_seed(tiny_study, tmp_path):
     from loraplace.config import load_study
     from loraplace.study.executor import LocalExecutor
-    from loraplace.study.plan import run_specs
+    from loraplace.study.specs import run_specs
 
     out, data = tiny_study
     first = json.loads((out / "results.json").read_text())["runs"]

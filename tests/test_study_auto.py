@@ -53,7 +53,7 @@ def auto_study(tiny_llama_dir, data, tmp_path_factory):
 
 def test_every_seed_trains_the_stored_allocation(auto_study):
     from loraplace.study.allocations import allocation_path
-    from loraplace.study.plan import run_id_for
+    from loraplace.study.specs import run_id_for
 
     rows = _rows(auto_study)
     attention = rows["attention-s0"]["trainable_params"]
@@ -84,7 +84,7 @@ def test_resume_reuses_the_allocation_and_scores(auto_study, tiny_llama_dir, dat
     from loraplace.config import load_study
     from loraplace.study.allocations import allocation_path, importance_path
     from loraplace.study.driver import run_study
-    from loraplace.study.plan import run_id_for
+    from loraplace.study.specs import run_id_for
 
     before = {p: p.read_bytes() for p in (allocation_path(auto_study, AUTO), importance_path(auto_study, "gradient"))}
     # a resume that would score differently (other batches) must still train the stored placement
@@ -97,7 +97,7 @@ def test_resume_reuses_the_allocation_and_scores(auto_study, tiny_llama_dir, dat
 
 
 def test_an_auto_arm_after_others_gives_what_it_gives_alone(auto_study, tiny_llama_dir, data, tmp_path):
-    from loraplace.study.plan import run_id_for
+    from loraplace.study.specs import run_id_for
 
     alone = tmp_path / "alone"
     _study(tiny_llama_dir, data, alone, [AUTO], seeds=[0], include_base=False)
@@ -120,9 +120,9 @@ def test_eva_and_adalora_arms_train_at_the_budget(tiny_llama_dir, data, tmp_path
     # the initial A matrices are stored once, beside the allocation, with the allocation's ranks
     from safetensors.torch import load_file
 
-    from loraplace.study.allocations import eva_state_path
+    from loraplace.study.allocations import state_path
 
-    state = load_file(eva_state_path(out, "eva~attention"))
+    state = load_file(state_path(out, "eva~attention"))
     assert {n: int(w.shape[0]) for n, w in state.items()} == stored["ranks"]
     assert _ranks(out / "runs" / "eva~attention-s0") == {n: (r, 8.0 * r / eva_r) for n, r in stored["ranks"].items()}
     adalora = json.loads((out / "runs" / "adalora~attention-s0" / "adalora.json").read_text())

@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 from loraplace.cli import app
 from loraplace.config import load_study, study_name_for
 from loraplace.errors import LoraplaceError
-from loraplace.study.records import RunResult
-from loraplace.study.files import atomic_write_text
-from loraplace.study.plan import default_output_dir, legacy_run_id_for, run_id_for, run_specs
+from loraplace.files import atomic_write_text
+from loraplace.records import RunResult
+from loraplace.study.specs import default_output_dir, legacy_run_id_for, run_id_for, run_specs
 from loraplace.study.store import StudyLock, StudyStore, merge_configs, with_baseline_fields
 
 runner = CliRunner()

@@ -6,14 +6,23 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_tokenizer
 
 from loraplace.errors import LoraplaceError
-from loraplace.tasks import (
-    TASKS, ClassificationCollator, Seq2SeqCollator, classification_nll, get_task, label_names,
-    prepare_classification_data, prepare_seq2seq_data, seq2seq_nll, seq2seq_pair, task_of, text_columns,
+from loraplace.run.tasks import (
+    TASKS,
+    ClassificationCollator,
+    Seq2SeqCollator,
+    classification_nll,
+    get_task,
+    label_names,
+    prepare_classification_data,
+    prepare_seq2seq_data,
+    seq2seq_nll,
+    seq2seq_pair,
+    task_of,
+    text_columns,
 )
-
-from conftest import make_tokenizer
 
 
 def tiny_t5(vocab: int):
@@ -45,7 +54,7 @@ def test_every_task_record_is_complete_and_the_config_lists_exactly_them():
     from typing import get_args
 
     from loraplace.config import TaskChoice
-    from loraplace.evaluation import token_nll
+    from loraplace.run.evaluation import token_nll
 
     for name, task in TASKS.items():
         assert task.name == name and get_task(name) is task
@@ -148,9 +157,8 @@ def _examples(out, run_id):
 
 
 def test_t5_seq2seq_study_end_to_end(tmp_path):
-    from transformers import AutoModelForSeq2SeqLM
-
     from conftest import alpaca_rows
+    from transformers import AutoModelForSeq2SeqLM
 
     # targets of different lengths, so that a per-example mean differs from the token-weighted one
     rows = alpaca_rows()

@@ -9,14 +9,13 @@ Tiny random-init Llama models from a config: no downloads, a few seconds each.
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from test_evaluation_nll import PAD, examples, tiny_llama
 
 from loraplace.config import TrainSettings
 from loraplace.data import IGNORE_INDEX, PadCollator
 from loraplace.errors import LoraplaceError
-from loraplace.evaluation import token_nll
-from loraplace.training import train_adapters
-
-from test_evaluation_nll import PAD, examples, tiny_llama
+from loraplace.run.evaluation import token_nll
+from loraplace.run.training import train_adapters
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -130,7 +129,7 @@ def test_step_loss_is_token_mean_over_the_accumulated_step(loss_on, trainer_coun
 def test_target_count_follows_each_tasks_loss():
     from types import SimpleNamespace
 
-    from loraplace.training import target_counter
+    from loraplace.run.training import target_counter
 
     labels = torch.tensor([[5, 6, IGNORE_INDEX], [IGNORE_INDEX, 7, 8]])
     causal = SimpleNamespace(config=SimpleNamespace(is_encoder_decoder=False))
@@ -164,7 +163,7 @@ def scaled_logits_llama():
 
 
 def test_selective_check_passes_on_a_plain_model():
-    from loraplace.evaluation import check_selective_loss
+    from loraplace.run.evaluation import check_selective_loss
 
     model = peft_model(ALL, dropout=0.1).train()
     selective, full = check_selective_loss(model, PadCollator(PAD)(examples(3)))
@@ -173,7 +172,7 @@ def test_selective_check_passes_on_a_plain_model():
 
 
 def test_selective_check_fails_on_unknown_logit_post_processing():
-    from loraplace.evaluation import SelectiveLossMismatch, check_selective_loss
+    from loraplace.run.evaluation import SelectiveLossMismatch, check_selective_loss
 
     batch = PadCollator(PAD)(examples(3))
     with pytest.raises(SelectiveLossMismatch) as err:
@@ -185,7 +184,7 @@ def test_selective_check_fails_on_unknown_logit_post_processing():
 
 
 def test_train_adapters_checks_selective_loss_before_training(tmp_path):
-    from loraplace.evaluation import SelectiveLossMismatch
+    from loraplace.run.evaluation import SelectiveLossMismatch
 
     model = peft_model(ALL, base=scaled_logits_llama())
     steps = []
@@ -220,7 +219,7 @@ def test_warmup_changes_no_training_number(tmp_path):
 def test_warmup_is_untimed_and_runs_as_training(tmp_path, monkeypatch):
     import time
 
-    import loraplace.training as training
+    import loraplace.run.training as training
 
     offset = [0.0]
     monkeypatch.setattr(training, "_clock", lambda: time.perf_counter() + offset[0])

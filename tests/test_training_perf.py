@@ -4,13 +4,12 @@ comes back in float32 so the next run's adapters are created as before."""
 
 import torch
 from peft import LoraConfig, get_peft_model
+from test_evaluation_nll import PAD, ListDataset, examples, tiny_llama
 
 from loraplace.config import TrainSettings
 from loraplace.data import PadCollator
-from loraplace.evaluation import token_nll
-from loraplace.training import frozen_weights_as, train_adapters
-
-from test_evaluation_nll import PAD, ListDataset, examples, tiny_llama
+from loraplace.run.evaluation import token_nll
+from loraplace.run.training import frozen_weights_as, train_adapters
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -98,7 +97,7 @@ def test_train_adapters_bf16_keeps_adapters_float32(tmp_path):
 
 
 def test_mask_dropout_matches_dropout_distribution():
-    from loraplace.training import MaskDropout
+    from loraplace.run.training import MaskDropout
 
     torch.manual_seed(0)
     x = torch.ones(200_000)
@@ -112,7 +111,7 @@ def test_mask_dropout_matches_dropout_distribution():
 
 
 def test_use_mask_dropout_swaps_peft_dropout():
-    from loraplace.training import MaskDropout, use_mask_dropout
+    from loraplace.run.training import MaskDropout, use_mask_dropout
 
     base = tiny_llama()
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=TARGETS,
@@ -122,7 +121,7 @@ def test_use_mask_dropout_swaps_peft_dropout():
 
 
 def test_eager_attention_same_loss_as_sdpa_and_restored():
-    from loraplace.training import attention_as
+    from loraplace.run.training import attention_as
 
     _, model = peft_tiny()
     batch = PadCollator(PAD)(examples())
@@ -138,7 +137,7 @@ def test_eager_attention_same_loss_as_sdpa_and_restored():
 
 
 def peft_dropout(targets=TARGETS, shared=True, p=0.3):
-    from loraplace.training import use_mask_dropout
+    from loraplace.run.training import use_mask_dropout
 
     base = tiny_llama()
     torch.manual_seed(0)
@@ -186,7 +185,7 @@ def test_shared_masks_only_between_adapters_of_one_input():
 
 def test_shared_mask_keeps_each_adapters_dropout():
     """Each adapter's input is still kept with probability 1 - p and scaled by 1 / (1 - p)."""
-    from loraplace.training import MaskDropout, SharedMasks
+    from loraplace.run.training import MaskDropout, SharedMasks
 
     torch.manual_seed(0)
     masks = SharedMasks()
@@ -223,7 +222,7 @@ def test_shared_mask_bf16_output_is_autocasts_own_cast():
 def test_shared_masks_same_under_gradient_checkpointing():
     """The recomputation of a checkpointed layer draws the same shared masks as its forward:
     loss and gradients equal with checkpointing on and off (same seed), float32 and bf16."""
-    from loraplace.training import checkpointing
+    from loraplace.run.training import checkpointing
 
     batch = PadCollator(PAD)(examples())
     for dtype in (None, torch.bfloat16):

@@ -25,6 +25,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from loraplace.errors import LoraplaceError
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
@@ -164,8 +167,6 @@ def convert_gguf(gguf: Path, target: Path, name_or_path: str, marker: str) -> Pa
     ``save_pretrained`` refuse, so the weights are moved into a fresh model built from the
     config without its ``quantization_config``.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = Path(gguf)
     target.parent.mkdir(parents=True, exist_ok=True)

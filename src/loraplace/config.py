@@ -11,13 +11,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from loraplace.errors import LoraplaceError
-
+from loraplace.placement.arms import ARM_SEPARATOR, parse_arm, parse_budget_reference
+from loraplace.placement.strategies import parse_strategies, parse_strategy, split_strategy_list
 
 TaskChoice = Literal["auto", "causal-lm", "seq2seq", "classification"]
-"""What a study trains; ``auto`` follows the architecture (see :mod:`loraplace.tasks`)."""
+"""What a study trains; ``auto`` follows the architecture (see :mod:`loraplace.run.tasks`)."""
 
 Quantization = Literal["none", "nf4", "int8"]
-"""Precision of the frozen base model's projections (see :mod:`loraplace.quantization`)."""
+"""Precision of the frozen base model's projections (see :mod:`loraplace.run.quantization`)."""
 
 
 class _Strict(BaseModel):
@@ -54,7 +55,7 @@ class TrainSettings(_Strict):
     gradient_checkpointing: bool | Literal["auto"] = Field(
         "auto", description="Recompute each decoder layer's activations in backward instead of keeping them "
         "(non-reentrant torch checkpointing): less memory, ~30% more compute; same loss. auto: on only when "
-        "the memory plan (loraplace.memory_plan) says the run would not fit in the device's free memory "
+        "the memory plan (loraplace.run.memory_plan) says the run would not fit in the device's free memory "
         "without it; each run records the decision and the estimate."
     )
     compile: bool = Field(
@@ -142,7 +143,6 @@ class StudyConfig(_Strict):
     @field_validator("strategies", mode="before")
     @classmethod
     def _split_strategies(cls, v: Any) -> Any:
-        from loraplace.placement.strategies import split_strategy_list
 
         # Commas inside a strategy (qv@0,3,5 or [r=8,alpha=16]) do not separate strategies.
         return split_strategy_list(v) if isinstance(v, str) else v
@@ -150,7 +150,6 @@ class StudyConfig(_Strict):
     @field_validator("match_budget", mode="before")
     @classmethod
     def _check_budget(cls, v: Any) -> Any:
-        from loraplace.placement.budget import parse_budget_reference
 
         return None if v is None or v == "" else parse_budget_reference(v)
 
@@ -163,8 +162,6 @@ class StudyConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "StudyConfig":
-        from loraplace.placement import parse_strategies, parse_strategy
-        from loraplace.placement.arms import ARM_SEPARATOR, parse_arm
 
         if not self.strategies:
             raise ValueError("strategies is empty; e.g. strategies: [full, attention, ffn]")

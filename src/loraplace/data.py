@@ -1,6 +1,6 @@
 """Instruction data: loading (hub or local), prompt formatting, tokenization with label masking,
 the fixed train/eval split of every task (:func:`split_rows`), and the causal-LM data and
-dynamic-padding collator (the ``causal-lm`` task of :mod:`loraplace.tasks`).
+dynamic-padding collator (the ``causal-lm`` task of :mod:`loraplace.run.tasks`).
 
 Rows come in Alpaca form (``instruction``, optional ``input``, ``output``) or chat form
 (``messages``: a list of ``{"role", "content"}``). Alpaca rows become a two-message chat. The
@@ -11,10 +11,12 @@ response``) or everywhere (``loss_on: all``); padding is always -100.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import datasets
 import torch
 
 from loraplace import assets
@@ -37,7 +39,6 @@ def load_rows(dataset: str, allow_fetch: bool = True):
     A local file that holds no rows, or that cannot be read, fails with a message that names the
     file and, for JSON files, the line (and column) of the first problem.
     """
-    import datasets
 
     if dataset in (assets.EMBEDDED_DATASET, f"embedded:{assets.EMBEDDED_DATASET}"):
         dataset = str(assets.ensure_dataset(allow_fetch=allow_fetch))
@@ -61,7 +62,6 @@ def load_rows(dataset: str, allow_fetch: bool = True):
 
 
 def _load_local_file(dataset: str, path: Path):
-    import datasets
 
     suffix = path.suffix.lower()
     builder = LOCAL_BUILDERS.get(suffix)
@@ -113,7 +113,6 @@ def _json_problem(path: Path) -> str | None:
     fails and it does not start with '[', as JSON lines (one object per non-blank line), which is
     how ``datasets`` reads both extensions.
     """
-    import json
 
     raw = path.read_bytes()
     try:
@@ -299,7 +298,6 @@ EXAMPLE_COLUMNS = ("input_ids", "labels", "length")  # what every task's tokeniz
 def encode_rows(rows, encode: Callable[[dict[str, Any]], dict[str, Any] | None]) -> tuple[Any, int]:
     """``(datasets.Dataset, dropped)``: ``encode(row)`` of every row (a dict with the
     :data:`EXAMPLE_COLUMNS`), leaving out and counting the rows it returns None for."""
-    import datasets
 
     out: dict[str, list] = {column: [] for column in EXAMPLE_COLUMNS}
     dropped = 0

@@ -1,5 +1,5 @@
 """Perplexity: the one place it is computed, as plain arithmetic (no torch import), so that the
-evaluation (:mod:`loraplace.evaluation`) and the report (``loraplace report``, which must start
+evaluation (:mod:`loraplace.run.evaluation`) and the report (``loraplace report``, which must start
 without torch) call the same function.
 
 Perplexity is ``exp(L)`` with ``L = sum_i nll_i / sum_i n_i`` the token-weighted mean NLL

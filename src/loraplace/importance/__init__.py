@@ -10,8 +10,18 @@ Importing this package loads torch; matplotlib loads only when a heatmap is draw
 
 from loraplace.importance.output import heatmap, role_shares, slot_rows, write_importance
 from loraplace.importance.scores import (
-    FORMAT, SCORES, ImportanceResult, ScoringSetup, SlotScore, hill_alpha, load_for_scoring, score_batches,
-    score_model, score_setup, score_slots, scored_slots,
+    FORMAT,
+    SCORES,
+    ImportanceResult,
+    ScoringSetup,
+    SlotScore,
+    hill_alpha,
+    load_for_scoring,
+    score_batches,
+    score_model,
+    score_setup,
+    score_slots,
+    scored_slots,
 )
 from loraplace.importance.spectrum import SpectrumAccumulator
 

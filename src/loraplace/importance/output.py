@@ -9,9 +9,13 @@ import io
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from loraplace.errors import LoraplaceError
+from loraplace.files import atomic_replace, atomic_write_json, atomic_write_text
 from loraplace.importance.scores import ImportanceResult
-from loraplace.study.files import atomic_replace, atomic_write_json, atomic_write_text
+from loraplace.placement.roles import ALL_ROLES
+from loraplace.report.figures import _STYLE, DPI, WIDTH
 
 CSV_COLUMNS = ("name", "role", "stack", "layer", "in_features", "out_features", "r", "gain_at_1", "gain_at_r",
                "gain_at_max_rank", "gain_per_param_at_r", "share_at_r")
@@ -90,14 +94,10 @@ def heatmap(result: ImportanceResult, path_stem: str | Path, r: int) -> tuple[Pa
     Raises:
         LoraplaceError: ``r`` outside 1..max_rank.
     """
-    import matplotlib
+    import matplotlib  # deferred: matplotlib is slow to import and only the heatmap needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
-
-    from loraplace.placement.roles import ALL_ROLES
-    from loraplace.report.figures import _STYLE, DPI, WIDTH
 
     _check_rank(result, r)
     stem = Path(path_stem)

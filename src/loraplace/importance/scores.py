@@ -4,7 +4,7 @@ there, k = 1..max_rank. Three scores, from most to least informed:
 
 * ``gradient``: the loss gradient ``G = dL/dW (out x in)`` of each frozen slot weight, averaged over
   a few batches of the task's training data (``L`` = the task's token-mean loss of a batch,
-  :attr:`loraplace.tasks.Task.nll`). The best rank-k update ``Delta W`` of unit Frobenius norm
+  :attr:`loraplace.run.tasks.Task.nll`). The best rank-k update ``Delta W`` of unit Frobenius norm
   lowers the loss to first order by ``sqrt(sum_{i<=k} sigma_i(G)^2)``; the curve is that energy,
   ``curve[k-1] = sum_{i<=k} sigma_i(G)^2`` (nondecreasing and concave, since the sigma_i descend).
   No weight gradient (``.grad``) is formed: each slot's input ``x (tokens, in)`` is caught by a
@@ -54,10 +54,18 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel, set_seed
 
 from loraplace.data import IGNORE_INDEX
 from loraplace.errors import LoraplaceError
 from loraplace.importance.spectrum import SKETCH_MODES, SpectrumAccumulator
+from loraplace.placement.resolve import resolve_placement
+from loraplace.placement.strategies import parse_strategy
+from loraplace.run.device import pick_device
+from loraplace.run.evaluation import check_selective_loss, token_nll
+from loraplace.run.measure import PeakMemory
+from loraplace.run.models import load_config, load_model, load_tokenizer, resolve_model_path
+from loraplace.run.tasks import get_task, task_of
 
 FORMAT = "loraplace-importance/1"
 SCORES = ("gradient", "activation", "weight")
@@ -141,7 +149,7 @@ class ImportanceResult:
         tokens: target tokens of the task's loss seen while scoring (0 for ``weight``).
         batches, batch_size: batches used and rows of the first one (0 for ``weight``).
         seconds: wall time of the scoring (``time.perf_counter``).
-        peak_memory_mib, memory_kind: peak memory while scoring (:class:`loraplace.measure.PeakMemory`:
+        peak_memory_mib, memory_kind: peak memory while scoring (:class:`loraplace.run.measure.PeakMemory`:
             process RSS on CPU, allocated tensors on CUDA), with the model loaded.
         method: one sentence: what the curve is.
         approximation: ``exact``, ``sketch (k=.., l=..)``, or a mix (``... for N of M slots``).
@@ -225,7 +233,6 @@ def scored_slots(model: nn.Module) -> tuple[list, list, list[str]]:
         ``(slots, left_out, warnings)``: the scored modules, the expert parameters left out (a
         score reads one linear map per slot), and the resolution's warnings (inferred roles).
     """
-    from loraplace.placement import parse_strategy, resolve_placement
 
     placement = resolve_placement(model, parse_strategy("full"), 1, 1.0)
     slots = [m for m in placement.modules if not m.is_parameter]
@@ -256,12 +263,12 @@ def score_slots(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]] | N
         model: a loaded transformers model (any head; base weights frozen or not). It is left
             exactly as it was.
         batches: collated batches of the task's training data (``input_ids``, ``attention_mask``,
-            ``labels``, as :attr:`loraplace.tasks.Task.collator` makes them), on any device; unused
+            ``labels``, as :attr:`loraplace.run.tasks.Task.collator` makes them), on any device; unused
             (may be None) for ``weight``.
         score: ``gradient``, ``activation`` or ``weight``.
         max_rank: the length of every curve.
         nll_fn: the task's loss ``(model, batch) -> (nll_sum (B,), n_tokens (B,)[, ...])``
-            (default :func:`loraplace.evaluation.token_nll`, the causal-LM loss).
+            (default :func:`loraplace.run.evaluation.token_nll`, the causal-LM loss).
         device: where batches go (default: the device of the model's first parameter).
         sketch: ``auto`` (each slot exact up to :data:`~loraplace.importance.spectrum.EXACT_MAX_FLOATS`
             entries or where a sketch is not smaller, else sketched), ``exact`` or ``sketch``
@@ -276,8 +283,6 @@ def score_slots(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]] | N
         LoraplaceError: unknown score, max_rank < 1, no batch for a data score, or a model
             whose loss does not reach the slots.
     """
-    from loraplace.evaluation import token_nll
-    from loraplace.measure import PeakMemory
 
     if score not in SCORES:
         raise LoraplaceError(f"unknown importance score {score!r}; use one of {', '.join(SCORES)}")
@@ -342,7 +347,6 @@ def _frozen_eval(model: nn.Module):
 def _input_embeddings(model: nn.Module) -> list[nn.Module]:
     """Every distinct input embedding of the model and its sub-models (T5's encoder and decoder
     share one), as transformers' ``enable_input_require_grads`` finds them."""
-    from transformers import PreTrainedModel
 
     found: dict[int, nn.Module] = {}
     for module in model.modules():
@@ -563,7 +567,7 @@ def score_batches(train, collator: Callable, *, batches: int, batch_size: int, s
     Args:
         train: the tokenized training split (:attr:`loraplace.data.PreparedData.train`); the eval
             split must never be scored.
-        collator: the task's collator (:attr:`loraplace.tasks.Task.collator` of the pad id).
+        collator: the task's collator (:attr:`loraplace.run.tasks.Task.collator` of the pad id).
         seed: permutation seed (``torch.randperm`` with a generator of its own).
 
     Raises:
@@ -584,7 +588,7 @@ class ScoringSetup:
     """A model loaded for scoring, its task, and the batches drawn from its training split."""
 
     model: nn.Module
-    task: Any  # loraplace.tasks.Task
+    task: Any  # loraplace.run.tasks.Task
     batches: list[dict]
     model_name: str
     dataset: str | None
@@ -595,7 +599,7 @@ def load_for_scoring(model_name_or_path: str, dataset: str | None, *, batches: i
                      max_length: int = 256, eval_size: int = 100, split_seed: int = 1234, loss_on: str = "response",
                      device: str = "auto", allow_fetch: bool = True) -> ScoringSetup:
     """Load a model, its task and its scoring batches the way a study run does
-    (:class:`loraplace.study.runs.RunContext`): the task follows the architecture, the data is
+    (:class:`loraplace.run.context.RunContext`): the task follows the architecture, the data is
     prepared by the task with the study's split settings, and batches come from the train split
     only (:func:`score_batches`, seed 0). ``dataset`` None loads no data (the weight score).
 
@@ -603,11 +607,6 @@ def load_for_scoring(model_name_or_path: str, dataset: str | None, *, batches: i
         LoraplaceError: the model, tokenizer or data cannot be loaded; the selective loss does
             not match the model's own logits.
     """
-    from transformers import set_seed
-
-    from loraplace.evaluation import check_selective_loss
-    from loraplace.models import load_config, load_model, load_tokenizer, pick_device, resolve_model_path
-    from loraplace.tasks import get_task, task_of
 
     where = pick_device(device)
     path = resolve_model_path(model_name_or_path, allow_fetch)

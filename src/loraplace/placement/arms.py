@@ -10,17 +10,12 @@ where it is read from stored files.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 from loraplace.errors import LoraplaceError
-from loraplace.placement.budget import parse_budget_reference, resolve_matched
 from loraplace.placement.strategies import parse_strategy
-
-if TYPE_CHECKING:
-    from torch import nn
-
-    from loraplace.placement.resolve import Placement
 
 REFERENCE_STRATEGY = "full"
 """The full-LoRA arm every other arm is compared with: the results' ``params_vs_full_pct`` and
@@ -29,6 +24,62 @@ REFERENCE_STRATEGY = "full"
 
 ARM_SEPARATOR = "~"
 """Separates a strategy from its budget reference in an arm label: ``attention~full``."""
+
+
+_COUNT = re.compile(r"^(\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)([kKmMgGbB]?)$")
+
+
+_SCALE = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
+
+
+COUNT_EXAMPLES = "6291456, 6_291_456, 12,000, 1e6, 500k, 6.3M or 2B"
+
+
+def parse_param_count(value: str | int, what: str = "parameter count") -> int:
+    """A parameter count as people write it: ``6291456``, ``6_291_456``, ``12,000``, ``1e6``,
+    ``500k``, ``6.3M``, ``2M``, ``1g``/``1B`` (k = 10^3, M = 10^6, G/B = 10^9; rounded to an int).
+
+    Args:
+        value: the text (or an int, returned as is once checked).
+        what: the setting it comes from, for the error (``--budget``, ``match_budget``).
+
+    Raises:
+        LoraplaceError: not a count in one of these spellings, or a count below 1.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise LoraplaceError(f"{what} {value!r} is not a parameter count; give e.g. {COUNT_EXAMPLES}")
+    if isinstance(value, int):
+        count = value
+    else:
+        m = _COUNT.match(value.strip().replace("_", "").replace(",", ""))
+        if not m:
+            raise LoraplaceError(f"{what} {value!r} is not a parameter count; give e.g. {COUNT_EXAMPLES}")
+        count = round(float(m[1]) * _SCALE[m[2].lower()])
+    if count < 1:
+        raise LoraplaceError(f"{what} {value!r}: a parameter budget must be at least 1; give e.g. {COUNT_EXAMPLES}")
+    return count
+
+
+def parse_budget_reference(value: str | int) -> str | int:
+    """``--match-budget`` as given: a parameter count (:func:`parse_param_count`) becomes an int;
+    anything else is a reference strategy spec, checked here and returned without spaces.
+
+    Raises:
+        LoraplaceError: a count below 1, or a spec that is not a valid strategy.
+    """
+    if isinstance(value, bool):
+        raise LoraplaceError(f"match_budget {value!r} is neither a parameter count nor a strategy")
+    text = value if isinstance(value, int) else str(value).strip()
+    if isinstance(text, int) or _COUNT.match(text.replace("_", "").replace(",", "")):
+        return parse_param_count(text, what="match_budget")
+    try:
+        parse_strategy(text)
+    except LoraplaceError as e:
+        raise LoraplaceError(
+            f"match_budget {value!r} is neither a parameter count (like 6291456 or 6.3M) nor a valid "
+            f"reference strategy: {e}"
+        ) from None
+    return "".join(text.split())
 
 
 @dataclass(frozen=True)
@@ -93,35 +144,3 @@ def study_arms(strategies: Sequence[str], match_budget: str | int | None) -> lis
     return arms
 
 
-def resolve_arm(model: nn.Module, arm: Arm | str, r: int, alpha: float, ranks: dict[str, int] | None = None,
-                budget: dict | None = None) -> Placement:
-    """The placement of a study arm on ``model``: the strategy at rank ``r``, or, for a matched
-    arm, the strategy with ranks matched to the reference's budget. A ``str`` is a stored label
-    (a :class:`~loraplace.study.records.RunSpec`'s ``strategy``), read with :meth:`Arm.parse`.
-
-    An automatic arm (``auto[...]``) is resolved once per study (:mod:`loraplace.study.allocations`):
-    its explicit ``ranks`` (module -> rank) and ``budget`` record must be given.
-
-    Raises:
-        LoraplaceError: an automatic arm without ``ranks``, or any resolution error.
-    """
-    from loraplace.placement.resolve import resolve_placement
-
-    arm = Arm.parse(arm) if isinstance(arm, str) else arm
-    strategy = parse_strategy(arm.strategy)
-    if strategy.allocated_per_study:
-        if not ranks:
-            raise LoraplaceError(f"arm {arm.label!r} is placed from data once per study; its stored allocation "
-                                 "(ranks per module) is missing")
-        from loraplace.placement.auto import explicit_placement
-
-        # every module keeps the update scale alpha / r of the rank the allocation was made for
-        # (EVA: the LoraConfig rank it ran at)
-        scale_rank = (budget or {}).get("eva_r", r) if strategy.method == "eva" else r
-        arm_alpha = strategy.auto.alpha if strategy.auto and strategy.auto.alpha else alpha
-        return explicit_placement(model, arm.label, ranks, scale_rank, arm_alpha, budget)
-    if strategy.method == "adalora":
-        raise LoraplaceError(f"arm {arm.label!r}: AdaLoRA places its ranks during training (see loraplace.baselines)")
-    if arm.reference is None:
-        return resolve_placement(model, strategy, r, alpha)
-    return resolve_matched(model, strategy, r, alpha, arm.reference)

@@ -14,79 +14,22 @@ alpha, vary r), so the update scale alpha / r follows the rank.
 
 from __future__ import annotations
 
-import re
 from dataclasses import replace
-from typing import TYPE_CHECKING
+
+from torch import nn
 
 from loraplace.errors import LoraplaceError
+from loraplace.placement.resolve import Placement, resolve_placement
 from loraplace.placement.strategies import Strategy, parse_strategy
-
-if TYPE_CHECKING:  # resolving needs torch and PEFT; parsing budgets does not (``loraplace report``)
-    from torch import nn
-
-    from loraplace.placement.resolve import Placement
 
 DEFAULT_TOLERANCE = 0.005
 """A uniform rank within 0.5% of the target is kept; beyond that some modules get rank + 1.
 Half a percent each way keeps any two matched arms within 1% of each other."""
 
-_COUNT = re.compile(r"^(\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)([kKmMgGbB]?)$")
-_SCALE = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
-COUNT_EXAMPLES = "6291456, 6_291_456, 12,000, 1e6, 500k, 6.3M or 2B"
-
-
-def parse_param_count(value: str | int, what: str = "parameter count") -> int:
-    """A parameter count as people write it: ``6291456``, ``6_291_456``, ``12,000``, ``1e6``,
-    ``500k``, ``6.3M``, ``2M``, ``1g``/``1B`` (k = 10^3, M = 10^6, G/B = 10^9; rounded to an int).
-
-    Args:
-        value: the text (or an int, returned as is once checked).
-        what: the setting it comes from, for the error (``--budget``, ``match_budget``).
-
-    Raises:
-        LoraplaceError: not a count in one of these spellings, or a count below 1.
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise LoraplaceError(f"{what} {value!r} is not a parameter count; give e.g. {COUNT_EXAMPLES}")
-    if isinstance(value, int):
-        count = value
-    else:
-        m = _COUNT.match(value.strip().replace("_", "").replace(",", ""))
-        if not m:
-            raise LoraplaceError(f"{what} {value!r} is not a parameter count; give e.g. {COUNT_EXAMPLES}")
-        count = round(float(m[1]) * _SCALE[m[2].lower()])
-    if count < 1:
-        raise LoraplaceError(f"{what} {value!r}: a parameter budget must be at least 1; give e.g. {COUNT_EXAMPLES}")
-    return count
-
-
-def parse_budget_reference(value: str | int) -> str | int:
-    """``--match-budget`` as given: a parameter count (:func:`parse_param_count`) becomes an int;
-    anything else is a reference strategy spec, checked here and returned without spaces.
-
-    Raises:
-        LoraplaceError: a count below 1, or a spec that is not a valid strategy.
-    """
-    if isinstance(value, bool):
-        raise LoraplaceError(f"match_budget {value!r} is neither a parameter count nor a strategy")
-    text = value if isinstance(value, int) else str(value).strip()
-    if isinstance(text, int) or _COUNT.match(text.replace("_", "").replace(",", "")):
-        return parse_param_count(text, what="match_budget")
-    try:
-        parse_strategy(text)
-    except LoraplaceError as e:
-        raise LoraplaceError(
-            f"match_budget {value!r} is neither a parameter count (like 6291456 or 6.3M) nor a valid "
-            f"reference strategy: {e}"
-        ) from None
-    return "".join(text.split())
-
-
 def budget_target(model: nn.Module, reference: str | int, r: int, alpha: float) -> int:
     """The parameter count to match: ``reference`` itself if a count, else the trainable
     parameters of the reference strategy (a spec, as :func:`parse_budget_reference` returns it)
     at rank ``r``."""
-    from loraplace.placement.resolve import resolve_placement
 
     if isinstance(reference, int):
         return reference
@@ -161,7 +104,6 @@ def match_placement(placement: Placement, target: int, reference: str | int,
 
 def fixed_rank_modules(model: nn.Module, strategy: Strategy, r: int, alpha: float) -> set[str]:
     """Names of modules whose rank a term of ``strategy`` sets with ``r=`` (last term wins)."""
-    from loraplace.placement.resolve import resolve_placement
 
     names: set[str] = set()
     for term in strategy.terms:
@@ -190,7 +132,6 @@ def resolve_matched(model: nn.Module, strategy: Strategy, r: int, alpha: float, 
             f"strategy {strategy.name!r} sets r= on every term, so --match-budget has no rank to choose; "
             "drop r= from at least one term, or leave --match-budget out"
         )
-    from loraplace.placement.resolve import resolve_placement
 
     target = budget_target(model, reference, r, alpha)
     placement = resolve_placement(model, strategy, r, alpha)

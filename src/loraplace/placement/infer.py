@@ -8,13 +8,11 @@ stops the inference: guessing wrong would silently run a different experiment.
 
 from __future__ import annotations
 
-
 from torch import nn
 
 from loraplace.errors import LoraplaceError
 from loraplace.placement.params import linear_modules
 from loraplace.placement.roles import BLOCK_NAME, ArchitectureRoles
-
 
 # Last path component -> role, per container kind. Only names whose meaning is unambiguous
 # inside that container are listed.

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import Any, Mapping
 
 from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
 from loraplace.errors import LoraplaceError
+from loraplace.placement.arms import REFERENCE_STRATEGY
+from loraplace.placement.infer import infer_roles
+from loraplace.placement.matrix import rank_rows
 from loraplace.placement.params import linear_modules, lora_param_count
 from loraplace.placement.roles import ALL_ROLES, BLOCK_NAME, OUTER_ROLES, ArchitectureRoles, group_of, roles_for
-from loraplace.placement.strategies import Strategy, Term
-
+from loraplace.placement.strategies import Strategy, Term, parse_strategy
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,6 @@ class Placement:
             the blocks (embed, lm_head) form a last row with stack None and layers ``"-"``. A cell
             holds ``"8/16"`` when a role's modules in one layer got different ranks.
         """
-        from loraplace.placement.matrix import rank_rows
 
         adapted_roles = set(self.roles())
         columns = [r for r in self.available_roles if r not in OUTER_ROLES or r in adapted_roles]
@@ -264,7 +265,6 @@ def _term_error(strategy: Strategy, term: Term, model: nn.Module, available: lis
 
 
 def _table(model: nn.Module, model_type: str, warnings: list[str]) -> ArchitectureRoles:
-    from loraplace.placement.infer import infer_roles
 
     try:
         return roles_for(model_type)
@@ -384,3 +384,43 @@ def resolve_placement(model: nn.Module, strategy: Strategy, r: int, alpha: float
 def _relative(name: str) -> str:
     match = BLOCK_NAME.match(name)
     return match["rel"] if match else name
+
+
+def module_slots(placement: Placement) -> list[AdaptedModule]:
+    """The placement's modules without mixture-of-experts parameters."""
+    return [m for m in placement.modules if not m.is_parameter]
+
+
+def slot_placement(model: nn.Module) -> Placement:
+    """The slots an automatic strategy allocates over: the modules of ``full`` (rank 1), without
+    mixture-of-experts parameters (no importance score covers them yet)."""
+
+    placement = resolve_placement(model, parse_strategy(REFERENCE_STRATEGY), 1, 1.0)
+    placement.modules = [m for m in placement.modules if not m.is_parameter]
+    if not placement.modules:
+        raise LoraplaceError("automatic placement found no linear module to place adapters on")
+    return placement
+
+
+def explicit_placement(model: nn.Module, label: str, ranks: Mapping[str, int], r: int, alpha: float,
+                       budget: dict[str, Any] | None = None) -> Placement:
+    """The placement that adapts exactly the modules of ``ranks`` at those ranks, each with
+    ``alpha * rank / r`` (the update scale ``alpha / r`` of the study's rank, see the module docstring).
+
+    Raises:
+        LoraplaceError: a module name that is not a slot of this model (an allocation of another model).
+    """
+    slots = slot_placement(model)
+    known = {m.name for m in slots.modules}
+    unknown = sorted(set(ranks) - known)
+    if unknown:
+        raise LoraplaceError(f"the stored allocation of {label!r} names modules this model does not have: "
+                             f"{', '.join(unknown[:5])}; was it made for another model?")
+    bad = {n: k for n, k in ranks.items() if not isinstance(k, int) or k < 1}
+    if bad:
+        raise LoraplaceError(f"the allocation of {label!r} has ranks below 1: {bad}")
+    modules = [replace(m, r=int(ranks[m.name]), alpha=alpha * ranks[m.name] / r) for m in slots.modules
+               if m.name in ranks]
+    placement = replace(slots, strategy=label, modules=modules, warnings=[])
+    placement.budget = dict(budget) if budget else None
+    return placement

@@ -187,7 +187,7 @@ class Strategy:
             else None.
         method: a published baseline that places rank itself on the modules of ``full``:
             ``eva`` (ranks from the inputs' explained variance, allocated once per study, like
-            ``auto``) or ``adalora`` (ranks pruned during training); see :mod:`loraplace.baselines`.
+            ``auto``) or ``adalora`` (ranks pruned during training); see :mod:`loraplace.methods`.
     """
 
     name: str
@@ -214,9 +214,15 @@ class Strategy:
         return self.auto is not None
 
     @property
-    def allocated_per_study(self) -> bool:
-        """True for a strategy whose ranks are allocated once per study from data (``auto``, ``eva``)."""
-        return self.auto is not None or self.method == "eva"
+    def method_name(self) -> str:
+        """The adapter method that trains this strategy (:data:`loraplace.methods.METHODS`): ``auto``
+        for ``auto[...]``, the baseline's name (``eva``, ``adalora``), else ``lora``."""
+        return AUTO if self.auto is not None else self.method or "lora"
+
+    @property
+    def hand_picked(self) -> bool:
+        """True for a placement chosen by hand (roles, layers, ranks), not by an algorithm."""
+        return self.method_name == "lora"
 
     @property
     def has_fixed_ranks(self) -> bool:

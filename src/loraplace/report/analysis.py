@@ -19,8 +19,15 @@ import numpy as np
 from loraplace.placement.arms import REFERENCE_STRATEGY
 from loraplace.report.load import RunData, Study
 from loraplace.report.pareto import Knee, Point, dominators, knee, pareto_front
-from loraplace.report.stats import (DEFAULT_RESAMPLES, Interval, PairedComparison, holm, paired_bootstrap,
-                                     t_interval, welch_p)
+from loraplace.report.stats import (
+    DEFAULT_RESAMPLES,
+    Interval,
+    PairedComparison,
+    holm,
+    paired_bootstrap,
+    t_interval,
+    welch_p,
+)
 
 ENV_LIBRARIES = ("torch", "transformers", "peft", "loraplace")
 MEMORY_KINDS = {"rss": "process RSS (CPU)", "cuda_allocated": "CUDA allocated",

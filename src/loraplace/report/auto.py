@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from scipy import stats as sps
 
+from loraplace.placement.matrix import rank_rows
 from loraplace.placement.roles import ALL_ROLES, group_of
 from loraplace.report import figures, fmt
 from loraplace.report.analysis import Arm, Group
@@ -157,7 +158,6 @@ def rank_matrix(modules: list[dict[str, Any]], stacks: dict[Any, int] | None = N
         role's modules in one layer differ, or None}}``; modules outside the blocks form a last
         row with layers ``"-"``.
     """
-    from loraplace.placement.matrix import rank_rows
 
     roles = sorted({m["role"] for m in modules}, key=_role_key)
     counts = _stack_layers({(m.get("stack"), m.get("layer")) for m in modules}, stacks or {})

@@ -5,10 +5,8 @@ study store formats ``results.md`` after every run."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from loraplace.report.stats import Interval, PairedComparison
+from loraplace.report.stats import Interval, PairedComparison, fmt_p
 
 
 def num(v: float | int | None, digits: int = 4, signed: bool = False) -> str:
@@ -63,7 +61,6 @@ def ci_only(iv: Interval | None, digits: int = 4) -> str:
 
 def p_holm(c: PairedComparison) -> str:
     """The Holm-adjusted p of a comparison for display: a bound when the raw p is one."""
-    from loraplace.report.stats import fmt_p
 
     if c.p_adjusted is None:
         return "-"
@@ -78,7 +75,6 @@ def comparison(c: PairedComparison | None) -> str:
     and, when the comparison belongs to an adjusted family, the Holm-adjusted p verdicts read."""
     if c is None:
         return "no paired per-example data"
-    from loraplace.report.stats import fmt_p
 
     def eq(text: str) -> str:
         return text if text.startswith("<") else f"= {text}"

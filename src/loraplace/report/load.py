@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from loraplace.errors import LoraplaceError
-from loraplace.study.records import RunResult
+from loraplace.records import RunResult
 
 
 @dataclass

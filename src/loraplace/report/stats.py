@@ -5,7 +5,7 @@ are several).
 Conventions:
 
 * Eval loss of one run is the token-weighted mean NLL ``L = sum_i nll_i / sum_i n_i`` (see
-  :mod:`loraplace.evaluation`). A difference between arms is ``L_a - L_b`` (negative: ``a`` is
+  :mod:`loraplace.run.evaluation`). A difference between arms is ``L_a - L_b`` (negative: ``a`` is
   better).
 * With one seed a seed-level confidence interval is undefined: :func:`t_interval` returns
   ``None`` bounds for ``n < 2`` instead of inventing one.

@@ -9,7 +9,7 @@ import re
 import time
 from pathlib import Path
 
-from loraplace.placement.budget import parse_param_count
+from loraplace.placement.arms import parse_param_count
 from loraplace.report import doc, figures, tables
 from loraplace.report.analysis import build_arms, build_groups, order_note, run_label, worse_than_base
 from loraplace.report.auto import AUTO_METHOD, auto_section

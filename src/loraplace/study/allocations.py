@@ -8,9 +8,9 @@ recomputed, so that a resumed or a Ray study trains what the first command chose
   (:mod:`loraplace.importance`), computed on the first ``importance.batches`` batches of a seeded
   permutation of the training split (never the eval split);
 * ``allocations/<arm>.json``: the arm's ranks per module, its budget and its predicted gain
-  (:func:`loraplace.placement.auto.auto_placement`).
+  (:func:`loraplace.methods.auto.auto_placement`, via the arm's method).
 
-The ranks travel inside each :class:`~loraplace.study.records.RunSpec` (``ranks``, ``budget``), so a
+The ranks travel inside each :class:`~loraplace.records.RunSpec` (``ranks``, ``budget``), so a
 worker on another machine needs no shared filesystem.
 """
 
@@ -20,13 +20,18 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+from safetensors.torch import save_file
+
 from loraplace.config import ImportanceSettings, StudyConfig
 from loraplace.errors import LoraplaceError
+from loraplace.files import atomic_replace, atomic_write_json
+from loraplace.importance import ImportanceResult, score_batches, score_slots, write_importance
+from loraplace.methods import method_of
 from loraplace.placement.arms import Arm
-from loraplace.placement.strategies import parse_strategy
-from loraplace.study.files import atomic_replace, atomic_write_json
-from loraplace.study.plan import run_id_for
-from loraplace.study.records import RunSpec
+from loraplace.records import RunSpec
+from loraplace.study.runs import RunRecipe
+from loraplace.study.specs import run_id_for
 
 ALLOCATION_FORMAT = "loraplace-allocation/1"
 SCORING_SEED = 0
@@ -34,9 +39,9 @@ SCORING_SEED = 0
 
 
 def allocated_per_study(label: str) -> bool:
-    """True for the label of an arm whose ranks are allocated once per study (``auto[...]``, ``eva``,
-    with or without a budget reference)."""
-    return parse_strategy(Arm.parse(label).strategy).allocated_per_study
+    """True for the label of an arm whose method allocates its ranks once per study (with or
+    without a budget reference)."""
+    return method_of(label).allocated_per_study
 
 
 def allocation_path(study_dir: Path, label: str) -> Path:
@@ -44,9 +49,11 @@ def allocation_path(study_dir: Path, label: str) -> Path:
     return Path(study_dir) / "allocations" / (run_id_for(label, 0).removesuffix("-s0") + ".json")
 
 
-def eva_state_path(study_dir: Path, label: str) -> Path:
-    """``allocations/<arm>.eva.safetensors``: an EVA arm's initial A matrices, beside its allocation."""
-    return allocation_path(study_dir, label).with_suffix(".eva.safetensors")
+def state_path(study_dir: Path, label: str) -> Path | None:
+    """``allocations/<arm>.<suffix>.safetensors``: the initial adapter state a per-study method
+    stores beside its allocation (EVA's A matrices: ``.eva.safetensors``); None for a method without one."""
+    suffix = method_of(label).state_suffix
+    return allocation_path(study_dir, label).with_suffix(f".{suffix}.safetensors") if suffix else None
 
 
 def importance_path(study_dir: Path, score: str) -> Path:
@@ -57,9 +64,6 @@ def scoring_batches(setup, settings: ImportanceSettings) -> list[dict]:
     """The batches every importance score (and EVA) of a study reads: those of
     :func:`loraplace.importance.score_batches` (a permutation of the training split seeded with
     :data:`SCORING_SEED`), moved to the run's device."""
-    import torch
-
-    from loraplace.importance import score_batches
 
     batches = score_batches(setup.data.train, setup.collator, batches=settings.batches,
                             batch_size=settings.batch_size, seed=SCORING_SEED)
@@ -82,7 +86,7 @@ def resolve_allocations(config: StudyConfig, study_dir: Path, specs: list[RunSpe
         config: the study (its ``importance`` settings, ``lora.r`` and ``lora.alpha``).
         study_dir: where ``importance/`` and ``allocations/`` live.
         specs: the runs this command will execute.
-        ctx: a :class:`~loraplace.study.runs.RunContext` that loads the base model and the data (the
+        ctx: a :class:`~loraplace.run.context.RunContext` that loads the base model and the data (the
             local executor's own, so that the model is loaded once).
         note: told what is being computed (it takes time).
 
@@ -102,56 +106,59 @@ def resolve_allocations(config: StudyConfig, study_dir: Path, specs: list[RunSpe
     if missing:
         stored.update(_allocate(config, study_dir, [s for s in specs if s.strategy == missing[0]][0], missing,
                                 ctx, note))
-    states = {label: eva_state_path(study_dir, label).read_bytes() for label in stored
-              if eva_state_path(study_dir, label).is_file()}
+    states = {}
     for label in stored:
-        if parse_strategy(Arm.parse(label).strategy).method == "eva" and label not in states:
-            raise LoraplaceError(f"{eva_state_path(study_dir, label)} is missing; delete "
-                                 f"{allocation_path(study_dir, label)} to recompute EVA's allocation")
+        path = state_path(study_dir, label)
+        if path is None:
+            continue
+        if not path.is_file():
+            raise LoraplaceError(f"{path} is missing; delete {allocation_path(study_dir, label)} to recompute "
+                                 f"the allocation of {label!r}")
+        states[label] = path.read_bytes()
     return [s.model_copy(update={"ranks": stored[s.strategy]["ranks"], "budget": stored[s.strategy]["budget"],
-                                 "eva_state": states.get(s.strategy)})
+                                 "init_state": states.get(s.strategy)})
             if s.strategy in stored else s for s in specs]
 
 
 def _allocate(config: StudyConfig, study_dir: Path, template: RunSpec, labels: list[str], ctx,
               note: Callable[[str], None]) -> dict[str, dict[str, Any]]:
-    from loraplace.importance import ImportanceResult, score_slots, write_importance
-    from loraplace.placement.auto import auto_placement
-    from loraplace.study.runs import RunRecipe
-
+    """Score what the arms' methods read, allocate each arm once, and store its allocation (and
+    initial adapter state) in ``allocations/``."""
     setup = RunRecipe(template, ctx).load()
-    autos = [label for label in labels if parse_strategy(Arm.parse(label).strategy).is_auto]
-    scores_needed = sorted({parse_strategy(Arm.parse(label).strategy).auto.score for label in autos}  # type: ignore[union-attr]
-                           - {"random"})
+    arms = {label: Arm.parse(label) for label in labels}
+    scores_needed = sorted({score for label, arm in arms.items() for score in method_of(label).scores(arm)})
     results: dict[str, Any] = {}
-    batches = None
+    batches: list | None = None
+
+    def scoring() -> list[dict]:
+        nonlocal batches
+        if batches is None:
+            batches = scoring_batches(setup, config.importance)
+        return batches
+
     for score in scores_needed:
         path = importance_path(study_dir, score)
         if path.is_file():
             results[score] = ImportanceResult.load(path)
             continue
-        if batches is None:
-            batches = scoring_batches(setup, config.importance)
         note(f"scoring the modules of {config.model} for automatic placement ({score} score, "
-             f"{len(batches)} batches)")
-        result = score_slots(setup.base, batches, score, config.importance.max_rank, nll_fn=setup.task.nll,
+             f"{len(scoring())} batches)")
+        result = score_slots(setup.base, scoring(), score, config.importance.max_rank, nll_fn=setup.task.nll,
                              device=setup.device)
         result.model, result.dataset = config.model, (None if score == "weight" else config.dataset)
         write_importance(result, path.parent, r=config.lora.r)
         results[score] = result
     records = {}
-    for label in labels:
-        arm = Arm.parse(label)
-        if label not in autos:  # eva
-            if batches is None:
-                batches = scoring_batches(setup, config.importance)
-            note(f"running EVA's SVD of the module inputs of {config.model} for {label} ({len(batches)} batches)")
-            (placement, state), score = eva_allocation(setup, arm, config.lora, batches), "eva"
-            save_eva_state(eva_state_path(study_dir, label), state)
-        else:
-            score = parse_strategy(arm.strategy).auto.score  # type: ignore[union-attr]
-            placement = auto_placement(setup.base, arm, config.lora.r, config.lora.alpha, results.get(score))
+    for label, arm in arms.items():
+        method = method_of(label)
+        if not method.scores(arm):
+            note(f"allocating {label} ({method.title}) from the inputs of {config.model} "
+                 f"({len(scoring())} batches)")
+        placement, state = method.allocate(setup, arm, config, scoring, results)
+        if state is not None:
+            save_state(state_path(study_dir, label), state)  # type: ignore[arg-type]
         budget = placement.budget or {}
+        score = budget.get("score") or method.name
         record = {
             "format": ALLOCATION_FORMAT, "arm": label, "score": score, "mode": budget.get("mode"),
             "draw": budget.get("draw"), "step": budget.get("step"), "max_r": budget.get("max_r"),
@@ -166,46 +173,9 @@ def _allocate(config: StudyConfig, study_dir: Path, template: RunSpec, labels: l
     return records
 
 
-def save_eva_state(path: Path, state: dict) -> None:
-    """EVA's A matrices as safetensors (modules at rank 0 left out), written atomically."""
-    import torch
-    from safetensors.torch import save_file
-
+def save_state(path: Path, state: dict) -> None:
+    """An initial adapter state (name -> tensor; rank-0 entries left out) as safetensors, written atomically."""
     tensors = {name: w.detach().to("cpu", dtype=torch.float32).contiguous()
                for name, w in state.items() if w.shape[0] > 0}
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_replace(path, lambda tmp: save_file(tensors, str(tmp)))
-
-
-def eva_allocation(setup, arm: Arm, lora, batches: list[dict], eva_r: int | None = None):
-    """EVA's placement of ``arm`` (``eva`` or ``eva~REFERENCE``) on the loaded base model: PEFT's EVA on
-    the modules of ``full`` at the ``LoraConfig`` rank ``eva_r``, by default the uniform rank that
-    spends the arm's budget on those modules (one EVA pass; EVA then moves rank between modules of
-    different widths, so it trains about, not exactly, the budget: the record says how far).
-    A search over the rank (``loraplace.baselines.eva_ranks`` without ``r``) would cost one whole
-    EVA pass per candidate: 8 minutes each for SmolLM2-135M on 2 CPU cores.
-
-    Returns:
-        ``(placement, state)``: the placement (modules EVA gave rank 0 left out) with its ``budget``
-        record (``eva_r``: the ``LoraConfig`` rank EVA ran at, which scales every module's alpha),
-        and EVA's initial A matrices by module name.
-    """
-    from loraplace.baselines import eva_ranks
-    from loraplace.placement.arms import REFERENCE_STRATEGY
-    from loraplace.placement.auto import explicit_placement, slot_placement
-    from loraplace.placement.budget import budget_target
-
-    reference = arm.reference if arm.reference is not None else REFERENCE_STRATEGY
-    target = budget_target(setup.base, reference, lora.r, lora.alpha)
-    slots = slot_placement(setup.base)
-    uniform = max(1, round(target / sum(m.size for m in slots.modules)))
-    ranks, state, info = eva_ranks(setup.base, slots, lora, batches, target_params=target,
-                                   task_type=setup.task.peft_task_type, r=eva_r or uniform)
-    kept = {name: k for name, k in ranks.items() if k > 0}
-    budget = {"reference": reference, "target": target, "achieved": info["achieved"],
-              "deviation_pct": info["deviation_pct"], "method": "eva", "eva_r": info["r"], "rho": info["rho"],
-              "tau": info["tau"], "seconds": info["seconds"], "forward_passes": info["forward_passes"],
-              "dropped": len(ranks) - len(kept)}
-    placement = explicit_placement(setup.base, arm.label, kept, info["r"], lora.alpha, budget)
-    placement.budget["ranks"] = placement.ranks()  # type: ignore[index]
-    return placement, state

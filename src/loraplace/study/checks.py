@@ -4,43 +4,28 @@ clear line instead of after the first hour of training."""
 from __future__ import annotations
 
 from loraplace.config import StudyConfig
+from loraplace.data import load_rows
 from loraplace.errors import LoraplaceError
+from loraplace.methods import method_of
+from loraplace.placement.arms import study_arms
+from loraplace.run.device import pick_device
+from loraplace.run.memory_plan import device_free_mib, estimate_memory
+from loraplace.run.models import load_config, meta_model, resolve_model_path
+from loraplace.run.quantization import check_quantization
+from loraplace.run.tasks import check_task_columns, task_of
 
 
 def check_study(config: StudyConfig, allow_fetch: bool = True) -> None:
     """Raise :class:`~loraplace.errors.LoraplaceError` if the model, the dataset, a strategy, the
     device or the quantization (bitsandbytes missing or without a backend for the device) is
     unusable. Loads the model's config (no weights) and the dataset's rows."""
-    from loraplace.data import load_rows
-    from loraplace.models import load_config, meta_model, pick_device, resolve_model_path, task_of
-    from loraplace.tasks import check_task_columns
-    from loraplace.placement.arms import resolve_arm, study_arms
-    from loraplace.placement.auto import check_auto
-    from loraplace.placement.strategies import parse_strategy
-
-    from loraplace.quantization import check_quantization
 
     check_quantization(config.quantization, pick_device(config.device))
     model_config, _ = load_config(resolve_model_path(config.model, allow_fetch))
     skeleton = meta_model(model_config)
     # Every arm the study will run, budget-matched ones included, resolved as execute_run does.
     for arm in study_arms(config.strategies, config.match_budget):
-        strategy = parse_strategy(arm.strategy)
-        if strategy.is_auto and config.quantization != "none":
-            # The weight score would read bitsandbytes' packed integers as weights; the others are untried.
-            raise LoraplaceError(
-                f"strategy {arm.label!r}: automatic placement scores the base model's modules, which is not "
-                f"supported on a quantized base model (quantization={config.quantization}); "
-                "score and allocate with quantization=none, or leave the auto[...] arms out"
-            )
-        if strategy.is_auto:  # allocated from scores later: check its budget now
-            check_auto(skeleton, arm, config.lora.r, config.lora.alpha, config.importance.max_rank)
-        elif strategy.method == "adalora":
-            from loraplace.baselines import adalora_schedule
-
-            adalora_schedule(config.train.max_steps)  # a run too short for AdaLoRA's phases fails here
-        elif strategy.method != "eva":  # EVA's ranks come from data, before anything trains
-            resolve_arm(skeleton, arm, config.lora.r, config.lora.alpha)
+        method_of(arm).check(skeleton, arm, config)
     rows = load_rows(config.dataset, allow_fetch=allow_fetch)
     task = config.task if config.task != "auto" else task_of(model_config)
     check_task_columns(task, rows.column_names, config.dataset)
@@ -51,21 +36,17 @@ def check_memory(config: StudyConfig, model_config, skeleton, task: str) -> None
     """Refuse a study with an arm that will not fit in the device's free memory, even with gradient
     checkpointing (or without it, where ``train.gradient_checkpointing=false``).
 
-    Each arm is estimated (:func:`loraplace.memory_plan.estimate_memory`) at the study's batch size
+    Each arm is estimated (:func:`loraplace.run.memory_plan.estimate_memory`) at the study's batch size
     and ``max_length`` (an upper bound: batches are padded to their longest example) on the model's
     meta skeleton; arms allocated later (``auto[...]``, EVA, AdaLoRA) are estimated with the modules
     of ``full`` at the study's rank, which adapts every slot they choose from. Nothing is checked
-    where the free memory is unknown (:func:`~loraplace.memory_plan.device_free_mib`) or on a Ray
+    where the free memory is unknown (:func:`~loraplace.run.memory_plan.device_free_mib`) or on a Ray
     cluster, whose workers are other machines.
 
     Raises:
         LoraplaceError: one line naming the arm, its estimate by component, the free memory and
             the settings to change.
     """
-    from loraplace.memory_plan import device_free_mib, estimate_memory
-    from loraplace.models import pick_device
-    from loraplace.placement import REFERENCE_STRATEGY, parse_strategy, resolve_placement
-    from loraplace.placement.arms import resolve_arm, study_arms
 
     if config.executor.kind == "ray":
         return
@@ -75,16 +56,8 @@ def check_memory(config: StudyConfig, model_config, skeleton, task: str) -> None
         return
     setting = config.train.gradient_checkpointing
     train = config.train
-    stand_in = None
     for arm in study_arms(config.strategies, config.match_budget):
-        strategy = parse_strategy(arm.strategy)
-        if strategy.is_auto or strategy.method in ("eva", "adalora"):
-            if stand_in is None:
-                stand_in = resolve_placement(skeleton, parse_strategy(REFERENCE_STRATEGY), config.lora.r,
-                                             config.lora.alpha)
-            placement = stand_in
-        else:
-            placement = resolve_arm(skeleton, arm, config.lora.r, config.lora.alpha)
+        placement = method_of(arm).stand_in(skeleton, arm, config)
         kwargs = dict(batch_size=train.batch_size, max_length=train.max_length, precision=train.precision,
                       device=device, task=task, lora_dropout=config.lora.dropout, dropout_masks=config.lora.dropout_masks,
                       eval_batch_size=train.eval_batch_size, quantization=config.quantization, skeleton=skeleton)

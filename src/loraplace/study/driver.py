@@ -13,57 +13,30 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from loraplace.config import StudyConfig
 from loraplace.errors import LoraplaceError
-from loraplace.study.records import RunResult, RunSpec
+from loraplace.records import RunSpec
+from loraplace.report.write import write_report
+from loraplace.run.device import pick_device, resolve_precision
+from loraplace.run.measure import library_versions
+from loraplace.study.allocations import resolve_allocations
+from loraplace.study.checks import check_study
+from loraplace.study.executor import LocalExecutor
+from loraplace.study.progress import StudyInterrupted, StudyProgress
+from loraplace.study.ray_executor import RayExecutor
+from loraplace.study.specs import default_output_dir, run_identity, run_specs
+from loraplace.study.store import StudyStore
 
 
-class StudyProgress:
-    """What :func:`run_study` reports while it works; every method does nothing by default."""
+def resolve_environment(config: StudyConfig) -> dict[str, Any]:
+    """What this machine runs the study with: the device type and precision that ``device`` and
+    ``train.precision`` resolve to, and the library versions."""
 
-    def note(self, text: str) -> None:
-        """Something worth knowing that changes nothing (a stale lock taken over)."""
-
-    def warning(self, text: str) -> None:
-        """Something that changes how the study reads (mixed environments under --allow-mixed)."""
-
-    def planned(self, study: StudyConfig, study_dir: Path, total: int, finished: int, kept: int) -> None:
-        """The plan: ``total`` runs of this command (``finished`` of them already stored), and
-        ``kept`` stored runs of the study that this command does not ask for."""
-
-    def runs_starting(self, total: int, done: int) -> None:
-        """Called once before the first run trains (``done`` of ``total`` finished already)."""
-
-    def run_started(self, spec: RunSpec, k: int) -> None:
-        """Run ``spec`` starts; it is the ``k``-th run of the plan (1-based)."""
-
-    def run_step(self, spec: RunSpec, step: int, total: int, loss: float | None) -> None:
-        """Optimizer step ``step`` of ``total`` of ``spec`` is done (``loss``: the last logged training loss)."""
-
-    def run_ended(self, result: RunResult, k: int, seconds: float) -> None:
-        """A run ended (ok or failed) after ``seconds`` and its result is saved."""
-
-    def runs_stopped(self) -> None:
-        """Called once when the runs stop: all done, or an error or interrupt ended them."""
-
-    def results_saved(self, study_dir: Path) -> None:
-        """Every run of the plan ended; the results files in ``study_dir`` are final."""
-
-    def report_written(self, html_path: Path) -> None:
-        """The report is written (``report.md`` lies next to ``html_path``)."""
-
-    def report_failed(self, study_dir: Path, error: Exception) -> None:
-        """Writing the report failed; the results are saved all the same."""
-
-
-class StudyInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM stopped the study; every finished run is saved in :attr:`study_dir`."""
-
-    def __init__(self, study_dir: Path, finished: int):
-        super().__init__(f"interrupted: {finished} finished runs are saved in {study_dir}; continue with "
-                         f"`loraplace run ... --output {study_dir} --resume`")
-        self.study_dir, self.finished = study_dir, finished
+    device = pick_device(config.device)
+    return {"device": device.type, "precision": resolve_precision(config.train.precision, device),
+            "versions": library_versions()}
 
 
 def run_study(config: StudyConfig, resume: bool = False, allow_mixed: bool = False,
@@ -87,10 +60,6 @@ def run_study(config: StudyConfig, resume: bool = False, allow_mixed: bool = Fal
             anything trains.
         StudyInterrupted: Ctrl-C or SIGTERM (on the main thread); finished runs are saved.
     """
-    from loraplace.study.checks import check_study
-    from loraplace.study.executor import LocalExecutor
-    from loraplace.study.plan import default_output_dir, run_identity, run_specs
-    from loraplace.study.store import StudyStore, resolve_environment
 
     if resume and not config.output:
         raise LoraplaceError("--resume needs --output STUDY_DIR (the folder of the study to continue)")
@@ -107,7 +76,6 @@ def run_study(config: StudyConfig, resume: bool = False, allow_mixed: bool = Fal
         if lock.note:
             progress.note(lock.note)
         if ray:
-            from loraplace.study.ray_executor import RayExecutor
 
             executor = RayExecutor(config.executor, on_note=progress.note)
             stack.callback(executor.close)  # also on Ctrl-C and errors: stops the remote runs
@@ -133,7 +101,6 @@ def run_study(config: StudyConfig, resume: bool = False, allow_mixed: bool = Fal
         kept = sum(run_identity(r) not in planned for r in store.rows) if resume else 0
         progress.planned(study, study_dir, len(specs), len(finished), kept)
         # Automatic arms: scored and allocated once per study (stored, so a resume trains the same ranks).
-        from loraplace.study.allocations import resolve_allocations
 
         todo = resolve_allocations(study, study_dir, todo, executor.ctx, note=progress.note)
 
@@ -164,7 +131,6 @@ def run_study(config: StudyConfig, resume: bool = False, allow_mixed: bool = Fal
             raise StudyInterrupted(study_dir, sum(r.status == "ok" for r in store.rows)) from None
     progress.results_saved(study_dir)
     try:  # the results are saved already: a failing report must not lose them
-        from loraplace.report.write import write_report
 
         progress.report_written(write_report([study_dir]))
     except Exception as e:  # noqa: BLE001

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Iterator, Protocol
 
-from loraplace.study.records import RunResult, RunSpec
-from loraplace.study.runs import RunContext, execute_run
+from loraplace.records import RunResult, RunSpec
+from loraplace.run.context import RunContext
+from loraplace.study.runs import execute_run
 
 StepHook = Callable[[RunSpec, int, int, "float | None"], None]
 

@@ -21,16 +21,23 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+import torch
+
 from loraplace.config import ExecutorSettings
 from loraplace.errors import LoraplaceError
-from loraplace.study.files import atomic_write_text
-from loraplace.study.records import RunResult, RunSpec
+from loraplace.files import atomic_write_text
+from loraplace.records import RunResult, RunSpec
+from loraplace.run.context import RunContext
+from loraplace.run.device import pick_device, resolve_precision
+from loraplace.run.measure import library_versions
+from loraplace.study.runs import execute_run
 
 StepHook = Callable[[RunSpec, int, int, "float | None"], None]
 
@@ -51,9 +58,6 @@ class RunWorkerImpl:
     """What a Ray worker does (wrapped by :func:`worker_class` into an actor class)."""
 
     def __init__(self, progress_queue=None, allow_fetch: bool = True, threads: int | None = None):
-        import torch
-
-        from loraplace.study.runs import RunContext
 
         if threads:  # a CPU worker uses the CPUs it declared, not every core of its node
             torch.set_num_threads(threads)
@@ -62,11 +66,6 @@ class RunWorkerImpl:
 
     def info(self, device: str, precision: str) -> dict[str, Any]:
         """This worker's host, pid, library versions, and what ``device``/``precision`` resolve to here."""
-        import socket
-
-        from loraplace.measure import library_versions
-        from loraplace.models import pick_device
-        from loraplace.training import resolve_precision
 
         resolved = pick_device(device)
         return {"host": socket.gethostname(), "pid": os.getpid(), "versions": library_versions(),
@@ -95,7 +94,6 @@ class RunWorkerImpl:
         the tokenized data the driver put in the object store for ``data_key``: fetched on this
         worker's first run of that key, then kept, so no worker tokenizes.
         """
-        from loraplace.study.runs import execute_run
 
         if data_key is not None and data_ref and not self.ctx.has_data(data_key):
             import ray
@@ -188,7 +186,6 @@ class RayExecutor:
         self.infos: list[dict[str, Any]] = []
         self.retries: dict[str, int] = {}  # run id -> times it was resubmitted after its worker died
         self.running: dict[str, int] = {}  # run id -> pid of the worker process that runs (or ran) it
-        from loraplace.study.runs import RunContext
 
         # The driver's context: tokenizes each distinct dataset once, for the object store (and
         # serves the study's automatic-placement scoring).
@@ -246,8 +243,6 @@ class RayExecutor:
                 or workers that resolve device/precision differently.
         """
         from ray.util.queue import Queue
-
-        from loraplace.measure import library_versions
 
         self._connect()
         total_gpus = self.ray.cluster_resources().get("GPU", 0.0)
@@ -380,7 +375,6 @@ class _suppress:
 
 def failed_result(spec: RunSpec, error: str) -> RunResult:
     """The row of a run that never finished on any worker."""
-    import time
 
     return RunResult(run_id=spec.run_id, kind=spec.kind, strategy=spec.strategy, seed=spec.seed, status="failed",
                      error=error, model=spec.model, dataset=spec.dataset, position=spec.position,

@@ -1,6 +1,6 @@
 """The study folder: the study's config, one folder per run, and the results table, rewritten
 after every run (atomically, with fsync) so that a crash or Ctrl-C loses nothing that finished.
-What the study runs (arms, run ids, specs) is planned in :mod:`loraplace.study.plan`; the store
+What the study runs (arms, run ids, specs) is planned in :mod:`loraplace.study.specs`; the store
 keeps the folder: its lock, its environment, its results files, and the rules of a resume.
 
 Layout::
@@ -39,14 +39,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import yaml
+from pydantic import ValidationError
 
 from loraplace.config import StudyConfig
 from loraplace.errors import LoraplaceError
+from loraplace.files import atomic_write_text, fsync_dir
 from loraplace.placement.arms import REFERENCE_STRATEGY
-from loraplace.study.files import atomic_write_text, fsync_dir
-from loraplace.study.plan import arm_labels, legacy_run_id_for, run_identity
-from loraplace.study.records import RunResult, RunSpec
+from loraplace.records import RunResult, RunSpec
+from loraplace.study.specs import arm_labels, legacy_run_id_for, run_identity
 from loraplace.study.tables import results_markdown
 
 CSV_COLUMNS = [
@@ -79,7 +81,6 @@ class StudyLock:
         self._held = False
 
     def _owner(self) -> dict[str, Any]:
-        import psutil
 
         pid = os.getpid()
         return {"pid": pid, "host": socket.gethostname(), "created": psutil.Process(pid).create_time(),
@@ -96,7 +97,6 @@ class StudyLock:
 
     @staticmethod
     def _alive(info: dict[str, Any]) -> bool:
-        import psutil
 
         pid = info.get("pid")
         if not isinstance(pid, int) or not psutil.pid_exists(pid):
@@ -229,18 +229,6 @@ _GROWABLE = {"name": True, "output": True, "seeds": True, "strategies": True, "m
 
 
 # ----------------------------------------------------------------------------------- environment
-def resolve_environment(config: StudyConfig) -> dict[str, Any]:
-    """What this machine runs the study with: the device type and precision that ``device`` and
-    ``train.precision`` resolve to, and the library versions."""
-    from loraplace.measure import library_versions
-    from loraplace.models import pick_device
-    from loraplace.training import resolve_precision
-
-    device = pick_device(config.device)
-    return {"device": device.type, "precision": resolve_precision(config.train.precision, device),
-            "versions": library_versions()}
-
-
 def environment_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``["precision bf16 -> fp32", "torch 2.13.0 -> 2.14.0"]``: what differs between two environments."""
     diffs = []
@@ -317,7 +305,6 @@ class StudyStore:
 
     def _stored_config(self, data: dict[str, Any] | None) -> StudyConfig | None:
         """The stored study config: study.yaml, else the copy inside results.json."""
-        from pydantic import ValidationError
 
         path = self.dir / "study.yaml"
         raw, source = None, None
@@ -497,7 +484,7 @@ def _differing_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 def ordered_rows(config: StudyConfig | None, rows: list[RunResult]) -> list[RunResult]:
     """Rows in a stable reading order: the base row, then seed by seed (in ``config.seeds``
-    order) each arm in :func:`~loraplace.study.plan.arm_labels` order, whatever order they ran in;
+    order) each arm in :func:`~loraplace.study.specs.arm_labels` order, whatever order they ran in;
     rows the config does not describe keep their relative order at the end. A study's config only grows by appending
     seeds and strategies, so earlier rows never change their relative order."""
     if config is None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from loraplace.config import StudyConfig
 from loraplace.placement.arms import REFERENCE_STRATEGY
+from loraplace.records import RunResult
 from loraplace.report.fmt import num
-from loraplace.study.records import RunResult
 
 
 def results_markdown(config: StudyConfig, results: list[RunResult]) -> str:

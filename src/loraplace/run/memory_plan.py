@@ -1,12 +1,12 @@
 """How much memory one training run needs, from the model's config alone (no weights).
 
 :func:`estimate_memory` adds up, in MiB, what a run of loraplace's training path
-(:func:`loraplace.training.train_adapters`, then the final evaluation) holds at its peak:
+(:func:`loraplace.run.training.train_adapters`, then the final evaluation) holds at its peak:
 
-* **base weights**: every parameter at 4 bytes as loaded (:func:`loraplace.models.load_model`
+* **base weights**: every parameter at 4 bytes as loaded (:func:`loraplace.run.models.load_model`
   loads float32), except that with bf16/fp16 autocast the frozen linear weights
-  (:func:`loraplace.models.plain_linears`) are held in that dtype while training
-  (:func:`loraplace.training.frozen_weights_as` *replaces* the float32 storage, it does not add a
+  (:func:`loraplace.run.models.plain_linears`) are held in that dtype while training
+  (:func:`loraplace.run.training.frozen_weights_as` *replaces* the float32 storage, it does not add a
   copy): ``4 * (P - P_lin) + 2 * P_lin``. The evaluation after training sees them at 4 bytes again.
 * **adapters**: ``P_lora = sum r * (in + out)`` (:attr:`loraplace.placement.Placement.lora_params`)
   float32 weights, float32 gradients, and AdamW's two float32 states: 4 + 4 + 8 bytes each.
@@ -28,12 +28,12 @@
   Layers before the first adapted one save nothing (nothing there needs a gradient). With
   gradient checkpointing (non-reentrant, per decoder layer) the forward keeps only each layer's
   input (``4 E H``), and backward recomputes one layer at a time: layer inputs plus one layer.
-* **attention probabilities**: eager attention (what :func:`loraplace.training.fast_attention`
+* **attention probabilities**: eager attention (what :func:`loraplace.run.training.fast_attention`
   trains with on CPU) keeps the float32 softmax output and, under 16-bit autocast, its cast:
   ``(4 + a) B heads T^2`` per layer (4 in float32, where the two are the same tensor). SDPA (the
   model's own implementation, used on CUDA) keeps none.
 * **logits**: the training loss projects to the vocabulary only at labelled positions (selective
-  logits, :func:`loraplace.evaluation.token_nll`), ``N = f * B * (T - 1)`` of them, in blocks of
+  logits, :func:`loraplace.run.evaluation.token_nll`), ``N = f * B * (T - 1)`` of them, in blocks of
   ``C = min(N, train_chunk(V))`` positions recomputed in backward; its peak is a block's backward,
   where its float32 log-softmax, incoming gradient and the gradient it makes are alive together:
   ``12 C V`` bytes, plus the head weight cast once to the autocast dtype (``a V H``). ``f``
@@ -52,28 +52,34 @@
   measurements, on one model size (``benchmarks/memory_plan_check.py``).
 * **evaluation**: the final evaluation (no gradients, ``eval_batch_size`` rows, weights float32
   again): one layer's transient or the chunked vocabulary projection
-  (:data:`loraplace.evaluation.EVAL_CHUNK` positions of a row at once), whichever is larger.
+  (:data:`loraplace.run.evaluation.EVAL_CHUNK` positions of a row at once), whichever is larger.
 * **runtime overhead** (CPU only): the resident memory of a Python process that imported what a
   run imports, :data:`RUNTIME_OVERHEAD_CPU_MIB`. On CUDA the measure is allocated tensors
-  (:class:`loraplace.measure.PeakMemory`), and the CUDA context is already out of the free memory
+  (:class:`loraplace.run.measure.PeakMemory`), and the CUDA context is already out of the free memory
   that :func:`device_free_mib` reports.
 
 The peak is ``max(training, evaluation)``; :attr:`MemoryEstimate.total` is it, in the measure
-:class:`~loraplace.measure.PeakMemory` records (resident memory on CPU, allocated on CUDA).
+:class:`~loraplace.run.measure.PeakMemory` records (resident memory on CPU, allocated on CUDA).
 ``benchmarks/memory_plan_check.py`` compares it with measured peaks at three model sizes.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-if TYPE_CHECKING:
-    import torch
-    from torch import nn
+import psutil
+import torch
+from peft.tuners.lora import LoraLayer
+from torch import nn
 
-    from loraplace.placement.resolve import Placement
+from loraplace.placement.params import total_params
+from loraplace.placement.resolve import AdaptedModule, Placement
+from loraplace.run.device import autocast_dtype, fast_attention, pick_device, resolve_precision
+from loraplace.run.evaluation import EVAL_CHUNK, train_chunk
+from loraplace.run.models import meta_model, plain_linears
 
 MIB = 2**20
 
@@ -189,7 +195,7 @@ class MemoryEstimate:
 
     @property
     def total(self) -> float:
-        """The run's estimated peak, in the measure :class:`loraplace.measure.PeakMemory` records."""
+        """The run's estimated peak, in the measure :class:`loraplace.run.measure.PeakMemory` records."""
         return max(self.training, self.evaluation_peak)
 
     @property
@@ -252,11 +258,9 @@ an 8-bit absmax per block of 64 and a float32 one per 256 blocks (double quantis
 
 def _weights(skeleton: nn.Module, frozen_bytes: int, quantization: str = "none") -> tuple[float, float]:
     """``(bytes while training, bytes as loaded)`` of the base model's parameters: float32 as loaded;
-    :func:`~loraplace.models.plain_linears` at ``frozen_bytes`` while training; with
+    :func:`~loraplace.run.models.plain_linears` at ``frozen_bytes`` while training; with
     ``quantization`` (nf4, int8) those projections, the output head aside (bitsandbytes leaves it
     unquantized), at :data:`QUANTIZED_BYTES` throughout."""
-    from loraplace.models import plain_linears
-    from loraplace.placement import total_params
 
     params = total_params(skeleton)
     linears = plain_linears(skeleton)
@@ -326,8 +330,8 @@ def estimate_memory(model_config: Any, placement: Placement, *, batch_size: int,
         batch_size, max_length: the training batch ``(B, T)``; T is the longest batch's length
             (the length-grouped sampler starts with the longest examples), at most ``max_length``.
         precision: ``auto``, ``bf16``, ``fp16`` or ``fp32`` (``auto`` as
-            :func:`loraplace.training.resolve_precision` resolves it on ``device``).
-        gradient_checkpointing: per decoder layer, as :func:`loraplace.training.checkpointing`.
+            :func:`loraplace.run.device.resolve_precision` resolves it on ``device``).
+        gradient_checkpointing: per decoder layer, as :func:`loraplace.run.training.checkpointing`.
         device: ``auto``, ``cpu``, ``cuda`` or ``mps`` (or a ``torch.device``).
         task: ``causal-lm`` (selective logits), ``seq2seq`` (full logits at every decoder
             position) or ``classification`` (no vocabulary projection).
@@ -343,11 +347,6 @@ def estimate_memory(model_config: Any, placement: Placement, *, batch_size: int,
     Returns:
         A :class:`MemoryEstimate` (MiB).
     """
-    import torch
-
-    from loraplace.evaluation import EVAL_CHUNK, train_chunk
-    from loraplace.models import meta_model, pick_device
-    from loraplace.training import autocast_dtype, fast_attention, resolve_precision
 
     dev = device if isinstance(device, torch.device) else pick_device(device)
     precision = resolve_precision(precision, dev)
@@ -388,7 +387,7 @@ def estimate_memory(model_config: Any, placement: Placement, *, batch_size: int,
         loss = []
     else:
         n = max(1, round(labelled_fraction * B * (T - 1))) if task == "causal-lm" else B * T
-        if task == "causal-lm":  # blocks recomputed in backward (loraplace.evaluation._nll_recomputed)
+        if task == "causal-lm":  # blocks recomputed in backward (loraplace.run.evaluation._nll_recomputed)
             loss = [(4 * min(n, train_chunk(V)) * V, 3)] + ([(a * V * H, 1)] if a != 4 else [])
         else:
             loss = [(4 * n * V, 3), (a * n * V, 1)]
@@ -433,7 +432,6 @@ def device_free_mib(device: str | torch.device) -> float | None:
     out of it); CPU: ``psutil.virtual_memory().available``; MPS: the recommended working-set size
     minus what this process has allocated (``torch.mps``), where that torch has them.
     """
-    import torch
 
     forced = os.environ.get(FREE_MEMORY_ENV)
     if forced:
@@ -446,7 +444,6 @@ def device_free_mib(device: str | torch.device) -> float | None:
         free, _ = torch.cuda.mem_get_info(dev)
         return free / MIB
     if dev.type == "cpu":
-        import psutil
 
         return psutil.virtual_memory().available / MIB
     if dev.type == "mps":
@@ -482,7 +479,7 @@ class CheckpointingChoice:
         return self.checkpointed if self.enabled else self.without
 
     def record(self) -> dict[str, Any]:
-        """What a run's result keeps (:attr:`loraplace.study.records.RunResult.memory_plan`): the
+        """What a run's result keeps (:attr:`loraplace.records.RunResult.memory_plan`): the
         decision, the free memory, both estimates' needs and totals, and the components of the
         estimate of the configuration that ran (MiB)."""
         out: dict[str, Any] = {"gradient_checkpointing": self.reason,
@@ -531,13 +528,7 @@ def choose_checkpointing(setting: bool | Literal["auto"], without: MemoryEstimat
 def adapted_placement(peft_model, adapter: str = "default") -> Placement:
     """The adapted modules of a PEFT-wrapped model as a :class:`~loraplace.placement.Placement`
     (exact names, shapes and ranks; the layer index read from the name), for callers of
-    :func:`loraplace.training.train_adapters` that have no placement of their own."""
-    import re
-
-    from peft.tuners.lora import LoraLayer
-    from torch import nn
-
-    from loraplace.placement.resolve import AdaptedModule, Placement
+    :func:`loraplace.run.training.train_adapters` that have no placement of their own."""
 
     modules = []
     for name, module in peft_model.get_base_model().named_modules():
@@ -575,7 +566,6 @@ def plan_checkpointing(setting: bool | Literal["auto"], model, placement: Placem
     """
     base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
     try:
-        from loraplace.models import meta_model
 
         kwargs = dict(batch_size=settings.batch_size, max_length=_longest(train_dataset, settings.max_length),
                       precision=precision, device=device, task=task, lora_dropout=lora_dropout,

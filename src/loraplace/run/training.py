@@ -3,8 +3,8 @@
 The Trainer runs the loop; loraplace plugs in through its extension points only:
 
 * ``compute_loss`` (:class:`PlacementTrainer`): summed NLL over the targets from the task's
-  per-example loss (:attr:`loraplace.tasks.Task.nll`; for causal LMs
-  :func:`loraplace.evaluation.token_nll`, which projects to the vocabulary only where a label
+  per-example loss (:attr:`loraplace.run.tasks.Task.nll`; for causal LMs
+  :func:`loraplace.run.evaluation.token_nll`, which projects to the vocabulary only where a label
   is), normalised by the targets of the whole (accumulated) batch;
 * a collator that pads to the longest example, and length-grouped sampling whose shuffles come
   from a generator of their own, seeded from the run seed (:meth:`PlacementTrainer._get_train_sampler`);
@@ -18,12 +18,12 @@ The Trainer runs the loop; loraplace plugs in through its extension points only:
 * optional gradient checkpointing (``train.gradient_checkpointing``, :func:`checkpointing`),
   switched on and off by loraplace around the warm-up and the training, not by the Trainer (whose
   switch would miss the warm-up and leave an input-embedding hook on the shared base model);
-  ``auto`` is decided from the memory plan (:func:`loraplace.memory_plan.plan_checkpointing`);
+  ``auto`` is decided from the memory plan (:func:`loraplace.run.memory_plan.plan_checkpointing`);
 * optional ``torch.compile`` of each decoder layer (``train.compile``, :func:`compiled_layers`);
 * a callback for progress, and a non-finite-loss check that fails the run with its reason.
 
 Before the timer starts, :func:`train_adapters` checks the selective-logits loss against the
-model's own logits (:func:`loraplace.evaluation.check_selective_loss`) and runs one untimed
+model's own logits (:func:`loraplace.run.evaluation.check_selective_loss`) and runs one untimed
 warm-up forward and backward (:func:`warm_up`) that leaves the random state, the gradients and the
 weights as they were.
 """
@@ -33,8 +33,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import math
-import platform
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -42,43 +42,20 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from loraplace.config import TrainSettings
 from loraplace.data import IGNORE_INDEX
-from loraplace.evaluation import check_selective_loss, token_nll
-from loraplace.models import plain_linears
+from loraplace.run.device import autocast_dtype, fast_attention
+from loraplace.run.evaluation import check_selective_loss, token_nll
+from loraplace.run.memory_plan import plan_checkpointing
+from loraplace.run.models import plain_linears
 
 _clock = time.perf_counter  # the training timer (a module attribute so that tests can stand in for it)
 
 
 class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or inf."""
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with bfloat16 matrix instructions (AVX512-BF16 or AMX)."""
-    if platform.system() != "Linux":
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> ``bf16`` on CUDA with bf16 support and on CPUs with AVX512-BF16/AMX, else ``fp32``."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if device.type == "cpu" and cpu_has_fast_bf16():
-        return "bf16"
-    return "fp32"
-
-
-def autocast_dtype(precision: str) -> torch.dtype | None:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
 @contextlib.contextmanager
@@ -134,7 +111,6 @@ class SharedMasks:
         return None
 
     def put(self, x: torch.Tensor, p: float, out: torch.Tensor) -> None:
-        import weakref
 
         self.entries = [(weakref.ref(x), x._version, p, out)] + self.entries[: self.keep - 1]
 
@@ -198,13 +174,6 @@ def use_mask_dropout(model: nn.Module, shared: bool = False) -> int:
     return swapped
 
 
-def fast_attention(device: torch.device) -> str | None:
-    """The attention implementation to train with: ``eager`` on CPU, where PyTorch's SDPA backward
-    (flash-attention for CPU) took twice as long as eager's matmul-softmax-matmul for this
-    project's sequence lengths (<= a few hundred tokens); None (keep the model's) elsewhere."""
-    return "eager" if device.type == "cpu" else None
-
-
 @contextlib.contextmanager
 def attention_as(model: nn.Module, implementation: str | None):
     """Switch a transformers model's attention implementation inside the block, then restore it."""
@@ -262,7 +231,6 @@ def checkpointing(model: nn.Module, enabled: bool):
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The model's repeated blocks (transformers' ``GradientCheckpointingLayer`` subclasses: the
     decoder and encoder layers of current architectures)."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
 
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
@@ -296,7 +264,7 @@ def target_counter(nll_fn: Callable, model: nn.Module) -> Callable[[dict], torch
     ``nll_fn.count_targets(batch)`` where the function has one; else, as the per-example counts of
     this project's loss functions: one per class label for classification (labels ``(B,)``), every
     label that is not -100 for encoder-decoders (the decoder's position t predicts label t), and
-    for causal LMs (:func:`~loraplace.evaluation.token_nll`) the labels at positions t >= 1 (position
+    for causal LMs (:func:`~loraplace.run.evaluation.token_nll`) the labels at positions t >= 1 (position
     t-1 predicts label t; label 0 is never a target).
     """
     own = getattr(nll_fn, "count_targets", None)
@@ -331,7 +299,7 @@ class PlacementTrainer(Trainer):
 
     def __init__(self, *args, nll_fn: Callable = token_nll, **kwargs):
         super().__init__(*args, **kwargs)
-        # Per-example (nll_sum, n_tokens, ...) of a batch: the task's loss (loraplace.tasks.Task.nll).
+        # Per-example (nll_sum, n_tokens, ...) of a batch: the task's loss (loraplace.run.tasks.Task.nll).
         self.nll_fn = nll_fn
         self.count_targets = target_counter(nll_fn, self.model)
         # For transformers versions without loss_is_scaled_for_ga: with this flag and a non-None
@@ -500,7 +468,7 @@ def train_adapters(model: nn.Module, train_dataset, collator, settings: TrainSet
     """Train the adapters of a PEFT-wrapped model for ``settings.max_steps`` optimizer steps.
 
     ``nll_fn`` gives the per-example loss sums of a batch: the task's
-    :attr:`~loraplace.tasks.Task.nll` (default: causal-LM :func:`~loraplace.evaluation.token_nll`).
+    :attr:`~loraplace.run.tasks.Task.nll` (default: causal-LM :func:`~loraplace.run.evaluation.token_nll`).
     ``eval_loss`` (called every ``settings.eval_every`` steps when given) returns the held-out loss
     for the eval-loss curve; its time is not excluded from ``seconds``. ``callbacks`` are added to
     the Trainer (a method's own step hooks, such as AdaLoRA's allocator). ``dropout_masks``:
@@ -511,10 +479,10 @@ def train_adapters(model: nn.Module, train_dataset, collator, settings: TrainSet
     arm of a study sees the same batches in the same order.
 
     Before the timer starts: with ``check_selective`` (a loss on selective logits:
-    :attr:`~loraplace.tasks.Task.selective_logits`, the causal LM's ``token_nll``), the
+    :attr:`~loraplace.run.tasks.Task.selective_logits`, the causal LM's ``token_nll``), the
     selective-logits loss is compared with the model's own full-logits loss on the first training
-    examples (:func:`~loraplace.evaluation.check_selective_loss`; raises
-    :class:`~loraplace.evaluation.SelectiveLossMismatch`); with ``warmup``, one untimed forward and
+    examples (:func:`~loraplace.run.evaluation.check_selective_loss`; raises
+    :class:`~loraplace.run.evaluation.SelectiveLossMismatch`); with ``warmup``, one untimed forward and
     backward (:func:`warm_up`) whose time is ``TrainOutcome.warmup_seconds``. Neither changes the
     random state, the gradients or the weights, so the training is the same with or without them.
     """
@@ -549,7 +517,7 @@ def train_adapters(model: nn.Module, train_dataset, collator, settings: TrainSet
     )
     if eval_loss is not None and settings.eval_every:
         trainer.add_callback(_PeriodicEval(settings.eval_every, eval_loss))
-    for callback in callbacks:  # e.g. AdaLoRA's rank allocator (loraplace.baselines.AdaLoraCallback)
+    for callback in callbacks:  # e.g. AdaLoRA's rank allocator (loraplace.methods.AdaLoraCallback)
         trainer.add_callback(callback)
     trainer.remove_callback(PrinterCallback)  # progress and the log go through on_step and log_history
     swapped = use_mask_dropout(model, shared=dropout_masks == "shared")
@@ -565,7 +533,6 @@ def train_adapters(model: nn.Module, train_dataset, collator, settings: TrainSet
     warmup_seconds = 0.0
     gradient_checkpointing, memory_plan = settings.gradient_checkpointing, {}
     if gradient_checkpointing == "auto":  # a caller without its own decision (a study's run decides before)
-        from loraplace.memory_plan import plan_checkpointing
 
         plan = plan_checkpointing("auto", model, None, train_dataset, settings, precision=precision, device=device)
         gradient_checkpointing, memory_plan = plan.enabled, plan.record()

@@ -35,9 +35,10 @@ class RunSpec(BaseModel):
     ranks: dict[str, int] | None = Field(
         None, description="automatic arms: the study's stored allocation, exact module name -> rank")
     budget: dict[str, Any] | None = Field(None, description="automatic arms: the allocation's budget record")
-    eva_state: bytes | None = Field(
+    init_state: bytes | None = Field(
         None, exclude=True, repr=False,
-        description="EVA arms: the study's initial A matrices (safetensors bytes), carried to the worker")
+        description="arms whose method stores an initial adapter state once per study (EVA's A matrices): "
+                    "its safetensors bytes, carried to the worker")
 
 
 class RunResult(BaseModel):
@@ -96,7 +97,7 @@ class RunResult(BaseModel):
     peak_memory_increase_mib: float | None = Field(
         None, description="peak_memory_mib - memory_start_mib: what the run itself added on top of the loaded model")
     memory_estimate_mib: float | None = Field(
-        None, description="the memory plan's estimated peak of the run as it trained (loraplace.memory_plan), "
+        None, description="the memory plan's estimated peak of the run as it trained (loraplace.run.memory_plan), "
         "in the measure of peak_memory_mib")
     memory_plan: dict[str, Any] = Field(
         default_factory=dict, description="the gradient-checkpointing decision and why, the device's free memory, "

@@ -12,12 +12,14 @@ per-batch losses or per-example perplexities gives other numbers; see
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from loraplace.data import IGNORE_INDEX
 from loraplace.errors import LoraplaceError
@@ -121,7 +123,6 @@ def _nll_recomputed(states: torch.Tensor, head: nn.Module | None, targets: torch
             return _nll_at(s, head, t)
 
         args = ()
-    from torch.utils.checkpoint import checkpoint
 
     return torch.cat([checkpoint(part, states[i:i + chunk], targets[i:i + chunk], *args, use_reentrant=False,
                                  preserve_rng_state=False) for i in range(0, n, chunk)])
@@ -211,7 +212,7 @@ def check_selective_loss(model: nn.Module, batch: dict[str, torch.Tensor], *,
             f"model's own logits is {reference:.6f} on the same tokens. The model post-processes its logits "
             f"(a scale, a soft cap, ...) in a way loraplace does not know, so its fast loss would be wrong; "
             f"please report the model type to loraplace (the fix is a config key in "
-            f"loraplace.evaluation._selective_parts)"
+            f"loraplace.run.evaluation._selective_parts)"
         )
     return selective, reference
 
@@ -321,11 +322,11 @@ def evaluate_nll(model: nn.Module, dataset, collator, *, batch_size: int, device
 
     Args:
         nll_fn: the task's per-example ``(nll_sum, n_tokens[, correct])`` of a batch
-            (:attr:`loraplace.tasks.Task.nll`; default the causal-LM :func:`token_nll`);
+            (:attr:`loraplace.run.tasks.Task.nll`; default the causal-LM :func:`token_nll`);
             ``correct`` fills :attr:`EvalResult.correct`.
         all_tokens: also fill the all-token and padding fields of :class:`EvalResult` (full
             logits at every position: slower; meant for a run's final evaluation). Causal LMs
-            only (:attr:`loraplace.tasks.Task.all_token_sums`): needs ``nll_fn`` :func:`token_nll`.
+            only (:attr:`loraplace.run.tasks.Task.all_token_sums`): needs ``nll_fn`` :func:`token_nll`.
         by_length: batch examples of similar length together (less padding, faster); batches
             are otherwise consecutive runs of the dataset order. The loss is the same up to
             float rounding; ``batch_of`` and ``n_pad`` describe the batches actually formed.
@@ -333,7 +334,6 @@ def evaluate_nll(model: nn.Module, dataset, collator, *, batch_size: int, device
     Raises:
         ValueError: ``all_tokens`` with another loss than :func:`token_nll`.
     """
-    import time
 
     if all_tokens and nll_fn is not token_nll:
         raise ValueError("all_tokens sums are defined for the causal-LM loss token_nll only")

@@ -4,7 +4,7 @@ collator, the per-example loss and what the task reports), and :func:`task_of` s
 model's architecture implies. Adding a task is adding a record here.
 
 * ``causal-lm`` (decoder-only models): data and collator in :mod:`loraplace.data`, loss
-  :func:`loraplace.evaluation.token_nll` (selective logits, all-token sums for the report);
+  :func:`loraplace.run.evaluation.token_nll` (selective logits, all-token sums for the report);
 * ``seq2seq`` (encoder-decoder models such as T5 and BART): defined below;
 * ``classification`` (encoder-only models such as BERT and RoBERTa): defined below.
 
@@ -28,16 +28,24 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import datasets
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from loraplace.data import (
-    IGNORE_INDEX, PadCollator, PreparedData, check_columns, encode_rows, load_rows, prepare_data, split_rows,
+    IGNORE_INDEX,
+    PadCollator,
+    PreparedData,
+    check_columns,
+    encode_rows,
+    load_rows,
+    prepare_data,
+    split_rows,
     to_messages,
 )
 from loraplace.errors import LoraplaceError
-from loraplace.evaluation import token_nll
+from loraplace.run.evaluation import token_nll
 
 TEXT_COLUMNS = ("text", "sentence")
 PAIR_COLUMNS = (("sentence1", "sentence2"), ("question", "sentence"), ("premise", "hypothesis"),
@@ -148,7 +156,6 @@ def prepare_classification_data(dataset: str, tokenizer, *, eval_size: int, max_
                                 allow_fetch: bool = True) -> PreparedData:
     """Tokenized text (or text pairs) with integer class ``labels``; the class names are kept in
     :attr:`PreparedData.labels`. ``loss_on`` is accepted for the common signature only."""
-    import datasets
 
     rows = load_rows(dataset, allow_fetch=allow_fetch)
     columns = text_columns(rows.column_names, dataset)

@@ -16,35 +16,23 @@ capacity of each slot.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
+from torch import nn
+
+from loraplace.config import StudyConfig
 from loraplace.errors import LoraplaceError
+from loraplace.methods.base import Method, full_stand_in, register, stored_ranks
 from loraplace.placement.allocate import SlotCurve, allocate, predicted_gain, random_curves
 from loraplace.placement.arms import REFERENCE_STRATEGY, Arm
 from loraplace.placement.budget import budget_target, match_placement
-from loraplace.placement.strategies import Strategy, parse_strategy
-
-if TYPE_CHECKING:
-    from torch import nn
-
-    from loraplace.placement.resolve import Placement
+from loraplace.placement.resolve import Placement, explicit_placement, slot_placement
+from loraplace.placement.strategies import AutoOptions, Strategy, parse_strategy
 
 DEFAULT_STEP = 2
 """Rank granularity of an allocation unless ``step=`` says otherwise."""
 MAX_RANK_FACTOR = 4
 """Without ``max_r=``, no slot gets more than this multiple of the study's rank."""
-
-
-def slot_placement(model: nn.Module) -> Placement:
-    """The slots an automatic strategy allocates over: the modules of ``full`` (rank 1), without
-    mixture-of-experts parameters (no importance score covers them yet)."""
-    from loraplace.placement.resolve import resolve_placement
-
-    placement = resolve_placement(model, parse_strategy(REFERENCE_STRATEGY), 1, 1.0)
-    placement.modules = [m for m in placement.modules if not m.is_parameter]
-    if not placement.modules:
-        raise LoraplaceError("automatic placement found no linear module to place adapters on")
-    return placement
 
 
 def auto_settings(strategy: Strategy, r: int, alpha: float, max_rank: int | None = None) -> tuple[int, int, float]:
@@ -141,25 +129,49 @@ def check_auto(model: nn.Module, arm: Arm, r: int, alpha: float, max_rank: int) 
         raise LoraplaceError(f"arm {arm.label!r}: {e}") from None
 
 
-def explicit_placement(model: nn.Module, label: str, ranks: Mapping[str, int], r: int, alpha: float,
-                       budget: dict[str, Any] | None = None) -> Placement:
-    """The placement that adapts exactly the modules of ``ranks`` at those ranks, each with
-    ``alpha * rank / r`` (the update scale ``alpha / r`` of the study's rank, see the module docstring).
+class AutoMethod(Method):
+    """``auto[...]``: ranks allocated once per study from an importance score (:func:`auto_placement`)."""
 
-    Raises:
-        LoraplaceError: a module name that is not a slot of this model (an allocation of another model).
-    """
-    slots = slot_placement(model)
-    known = {m.name for m in slots.modules}
-    unknown = sorted(set(ranks) - known)
-    if unknown:
-        raise LoraplaceError(f"the stored allocation of {label!r} names modules this model does not have: "
-                             f"{', '.join(unknown[:5])}; was it made for another model?")
-    bad = {n: k for n, k in ranks.items() if not isinstance(k, int) or k < 1}
-    if bad:
-        raise LoraplaceError(f"the allocation of {label!r} has ranks below 1: {bad}")
-    modules = [replace(m, r=int(ranks[m.name]), alpha=alpha * ranks[m.name] / r) for m in slots.modules
-               if m.name in ranks]
-    placement = replace(slots, strategy=label, modules=modules, warnings=[])
-    placement.budget = dict(budget) if budget else None
-    return placement
+    name = "auto"
+    title = "automatic placement"
+    allocated_per_study = True
+
+    def check(self, skeleton: nn.Module, arm: Arm, config: StudyConfig) -> None:
+        if config.quantization != "none":
+            # The weight score would read bitsandbytes' packed integers as weights; the others are untried.
+            raise LoraplaceError(
+                f"strategy {arm.label!r}: automatic placement scores the base model's modules, which is not "
+                f"supported on a quantized base model (quantization={config.quantization}); "
+                "score and allocate with quantization=none, or leave the auto[...] arms out"
+            )
+        check_auto(skeleton, arm, config.lora.r, config.lora.alpha, config.importance.max_rank)
+
+    def stand_in(self, skeleton: nn.Module, arm: Arm, config: StudyConfig) -> Placement:
+        return full_stand_in(skeleton, config)
+
+    def scores(self, arm: Arm) -> set[str]:
+        score = _options(arm).score
+        return set() if score == "random" else {score}
+
+    def plan_placement(self, skeleton: nn.Module, arm: Arm, r: int, alpha: float,
+                       scores: dict[str, Any]) -> Placement:
+        return auto_placement(skeleton, arm, r, alpha, scores.get(_options(arm).score))
+
+    def allocate(self, setup: Any, arm: Arm, config: StudyConfig, batches: Any,
+                 scores: dict[str, Any]) -> tuple[Placement, dict | None]:
+        return self.plan_placement(setup.base, arm, config.lora.r, config.lora.alpha, scores), None
+
+    def placement(self, model: nn.Module, arm: Arm, r: int, alpha: float, ranks: dict[str, int] | None = None,
+                  budget: dict | None = None) -> Placement:
+        # every module keeps the update scale alpha / r of the study's rank (see the module docstring)
+        return explicit_placement(model, arm.label, stored_ranks(arm, ranks), r, _options(arm).alpha or alpha, budget)
+
+
+def _options(arm: Arm) -> AutoOptions:
+    options = parse_strategy(arm.strategy).auto
+    if options is None:
+        raise LoraplaceError(f"{arm.label!r} is not an automatic strategy")
+    return options
+
+
+AUTO = register(AutoMethod())

@@ -22,7 +22,9 @@ import logging
 from typing import Any
 
 import torch
+from peft import prepare_model_for_kbit_training
 from torch import nn
+from transformers import BitsAndBytesConfig
 
 from loraplace.errors import LoraplaceError
 
@@ -39,7 +41,6 @@ def bnb_config(quantization: str):
     """The ``transformers.BitsAndBytesConfig`` of a quantization name, or None for ``none``."""
     if quantization == "none":
         return None
-    from transformers import BitsAndBytesConfig
 
     if quantization == "nf4":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -102,7 +103,7 @@ def check_quantization(quantization: str, device: torch.device) -> None:
 def quantized_layers(model: nn.Module) -> list[nn.Module]:
     """The model's bitsandbytes layers (``Linear4bit``, ``Linear8bitLt``); [] without bitsandbytes."""
     try:
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb  # deferred: optional (the quant extra), and slow to import
     except ImportError:
         return []
     return [m for m in model.modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]
@@ -112,7 +113,7 @@ def prepare_quantized(model: Any) -> Any:
     """Ready a freshly loaded quantized model for LoRA training, once, in place; returns it.
 
     PEFT's ``prepare_model_for_kbit_training`` with ``use_gradient_checkpointing=False``
-    (loraplace switches checkpointing on and off itself: :func:`loraplace.training.checkpointing`):
+    (loraplace switches checkpointing on and off itself: :func:`loraplace.run.training.checkpointing`):
     it freezes every parameter and casts float16/bfloat16 parameters that are not quantized
     (norms, embeddings, heads) to float32, which loading in float32 already did; without
     checkpointing it adds no input-gradient hook. Done at load, so every run starts from it.
@@ -123,7 +124,6 @@ def prepare_quantized(model: Any) -> Any:
     same model (the next run, or the rest of a run after a periodic evaluation) got no gradients
     at all. Switching it off keeps one layout and one code path for training and evaluation.
     """
-    from peft import prepare_model_for_kbit_training
 
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     for layer in quantized_layers(model):

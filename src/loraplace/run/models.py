@@ -1,6 +1,6 @@
 """Finding and loading models: the embedded default, local folders, hub ids, and a small
 built-in table of well-known configs so that ``loraplace plan`` works offline. Which head a model
-is loaded with is its task's (:mod:`loraplace.tasks`)."""
+is loaded with is its task's (:mod:`loraplace.run.tasks`)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import CONFIG_MAPPING, AutoConfig, AutoTokenizer
 
 from loraplace import assets
 from loraplace.errors import LoraplaceError
-from loraplace.tasks import get_task, task_of  # task_of: its home is loraplace.tasks; kept importable here
+from loraplace.run.quantization import bnb_config, check_quantization, prepare_quantized
+from loraplace.run.tasks import get_task, task_of
 
 # Architecture configs of well-known checkpoints (values from their config.json), so that
 # `loraplace plan` needs neither weights nor network for them.
@@ -50,7 +52,6 @@ def load_config(model: str) -> tuple[Any, str]:
     the built-in table. Returns ``(config, source)`` with source one of ``"embedded"``, ``"gguf"``,
     ``"local"``, ``"hub cache"``, ``"hub"``, ``"built-in table"``.
     """
-    from transformers import AutoConfig, CONFIG_MAPPING
 
     if model in (assets.EMBEDDED_MODEL, f"embedded:{assets.EMBEDDED_MODEL}"):
         if (assets.model_dir() / ".complete").exists():
@@ -87,38 +88,13 @@ def load_config(model: str) -> tuple[Any, str]:
 
 def meta_model(config: Any) -> nn.Module:
     """The model's module tree with no memory behind its weights (meta device), with the head of
-    its task (:func:`loraplace.tasks.task_of`): a causal LM, a seq2seq LM (T5, BART) or a sequence
+    its task (:func:`loraplace.run.tasks.task_of`): a causal LM, a seq2seq LM (T5, BART) or a sequence
     classifier (BERT, RoBERTa)."""
     with torch.device("meta"):
         return get_task(task_of(config)).auto_class.from_config(config)
 
 
-def pick_device(requested: str = "auto") -> torch.device:
-    """``auto`` picks cuda > mps > cpu; anything else is checked and returned."""
-    if requested == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(requested)
-    except RuntimeError:
-        raise LoraplaceError(f"unknown device {requested!r}; use auto, cpu, cuda or mps") from None
-    if device.type == "cuda" and device.index:
-        # The Trainer trains a single-process run on cuda:0, whatever the model was moved to.
-        raise LoraplaceError(
-            f"--device {requested}: pick the GPU with CUDA_VISIBLE_DEVICES={device.index} and --device cuda"
-        )
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LoraplaceError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise LoraplaceError("--device mps was asked for but MPS is not available; use --device cpu")
-    return device
-
-
 def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
 
     path = resolve_model_path(path) if assets.is_gguf_file(path) else path
     try:
@@ -134,21 +110,20 @@ def load_tokenizer(path: str):
 def load_model(path: str, task: str = "causal-lm", num_labels: int | None = None,
                dtype: torch.dtype = torch.float32, quantization: str = "none",
                device: torch.device | None = None) -> nn.Module:
-    """Load a model's weights with the head of task ``task`` (a name in :data:`loraplace.tasks.TASKS`;
+    """Load a model's weights with the head of task ``task`` (a name in :data:`loraplace.run.tasks.TASKS`;
     float32 by default: adapters train in float32 and the matmuls run under autocast).
     ``num_labels`` sizes a classification head. ``device``: where the model goes (None: stays
     on the CPU).
 
     ``quantization`` nf4 or int8 quantizes the linear projections with bitsandbytes while loading,
     straight onto ``device`` (a quantized model cannot be cast afterwards), and prepares the model
-    for LoRA training (:func:`loraplace.quantization.prepare_quantized`); the rest (embeddings,
+    for LoRA training (:func:`loraplace.run.quantization.prepare_quantized`); the rest (embeddings,
     norms, a tied or separate output head) stays ``dtype``.
 
     Raises:
         LoraplaceError: the model cannot be loaded, or bitsandbytes cannot run ``quantization`` on
-            ``device`` (:func:`loraplace.quantization.check_quantization`).
+            ``device`` (:func:`loraplace.run.quantization.check_quantization`).
     """
-    from loraplace.quantization import bnb_config, check_quantization, prepare_quantized
 
     path = resolve_model_path(path) if assets.is_gguf_file(path) else path
     kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": assets.offline()}
@@ -177,7 +152,7 @@ def plain_linears(model: nn.Module) -> list[nn.Linear]:
 
     These are the weights that run in ``dtype`` under autocast: rounded once at load
     (:func:`round_linear_weights`) and, where frozen, held in ``dtype`` while training
-    (:func:`loraplace.training.frozen_weights_as`). Quantized projections (bitsandbytes'
+    (:func:`loraplace.run.training.frozen_weights_as`). Quantized projections (bitsandbytes'
     ``Linear4bit`` and ``Linear8bitLt``: subclasses of ``nn.Linear``, with 4- or 8-bit integer
     weights) are not among them: their storage must stay as bitsandbytes packed it.
     """

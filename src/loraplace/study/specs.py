@@ -2,7 +2,7 @@
 
 Pure functions of the study config (no torch, nothing written): the arms come from
 :func:`loraplace.placement.arms.study_arms`, each arm runs once per seed as a
-:class:`~loraplace.study.records.RunSpec`.
+:class:`~loraplace.records.RunSpec`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from loraplace.config import StudyConfig
 from loraplace.errors import LoraplaceError
 from loraplace.placement.arms import study_arms
-from loraplace.study.records import RunSpec
+from loraplace.records import RunSpec
 
 
 def default_output_dir(config: StudyConfig) -> Path:
@@ -88,6 +88,6 @@ def run_specs(config: StudyConfig, study_dir: Path) -> list[RunSpec]:
 
 
 def run_identity(run) -> tuple:
-    """What makes a run (a :class:`RunSpec` or a stored :class:`~loraplace.study.records.RunResult`)
+    """What makes a run (a :class:`RunSpec` or a stored :class:`~loraplace.records.RunResult`)
     the same run: kind, exact arm label and seed (the base row does not depend on the seed)."""
     return ("base",) if run.kind == "base" else (run.kind, run.strategy, run.seed)

@@ -1,0 +1,369 @@
+"""EVA (Paischer et al., 2024, arXiv:2410.07170; PEFT ``init_lora_weights="eva"``) as a study method.
+
+Before training, an incremental SVD of each module's inputs over a few batches; the rank budget
+``r * modules`` goes to the right-singular vectors with the largest explained-variance ratio,
+over all modules together (each module at most ``round(rho * r)``, possibly 0), and each module's
+LoRA ``A`` starts as its top right-singular vectors (B = 0). :func:`eva_ranks` resolves the ranks
+and those vectors once per study (:func:`eva_allocation`, stored by the study as safetensors),
+:func:`eva_placement` turns them into a placement that the usual ``lora_config_for`` /
+``check_wrapped`` path wraps, and :func:`apply_eva` initialises the wrapped adapters from them in
+every run.
+
+EVA fixes a total *rank*, not a parameter count: the parameters it trains depend on which modules
+get the rank; the record says how near the target it came.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import time
+from dataclasses import replace
+from typing import Any
+
+import torch
+from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
+from peft.tuners.lora.config import EvaConfig
+from peft.tuners.lora.eva import _Hook, get_eva_state_dict, initialize_lora_eva_weights
+from safetensors.torch import load as load_tensors
+from torch import nn
+
+from loraplace.config import LoraSettings, StudyConfig
+from loraplace.errors import LoraplaceError
+from loraplace.methods.base import Method, full_stand_in, register, stored_ranks
+from loraplace.placement.arms import REFERENCE_STRATEGY, Arm
+from loraplace.placement.budget import budget_target
+from loraplace.placement.resolve import Placement, explicit_placement, module_slots, slot_placement
+from loraplace.records import RunSpec
+
+PEFT_PREFIX = "base_model.model."
+"""What a module's name in the base model is prefixed with inside a ``PeftModel``."""
+
+
+def _exact_key(name: str) -> str:
+    """A PEFT pattern key that matches ``name`` only (see ``lora_config_for``)."""
+    return "^" + re.escape(name)
+
+
+def _remove_eva_hooks(model: nn.Module) -> None:
+    """Take off forward hooks PEFT's EVA left behind when it stopped with an error."""
+
+    for module in model.modules():
+        for key, hook in list(module._forward_hooks.items()):
+            if isinstance(hook, _Hook):
+                del module._forward_hooks[key]
+
+
+class _EvaForward:
+    """EVA's ``forward_fn``: the model on a batch without its labels (EVA needs only the layer
+    inputs), keeping the logits of the last position only where no adapted module is the output
+    projection (saves a ``(B, T, vocab)`` tensor); counts its calls and stops after ``limit``
+    (PEFT cycles over the batches until every SVD converges)."""
+
+    def __init__(self, model: nn.Module, names: set[str], limit: int):
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        head_adapted = any(module is head for name, module in model.named_modules() if name in names)
+        accepts = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.extra = {"logits_to_keep": 1} if accepts and not head_adapted else {}
+        self.limit = limit
+        self.calls = 0
+
+    def __call__(self, model, inputs):
+        self.calls += 1
+        if self.calls > self.limit:
+            raise LoraplaceError(
+                f"EVA's incremental SVD did not converge within {self.limit - 1} forward passes over the "
+                "batches; give it more (or larger) batches"
+            )
+        return model(**{k: v for k, v in inputs.items() if k != "labels"}, **self.extra)
+
+
+def _eva_selected_tokens(batch: dict[str, torch.Tensor], use_label_mask: bool) -> int:
+    mask = batch["attention_mask"].bool()
+    if use_label_mask:
+        mask = mask & (batch["labels"] != -100)
+    return int(mask.sum())
+
+
+def eva_ranks(model: nn.Module, placement: Placement, lora: LoraSettings, batches: list[dict[str, torch.Tensor]], *,
+              target_params: int, rho: float = 2.0, task_type: str = "CAUSAL_LM", tau: float = 0.99,
+              max_passes: int = 20, r: int | None = None) -> tuple[dict[str, int], dict[str, torch.Tensor], dict[str, Any]]:
+    """EVA's ranks and initial A matrices for ``placement``'s modules, at about ``target_params``.
+
+    PEFT's ``get_eva_state_dict`` runs on the unwrapped ``model`` with a ``LoraConfig`` of rank
+    ``r`` on the placement's modules: an incremental SVD of each module's inputs (at most
+    ``round(rho * r)`` components; modules fed the same input, like q/k/v, share one) until the
+    components that matter have converged (cosine similarity >= ``tau`` between two batches),
+    then the rank budget ``r * modules`` goes to the largest explained-variance ratios over all
+    modules. Its inputs are the batch's real tokens, and, for token-level labels (causal LMs),
+    only those with a label (EVA's ``use_label_mask``; PEFT's default
+    ``prepare_model_inputs_fn`` reads ``attention_mask`` and ``labels``, so padding is left out);
+    class labels (classification) are not token-aligned, so only the attention mask is used.
+
+    The budget is a sum of ranks, so the parameters ``sum r_i * (in_i + out_i)`` depend on where
+    EVA puts them. ``r`` is searched: from the uniform rank for the target, a secant step, then
+    single steps until the count crosses the target; the nearest wins. Each candidate reruns
+    PEFT's whole EVA pass (not only its redistribution): PEFT does not expose the
+    explained-variance ratios, and its SVD itself depends on ``r`` (components kept, stopping
+    point), so a rerun gives exactly what PEFT's EVA gives at that ``r``.
+
+    Args:
+        model: the base model (not PEFT-wrapped); left as it was (mode, weights, hooks).
+        placement: the modules (the ``full`` strategy's); expert parameters are left out.
+        lora: its ``alpha`` goes into the ``LoraConfig`` EVA runs with (it changes no rank or
+            vector; the run's alphas come from :func:`eva_placement`).
+        batches: collated batches (``input_ids``, ``attention_mask``, ``labels``), on any device.
+        target_params: the parameter budget.
+        rho: EVA's redistribution limit (>= 1; 1: every module keeps ``r``).
+        tau: EVA's convergence threshold.
+        max_passes: stop with an error after this many passes over ``batches``.
+        r: the ``LoraConfig`` rank to run EVA at, without the search (a run re-creating the state
+            of a rank chosen once per study).
+
+    Returns:
+        ``(ranks, state, info)``: ``ranks`` module name -> rank (0: EVA gives it none), in
+        model order; ``state`` module name -> ``(rank, in)`` tensor, the rows of its A (PEFT's
+        EVA state dict, keyed by the names in the base model); ``info`` with ``r`` (the
+        ``LoraConfig`` rank chosen), ``rho``, ``tau``, ``rank_budget``, ``target``,
+        ``achieved``, ``deviation_pct``, ``candidates`` (r -> parameters), ``seconds`` (all
+        passes), ``seconds_chosen`` (the chosen r's pass), ``forward_passes``,
+        ``use_label_mask``, ``tokens`` (selected tokens per batch) and ``notes``.
+
+    Raises:
+        LoraplaceError: an encoder-decoder model, no module or batch, a batch without enough
+            selected tokens, a budget below rank 1, or an SVD that does not converge.
+    """
+
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise LoraplaceError("EVA as loraplace runs it needs one token mask for every layer; an encoder-decoder's "
+                             "encoder and decoder see different tokens, so EVA is not supported for it")
+    modules = module_slots(placement)
+    if not modules or not batches:
+        raise LoraplaceError(f"EVA needs modules and batches: {len(modules)} modules of {placement.strategy!r}, "
+                             f"{len(batches)} batches")
+    names = [m.name for m in modules]
+    use_label_mask = all(b["labels"].shape == b["input_ids"].shape for b in batches)
+    tokens = [_eva_selected_tokens(b, use_label_mask) for b in batches]
+    size = sum(m.in_features + m.out_features for m in modules)
+    r0 = round(target_params / size)
+    if r0 < 1:
+        raise LoraplaceError(f"EVA's budget of {target_params:,} parameters is below half of rank 1 on every module "
+                             f"of {placement.strategy!r} ({size:,}); raise the budget")
+    smallest = min(min(m.in_features for m in modules), max(tokens))
+    r_max = max(1, int(smallest / rho))  # round(rho * r) components must fit the inputs and a batch
+    if r0 > r_max:
+        raise LoraplaceError(
+            f"EVA at rank {r0} needs {round(rho * r0)} components per module, more than the smallest input "
+            f"width or the largest batch's selected tokens ({smallest}); lower rho ({rho:g}) or give larger batches"
+        )
+    notes = []
+    if placement.parameter_names:
+        notes.append(f"{len(placement.parameter_names)} mixture-of-experts parameters left out: "
+                     "PEFT's EVA initialises linear modules only")
+    runs: dict[int, tuple[int, dict[str, torch.Tensor], float]] = {}
+    forwards = []
+
+    def run(r: int) -> int:
+        """EVA at config rank r; returns the parameters its ranks train."""
+        if r not in runs:
+            config = LoraConfig(r=r, lora_alpha=lora.alpha, target_modules=names, task_type=task_type,
+                                init_lora_weights="eva",
+                                eva_config=EvaConfig(rho=rho, tau=tau, use_label_mask=use_label_mask))
+            forward = _EvaForward(model, set(names), limit=max_passes * len(batches) + 1)
+            forwards.append(forward)
+            start = time.perf_counter()
+            training = model.training
+            try:
+                state = get_eva_state_dict(model, batches, peft_config=config, forward_fn=forward,
+                                           show_progress_bar=False)
+            except BaseException:
+                _remove_eva_hooks(model)  # the shared base model must come back unchanged
+                model.train(training)
+                raise
+            if set(state) != set(names):
+                raise LoraplaceError(f"PEFT's EVA covered other modules than planned: "
+                                     f"missing {sorted(set(names) - set(state))[:5]}, "
+                                     f"unexpected {sorted(set(state) - set(names))[:5]}")
+            params = sum(state[m.name].shape[0] * (m.in_features + m.out_features) for m in modules)
+            runs[r] = (params, state, time.perf_counter() - start)
+        return runs[r][0]
+
+    if r is not None:  # the rank chosen before: one pass
+        run(r)
+    else:  # uniform guess, one secant step, then single steps until the count crosses the target
+        r = min(r_max, max(1, round(r0 * target_params / run(r0))))
+        while True:
+            params = run(r)
+            step = 1 if params < target_params else -1
+            if params == target_params or not 1 <= r + step <= r_max:
+                break
+            if r + step in runs or (run(r + step) - target_params) * (params - target_params) <= 0:
+                break
+            r += step
+    best = min(runs, key=lambda c: (abs(runs[c][0] - target_params), c))
+    achieved, state, seconds = runs[best]
+    ranks = {name: int(state[name].shape[0]) for name in names}
+    info = {
+        "method": "eva", "r": best, "rho": rho, "tau": tau, "rank_budget": best * len(names),
+        "target": target_params, "achieved": achieved,
+        "deviation_pct": 100.0 * (achieved - target_params) / target_params,
+        "candidates": {c: runs[c][0] for c in sorted(runs)}, "seconds": sum(v[2] for v in runs.values()),
+        "seconds_chosen": seconds, "forward_passes": sum(f.calls for f in forwards), "use_label_mask": use_label_mask,
+        "tokens": tokens, "notes": notes,
+    }
+    return ranks, {name: state[name] for name in names}, info
+
+
+def eva_placement(placement: Placement, ranks: dict[str, int], *, r: int) -> Placement:
+    """``placement`` with EVA's ranks: each module at its rank, modules at rank 0 (and expert
+    parameters) left out with a warning, and alpha scaled with the rank, ``alpha * r_i / r``
+    (``r``: the ``LoraConfig`` rank EVA ran with, ``info["r"]`` of :func:`eva_ranks`). The alpha
+    scaling is EVA's ``adjust_scaling_factors`` (PEFT's default): every module keeps the update
+    scale ``alpha / r`` of the uniform rank-``r`` LoRA, whatever rank EVA gave it.
+
+    Raises:
+        LoraplaceError: a module of ``placement`` without a rank in ``ranks``.
+    """
+    modules = module_slots(placement)
+    missing = [m.name for m in modules if m.name not in ranks]
+    if missing:
+        raise LoraplaceError(f"EVA ranks miss {len(missing)} modules of {placement.strategy!r}, e.g. {missing[:3]}")
+    kept = [replace(m, r=ranks[m.name], alpha=m.alpha * ranks[m.name] / r) for m in modules if ranks[m.name] > 0]
+    notes = list(placement.warnings)
+    dropped = [m.name for m in modules if ranks[m.name] == 0]
+    if dropped:
+        notes.append(f"EVA gave rank 0 to {len(dropped)} modules, which get no adapter: "
+                     + ", ".join(dropped[:5]) + (" ..." if len(dropped) > 5 else ""))
+    if placement.parameter_names:
+        notes.append(f"{len(placement.parameter_names)} mixture-of-experts parameters left out: "
+                     "PEFT's EVA initialises linear modules only")
+    return replace(placement, modules=kept, warnings=notes)
+
+
+@torch.no_grad()
+def apply_eva(peft_model, eva_state: dict[str, torch.Tensor], adapter: str = "default") -> None:
+    """Initialise the wrapped LoRA A matrices from EVA's state (module name in the base model
+    -> ``(r_i, in_i)``), through PEFT's ``initialize_lora_eva_weights``; ranks and alphas stay
+    as wrapped, so ``check_wrapped`` sees the planned ones. The model must be wrapped with
+    :func:`eva_placement`'s placement (``lora_config_for``); B is 0 as in any LoRA init.
+
+    PEFT's loader looks each module's rank up in the config's ``rank_pattern`` under its name
+    in the *PEFT model* (``base_model.model.<name>``) and re-creates, with a rescaled alpha, every
+    adapter whose rank differs from that; loraplace's exact keys (``^<name>``) match names in the
+    base model only, so for the call the patterns are set to exact keys of the prefixed names
+    with the wrapped ranks and alphas (then nothing is re-created: A is copied), and restored
+    afterwards (PEFT rewrites them with bare names, which match by suffix). The config's
+    ``init_lora_weights`` becomes ``"eva"``, as PEFT requires.
+
+    Raises:
+        LoraplaceError: the state covers other modules than the wrapped ones, a shape differs
+            from a wrapped A, or A does not hold the state afterwards.
+    """
+
+    layers = {name: m for name, m in peft_model.get_base_model().named_modules()
+              if isinstance(m, LoraLayer) and adapter in m.lora_A}
+    state = {name: w for name, w in eva_state.items() if w.shape[0] > 0}
+    if set(layers) != set(state):
+        raise LoraplaceError(f"EVA's state covers other modules than were wrapped: missing "
+                             f"{sorted(set(layers) - set(state))[:5]}, "
+                             f"unexpected {sorted(set(state) - set(layers))[:5]}")
+    differ = [f"{n}: EVA {tuple(w.shape)}, wrapped A {tuple(layers[n].lora_A[adapter].weight.shape)}"
+              for n, w in state.items() if w.shape != layers[n].lora_A[adapter].weight.shape]
+    if differ:
+        raise LoraplaceError("EVA's ranks differ from the wrapped ones (wrap with eva_placement's placement): "
+                             + "; ".join(differ[:5]))
+    before = {n: (m.r[adapter], m.lora_alpha[adapter]) for n, m in layers.items()}
+    config = peft_model.peft_config[adapter]
+    saved = config.rank_pattern, config.alpha_pattern, config.target_modules
+    config.rank_pattern = {_exact_key(PEFT_PREFIX + n): r for n, (r, _) in before.items()}
+    config.alpha_pattern = {_exact_key(PEFT_PREFIX + n): a for n, (_, a) in before.items()}
+    config.init_lora_weights = "eva"
+    try:
+        initialize_lora_eva_weights(peft_model, eva_state_dict={PEFT_PREFIX + n: w for n, w in state.items()},
+                                    adapter_name=adapter, show_progress_bar=False)
+    finally:
+        config.rank_pattern, config.alpha_pattern, config.target_modules = saved
+    after = {n: (m.r[adapter], m.lora_alpha[adapter]) for n, m in layers.items()}
+    wrong = [n for n, m in layers.items()
+             if not torch.equal(m.lora_A[adapter].weight, state[n].to(m.lora_A[adapter].weight))]
+    if after != before or wrong:
+        raise LoraplaceError(f"PEFT's EVA loader changed ranks/alphas or left A unset: {wrong[:5]}")
+
+
+def eva_batches(train_dataset, collator, *, batch_size: int, batches: int) -> list[dict[str, torch.Tensor]]:
+    """The first ``batches`` batches of ``batch_size`` training examples, collated: EVA's input.
+    The same examples for every arm and seed (the dataset's order, not the training sampler's)."""
+    n = min(len(train_dataset), batch_size * batches)
+    rows = [train_dataset[i] for i in range(n)]
+    return [collator(rows[i:i + batch_size]) for i in range(0, n, batch_size)]
+
+
+def eva_allocation(setup, arm: Arm, lora, batches: list[dict], eva_r: int | None = None):
+    """EVA's placement of ``arm`` (``eva`` or ``eva~REFERENCE``) on the loaded base model: PEFT's EVA on
+    the modules of ``full`` at the ``LoraConfig`` rank ``eva_r``, by default the uniform rank that
+    spends the arm's budget on those modules (one EVA pass; EVA then moves rank between modules of
+    different widths, so it trains about, not exactly, the budget: the record says how far).
+    A search over the rank (``loraplace.methods.eva_ranks`` without ``r``) would cost one whole
+    EVA pass per candidate: 8 minutes each for SmolLM2-135M on 2 CPU cores.
+
+    Returns:
+        ``(placement, state)``: the placement (modules EVA gave rank 0 left out) with its ``budget``
+        record (``eva_r``: the ``LoraConfig`` rank EVA ran at, which scales every module's alpha),
+        and EVA's initial A matrices by module name.
+    """
+
+    reference = arm.reference if arm.reference is not None else REFERENCE_STRATEGY
+    target = budget_target(setup.base, reference, lora.r, lora.alpha)
+    slots = slot_placement(setup.base)
+    uniform = max(1, round(target / sum(m.size for m in slots.modules)))
+    ranks, state, info = eva_ranks(setup.base, slots, lora, batches, target_params=target,
+                                   task_type=setup.task.peft_task_type, r=eva_r or uniform)
+    kept = {name: k for name, k in ranks.items() if k > 0}
+    budget = {"reference": reference, "target": target, "achieved": info["achieved"],
+              "deviation_pct": info["deviation_pct"], "method": "eva", "eva_r": info["r"], "rho": info["rho"],
+              "tau": info["tau"], "seconds": info["seconds"], "forward_passes": info["forward_passes"],
+              "dropped": len(ranks) - len(kept)}
+    placement = explicit_placement(setup.base, arm.label, kept, info["r"], lora.alpha, budget)
+    placement.budget["ranks"] = placement.ranks()  # type: ignore[index]
+    return placement, state
+
+
+class EvaMethod(Method):
+    """``eva``: ranks and initial A matrices from EVA's SVD of the module inputs, once per study."""
+
+    name = "eva"
+    title = "EVA"
+    allocated_per_study = True
+    state_suffix = "eva"
+
+    def check(self, skeleton: nn.Module, arm: Arm, config: StudyConfig) -> None:
+        """Nothing to check before training: EVA's ranks come from data."""
+
+    def stand_in(self, skeleton: nn.Module, arm: Arm, config: StudyConfig) -> Placement:
+        return full_stand_in(skeleton, config)
+
+    def allocate(self, setup: Any, arm: Arm, config: StudyConfig, batches: Any,
+                 scores: dict[str, Any]) -> tuple[Placement, dict | None]:
+        return eva_allocation(setup, arm, config.lora, batches())
+
+    def placement(self, model: nn.Module, arm: Arm, r: int, alpha: float, ranks: dict[str, int] | None = None,
+                  budget: dict | None = None) -> Placement:
+        # every module keeps the update scale alpha / r of the LoraConfig rank EVA ran at
+        return explicit_placement(model, arm.label, stored_ranks(arm, ranks), (budget or {}).get("eva_r", r), alpha,
+                                  budget)
+
+    def initialise(self, peft_model: Any, spec: RunSpec) -> None:
+        """EVA's initial A matrices: the ones the study computed once (:func:`eva_allocation`),
+        carried in the spec; checked against the stored ranks."""
+        if not spec.init_state:
+            raise LoraplaceError(f"arm {spec.strategy!r}: the study's EVA initialisation is missing from the run")
+        state = load_tensors(spec.init_state)
+        ranks = {name: int(w.shape[0]) for name, w in state.items() if w.shape[0] > 0}
+        if ranks != spec.ranks:
+            raise LoraplaceError(f"arm {spec.strategy!r}: the stored EVA initialisation has other ranks than the "
+                                 "stored allocation; delete both files in allocations/ to recompute them")
+        apply_eva(peft_model, state)
+
+
+EVA = register(EvaMethod())
