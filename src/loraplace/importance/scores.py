@@ -29,9 +29,11 @@ and sketch sizes ``k = 2R + 1``, ``l = 2k + 1``:
 * gradient: one forward and backward per batch (about ``6 T P`` flops, like a training step but
   without optimizer state or weight gradients); activation memory like LoRA on every slot (each
   slot's input is held until its output gradient arrives); per ``m x n`` slot an accumulator of
-  ``m * n`` floats (exact: up to :data:`~loraplace.importance.spectrum.EXACT_MAX_FLOATS` entries,
-  or where a sketch would not be smaller) or ``max(m, n) k + l min(m, n)`` floats (sketch), so at
-  most ``P`` floats in all and far fewer for a large model; updates cost ``T m n`` (exact) or
+  ``m * n`` floats (exact: when every slot has at most
+  :data:`~loraplace.importance.spectrum.EXACT_MAX_FLOATS` entries or would not shrink as a sketch)
+  or ``max(m, n) k + l min(m, n)`` floats (sketch: every slot, as soon as one must be; one
+  estimator per score, :func:`~loraplace.importance.spectrum.score_mode`), far fewer than ``P``
+  floats in all for a large model; updates cost ``T m n`` (exact) or
   ``T (k + l)(m + n)`` (sketch) multiply-adds per slot and batch.
 * activation: one forward per batch without gradients (about ``2 T P`` flops); per distinct input
   of width ``n`` an accumulator of ``n^2`` (exact) or ``n (k + l)`` (sketch) floats.
@@ -58,7 +60,7 @@ from transformers import PreTrainedModel, set_seed
 
 from loraplace.data import IGNORE_INDEX
 from loraplace.errors import LoraplaceError
-from loraplace.importance.spectrum import SKETCH_MODES, SpectrumAccumulator
+from loraplace.importance.spectrum import SKETCH_MODES, SpectrumAccumulator, score_mode, sketch_sizes
 from loraplace.placement.resolve import resolve_placement
 from loraplace.placement.strategies import parse_strategy
 from loraplace.run.device import pick_device
@@ -152,7 +154,9 @@ class ImportanceResult:
         peak_memory_mib, memory_kind: peak memory while scoring (:class:`loraplace.run.measure.PeakMemory`:
             process RSS on CPU, allocated tensors on CUDA), with the model loaded.
         method: one sentence: what the curve is.
-        approximation: ``exact``, ``sketch (k=.., l=..)``, or a mix (``... for N of M slots``).
+        approximation: ``exact`` or ``sketch (k=.., l=..)``: the one estimator of every slot's
+            spectrum (:func:`~loraplace.importance.spectrum.score_mode`: with ``auto``, every slot
+            is sketched alike as soon as one must be, so that curves compare like with like).
         model, dataset: what was scored (dataset None for ``weight``).
         warnings: things to read: slots left out (mixture-of-experts parameters), slots never run.
     """
@@ -270,8 +274,10 @@ def score_slots(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]] | N
         nll_fn: the task's loss ``(model, batch) -> (nll_sum (B,), n_tokens (B,)[, ...])``
             (default :func:`loraplace.run.evaluation.token_nll`, the causal-LM loss).
         device: where batches go (default: the device of the model's first parameter).
-        sketch: ``auto`` (each slot exact up to :data:`~loraplace.importance.spectrum.EXACT_MAX_FLOATS`
-            entries or where a sketch is not smaller, else sketched), ``exact`` or ``sketch``
+        sketch: ``auto`` (every slot exact when each has at most
+            :data:`~loraplace.importance.spectrum.EXACT_MAX_FLOATS` entries or would not shrink as
+            a sketch; else every slot sketched alike: one estimator per score,
+            :func:`~loraplace.importance.spectrum.score_mode`), ``exact`` or ``sketch``
             (:class:`~loraplace.importance.spectrum.SpectrumAccumulator`).
         model_name, dataset: recorded in the result (default: the model's ``name_or_path``;
             dataset None).
@@ -364,8 +370,9 @@ def _input_embeddings(model: nn.Module) -> list[nn.Module]:
 def _gradient_curves(model, slots, modules, batches, max_rank, nll_fn, sketch, warnings):
     """``curve[k-1] = sum_{i<=k} sigma_i(G)^2``, ``G`` the batch-averaged loss gradient of each slot weight."""
     shared: dict = {}
+    mode = score_mode([(s.out_features, s.in_features) for s in slots], max_rank, sketch)  # one for all slots
     accumulators = {
-        s.name: SpectrumAccumulator(s.out_features, s.in_features, max_rank, mode=sketch,
+        s.name: SpectrumAccumulator(s.out_features, s.in_features, max_rank, mode=mode,
                                     device=modules[s.name].weight.device, test_matrices=shared)
         for s in slots
     }
@@ -450,6 +457,7 @@ def _token_masks(model: nn.Module, slots, batch: dict[str, torch.Tensor]) -> dic
 def _activation_curves(model, slots, modules, batches, max_rank, nll_fn, sketch, warnings):
     """``curve[k-1]`` = sum of the k largest eigenvalues of each slot input's covariance over real tokens."""
     shared: dict = {}
+    mode = score_mode([(s.in_features, s.in_features) for s in slots], max_rank, sketch)  # one for all slots
     accumulators: dict[str, SpectrumAccumulator] = {}
     leader: dict[str, str] = {}  # slot -> the slot whose accumulator holds its input (itself, or q for k and v)
     unmasked: set[str] = set()
@@ -476,7 +484,7 @@ def _activation_curves(model, slots, modules, batches, max_rank, nll_fn, sketch,
                 warnings.append(f"{name}: input of shape {tuple(x.shape)} matches no token mask; "
                                 "its covariance averages over every position, padding included")
             if name not in accumulators:
-                accumulators[name] = SpectrumAccumulator(rows.shape[1], rows.shape[1], max_rank, mode=sketch,
+                accumulators[name] = SpectrumAccumulator(rows.shape[1], rows.shape[1], max_rank, mode=mode,
                                                          device=rows.device, test_matrices=shared)
             rows = rows.float()
             accumulators[name].update(rows, rows)
@@ -499,7 +507,8 @@ def _activation_curves(model, slots, modules, batches, max_rank, nll_fn, sketch,
     for s in slots:
         acc = accumulators.get(leader.get(s.name, ""))
         if acc is None or acc.rows == 0:
-            curves[s.name], approximations[s.name] = [0.0] * max_rank, "exact"
+            curves[s.name], approximations[s.name] = [0.0] * max_rank, (  # the label its accumulator would have
+                "exact" if mode == "exact" else "sketch (k={}, l={})".format(*sketch_sizes(max_rank)))
             continue
         seen.add(s.name)
         eigenvalues = acc.singular_values(max_rank) / acc.rows  # a covariance is PSD: singular = eigen values
