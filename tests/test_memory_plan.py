@@ -276,3 +276,44 @@ def test_plan_command_shows_memory(tiny_llama_dir, monkeypatch):
     assert "memory MiB" in result.output and "with ckpt" in result.output and "4,096 MiB free" in result.output
     result = runner.invoke(app, [*args[:-4], "--precision", "fp8"])
     assert result.exit_code != 0 and "--precision" in result.output
+
+
+def test_checkpointing_is_decided_once_for_every_arm(tiny_llama_dir, alpaca_file, tmp_path, monkeypatch):
+    """auto: when one arm (full) would not fit without checkpointing but another (attention) would,
+    every arm of the study trains with it, the decision is kept in study.yaml, and a resume keeps it."""
+    import yaml
+
+    from loraplace.run.models import load_config
+    from loraplace.study.driver import run_study
+
+    config = _study(tiny_llama_dir, alpaca_file, max_steps=2, batch_size=4, max_length=64, eval_every=0,
+                    logging_steps=1)
+    config = config.model_copy(update={"include_base": False, "output": str(tmp_path / "s"),
+                                       "data": config.data.model_copy(update={"eval_size": 8})})
+    model_config, _ = load_config(str(tiny_llama_dir))
+    skeleton = meta_model(model_config)
+
+    def need(strategy: str, ckpt: bool) -> float:  # the study-level estimate: batch x max_length, full's modules
+        placement = resolve_placement(skeleton, parse_strategy(strategy), 16, 32)
+        return estimate_memory(model_config, placement, batch_size=4, max_length=64, precision="fp32",
+                               gradient_checkpointing=ckpt, device="cpu", eval_batch_size=config.train.eval_batch_size,
+                               lora_dropout=config.lora.dropout).needed_mib
+
+    full_off, full_on, attn_off = need("full", False), need("full", True), need("attention", False)
+    low, high = max(attn_off * (1 + AUTO_HEADROOM), full_on), full_off * (1 + AUTO_HEADROOM)
+    assert low < high
+    free = (low + high) / 2
+    monkeypatch.setenv(FREE_MEMORY_ENV, str(free))
+    study_dir = run_study(config)
+    results = json.loads((study_dir / "results.json").read_text())["runs"]
+    assert {r["strategy"] for r in results} == {"full", "attention"}
+    for r in results:  # attention alone would have run without it
+        assert r["status"] == "ok", r["error"]
+        assert r["speed_choices"]["gradient_checkpointing"].startswith("on"), r["strategy"]
+    decided = yaml.safe_load((study_dir / "study.yaml").read_text())["decided"]
+    assert decided["gradient_checkpointing"] is True and "'full'" in decided["gradient_checkpointing_reason"]
+    # resumed with plenty of memory: the runs it adds keep the study's decision
+    monkeypatch.delenv(FREE_MEMORY_ENV)
+    run_study(config.model_copy(update={"seeds": [0, 1], "strategies": ["attention"]}), resume=True)
+    added = [r for r in json.loads((study_dir / "results.json").read_text())["runs"] if r["seed"] == 1]
+    assert added and added[0]["speed_choices"]["gradient_checkpointing"].startswith("on")

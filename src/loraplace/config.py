@@ -131,6 +131,9 @@ class StudyConfig(_Strict):
         "(pip install 'loraplace[quant]').",
     )
     output: str | None = Field(None, description="Output folder; default: a new folder under ./runs/.")
+    decided: dict[str, Any] = Field(
+        default_factory=dict, description="Settings loraplace decided once for every arm of the study, with the "
+        "reason (gradient_checkpointing under auto); written to study.yaml, kept on resume, not set by hand.")
     executor: ExecutorSettings = Field(
         default_factory=ExecutorSettings, exclude=True,
         description="How the runs execute (not stored with the study: a resume may change it).")

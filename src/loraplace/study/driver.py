@@ -70,7 +70,7 @@ def run_study(config: StudyConfig, resume: bool = False, allow_mixed: bool = Fal
     ray = config.executor.kind == "ray"
     with contextlib.ExitStack() as stack:
         # Under Ray the device is checked (and resolved) on the workers, which may have GPUs the driver lacks.
-        check_study(config.model_copy(update={"device": "auto"}) if ray else config)
+        decided = check_study(config.model_copy(update={"device": "auto"}) if ray else config)
         environment = None if ray else resolve_environment(config)
         lock = stack.enter_context(store.lock())
         if lock.note:
@@ -90,6 +90,11 @@ def run_study(config: StudyConfig, resume: bool = False, allow_mixed: bool = Fal
             previous = signal.signal(signal.SIGTERM, _terminate)
             stack.callback(signal.signal, signal.SIGTERM, previous)
         study = store.init(config, resume, environment=environment, allow_mixed=allow_mixed)
+        # Settings that change an arm's cost or numbers are decided once, for every arm alike; a resumed
+        # study keeps its decision (its earlier runs ran with it) unless the setting is now forced.
+        if study.decided and study.train.gradient_checkpointing == "auto":
+            decided = study.decided
+        study = store.record_decided(decided)
         # The plan: this command's runs, in the order (and with the positions) of the whole study.
         wanted = {run_identity(s) for s in run_specs(config, study_dir)}
         specs = [s for s in run_specs(study, study_dir) if run_identity(s) in wanted]

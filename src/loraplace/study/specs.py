@@ -64,7 +64,10 @@ def run_specs(config: StudyConfig, study_dir: Path) -> list[RunSpec]:
     Raises:
         LoraplaceError: two arms whose run ids coincide (only on a hash collision).
     """
-    common = dict(model=config.model, dataset=config.dataset, lora=config.lora, train=config.train,
+    train = config.train
+    if "gradient_checkpointing" in config.decided:  # decided once for every arm (study.checks)
+        train = train.model_copy(update={"gradient_checkpointing": bool(config.decided["gradient_checkpointing"])})
+    common = dict(model=config.model, dataset=config.dataset, lora=config.lora, train=train,
                   data=config.data, importance=config.importance, device=config.device, task=config.task,
                   quantization=config.quantization)
     specs = []

@@ -225,7 +225,8 @@ def merge_configs(stored: StudyConfig, current: StudyConfig) -> StudyConfig:
 # means (the name, the folder, gradient checkpointing: same loss, less memory). device and precision
 # are compared by what they resolve to.
 _GROWABLE = {"name": True, "output": True, "seeds": True, "strategies": True, "match_budget": True,
-             "include_base": True, "device": True, "train": {"precision", "gradient_checkpointing"}}
+             "include_base": True, "device": True, "train": {"precision", "gradient_checkpointing"},
+             "decided": True}
 
 
 # ----------------------------------------------------------------------------------- environment
@@ -370,6 +371,14 @@ class StudyStore:
         if self.environment is not None:
             atomic_write_text(self.environment_path, json.dumps(self.environment, indent=2))
         return union
+
+    def record_decided(self, decided: dict[str, Any]) -> StudyConfig:
+        """Keep the settings decided once for the study (:attr:`StudyConfig.decided`) in study.yaml;
+        returns the study's config with them."""
+        assert self.config is not None, "init() first"
+        self.config = self.config.model_copy(update={"decided": decided})
+        atomic_write_text(self.dir / "study.yaml", yaml.safe_dump(self.config.model_dump(), sort_keys=False))
+        return self.config
 
     def _stored_environment(self, data: dict[str, Any] | None) -> dict[str, Any] | None:
         if self.environment_path.exists():
