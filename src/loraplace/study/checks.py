@@ -61,7 +61,7 @@ def check_memory(config: StudyConfig, model_config, skeleton, task: str) -> dict
     setting = config.train.gradient_checkpointing
     if setting is not True and setting is not False and config.executor.kind == "ray":
         return {"gradient_checkpointing": False, "gradient_checkpointing_reason": (
-            "off for every arm (auto under --executor ray: the workers' free memory is not known here; "
+            "off for every arm (auto on a Ray cluster: the workers' free memory is not known to the driver; "
             "set train.gradient_checkpointing=true to turn it on)")}
     forced = {"gradient_checkpointing": bool(setting), "gradient_checkpointing_reason":
               f"{'on' if setting else 'off'} for every arm (train.gradient_checkpointing={str(setting).lower()})"}

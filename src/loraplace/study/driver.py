@@ -21,11 +21,11 @@ from loraplace.records import RunSpec
 from loraplace.report.write import write_report
 from loraplace.run.device import pick_device, resolve_precision
 from loraplace.run.measure import library_versions
+from loraplace.study import ray_executor
 from loraplace.study.allocations import resolve_allocations
 from loraplace.study.checks import check_study
 from loraplace.study.executor import LocalExecutor
 from loraplace.study.progress import StudyInterrupted, StudyProgress
-from loraplace.study.ray_executor import RayExecutor
 from loraplace.study.specs import default_output_dir, run_identity, run_specs
 from loraplace.study.store import StudyStore
 
@@ -77,7 +77,7 @@ def run_study(config: StudyConfig, resume: bool = False, allow_mixed: bool = Fal
             progress.note(lock.note)
         if ray:
 
-            executor = RayExecutor(config.executor, on_note=progress.note)
+            executor = ray_executor.RayExecutor(config.executor, on_note=progress.note)
             stack.callback(executor.close)  # also on Ctrl-C and errors: stops the remote runs
             environment = executor.start(config.device, config.train.precision, len(run_specs(config, study_dir)))
         else:
