@@ -14,7 +14,6 @@ from peft import get_peft_model
 from peft.tuners.lora.eva import _Hook
 from test_evaluation_nll import PAD, ListDataset, examples, tiny_llama
 
-from loraplace.run import training
 from loraplace.adapters import check_wrapped, lora_config_for, unload_adapters, wrapped_adapters
 from loraplace.config import LoraSettings, TrainSettings
 from loraplace.data import IGNORE_INDEX, PadCollator
@@ -30,10 +29,11 @@ from loraplace.methods.adalora import (
     adalora_update_norms,
     check_adalora_wrapped,
 )
-from loraplace.methods.eva import apply_eva, eva_batches, eva_placement, eva_ranks
+from loraplace.methods.eva import apply_eva, eva_batches, eva_ranks
 from loraplace.placement.params import trainable_params
-from loraplace.placement.resolve import resolve_placement
+from loraplace.placement.resolve import explicit_placement, resolve_placement
 from loraplace.placement.strategies import parse_strategy
+from loraplace.run import training
 
 LORA = LoraSettings(r=4, alpha=16.0, dropout=0.0)
 ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -275,7 +275,7 @@ def test_apply_eva_puts_the_planned_ranks_and_vectors_into_the_wrapped_model():
     batches = one_batch()
     placement = full(model)
     ranks, state, info = eva_ranks(model, placement, LORA, batches, target_params=4096)
-    planned = eva_placement(placement, ranks, r=info["r"])
+    planned = explicit_placement(model, "eva", {n: k for n, k in ranks.items() if k > 0}, info["r"], LORA.alpha)
     peft_model = get_peft_model(model, lora_config_for(planned, LORA))
     layers = {n: m for n, m in peft_model.get_base_model().named_modules() if n in ranks and hasattr(m, "lora_A")}
     default_init = {n: m.lora_A["default"].weight.clone() for n, m in layers.items()}
@@ -304,14 +304,16 @@ def test_apply_eva_puts_the_planned_ranks_and_vectors_into_the_wrapped_model():
         apply_eva(other, state)
 
 
-def test_eva_placement_drops_rank_zero_modules():
-    placement = full(tiny_llama())
+def test_placement_of_eva_ranks_scales_alpha_with_the_rank():
+    """EVA's placement (explicit_placement of its ranks, rank-0 modules left out, as
+    eva_allocation makes it): each module at its rank with alpha * r_i / r (adjust_scaling_factors)."""
+    model = tiny_llama()
+    placement = full(model)
     ranks = {m.name: 4 for m in placement.modules}
     dropped = placement.modules[-1].name
     ranks[dropped], ranks[placement.modules[0].name] = 0, 8
-    planned = eva_placement(placement, ranks, r=4)
+    planned = explicit_placement(model, "eva", {n: k for n, k in ranks.items() if k > 0}, 4, LORA.alpha)
     assert dropped not in planned.module_names and len(planned.modules) == len(placement.modules) - 1
-    assert any("rank 0" in w for w in planned.warnings)
     assert planned.modules[0].r == 8 and planned.modules[0].alpha == 2 * LORA.alpha
     assert planned.lora_params == sum(ranks[m.name] * (m.in_features + m.out_features) for m in placement.modules)
 

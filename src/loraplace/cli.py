@@ -406,7 +406,13 @@ def importance(
 ) -> None:
     """Score every slot a LoRA adapter can go on (predicted gain per rank), without training."""
 
-    from loraplace.importance import SCORES, load_for_scoring, score_setup, write_importance  # deferred (torch)
+    from loraplace.importance import (  # deferred (torch)
+        SCORES,
+        get_score,
+        load_for_scoring,
+        score_setup,
+        write_importance,
+    )
 
     try:
         _quiet_libraries()
@@ -417,7 +423,7 @@ def importance(
                                  f"{', '.join(SCORES)}, comma-separated")
         if r > max_rank:
             raise LoraplaceError(f"--r {r} is above --max-rank {max_rank}: the curves end at max-rank")
-        setup = load_for_scoring(model, dataset if any(s != "weight" for s in wanted) else None, batches=batches,
+        setup = load_for_scoring(model, dataset if any(get_score(s).needs_data for s in wanted) else None, batches=batches,
                                  batch_size=batch_size, max_length=max_length, eval_size=eval_size,
                                  split_seed=split_seed, device=device)
         slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model).name or model)
@@ -435,9 +441,9 @@ def importance(
 def _print_importance(result, paths: dict[str, Path], r: int) -> None:
     """One score on the console: the top 10 slots by gain per parameter at ``r``, each role's
     share of the gain, what it cost, and the files."""
-    from loraplace.importance import role_shares, slot_rows  # deferred (torch)
+    from loraplace.importance import get_score, role_shares, slot_rows  # deferred (torch)
 
-    data = "data-free" if result.score == "weight" else \
+    data = "data-free" if not get_score(result.score).needs_data else \
         f"{result.tokens:,} target tokens in {result.batches} batches of {result.batch_size}"
     memory = f"{result.peak_memory_mib:,.0f} MiB ({result.memory_kind})" if result.peak_memory_mib is not None else "-"
     console.print(f"\n[bold]{result.score}[/] score of {result.model}: {len(result.slots)} slots, {data}; "

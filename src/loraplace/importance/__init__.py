@@ -1,6 +1,6 @@
 """Importance scores of LoRA slots, the input of automatic placement: for every module a LoRA
 adapter can go on, a curve of the predicted gain of a rank-k adapter there
-(:mod:`~loraplace.importance.scores`: ``gradient``, ``activation``, ``weight``), the streaming
+(:mod:`~loraplace.importance.scores`: ``gradient``, ``activation``, ``weight``, registered in ``SCORES``), the streaming
 spectrum that reads them without storing every weight gradient
 (:mod:`~loraplace.importance.spectrum`), and the files they are written to
 (:mod:`~loraplace.importance.output`: ``loraplace-importance/1`` JSON, CSV, heatmap).
@@ -13,8 +13,10 @@ from loraplace.importance.scores import (
     FORMAT,
     SCORES,
     ImportanceResult,
+    Score,
     ScoringSetup,
     SlotScore,
+    get_score,
     hill_alpha,
     load_for_scoring,
     score_batches,
@@ -26,7 +28,8 @@ from loraplace.importance.scores import (
 from loraplace.importance.spectrum import SpectrumAccumulator
 
 __all__ = [
-    "FORMAT", "ImportanceResult", "SCORES", "ScoringSetup", "SlotScore", "SpectrumAccumulator", "heatmap",
+    "FORMAT", "ImportanceResult", "SCORES", "Score", "ScoringSetup", "SlotScore", "SpectrumAccumulator", "get_score",
+    "heatmap",
     "hill_alpha", "load_for_scoring", "role_shares", "score_batches", "score_model", "score_setup", "score_slots",
     "scored_slots", "slot_rows", "write_importance",
 ]

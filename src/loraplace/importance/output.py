@@ -13,7 +13,7 @@ import numpy as np
 
 from loraplace.errors import LoraplaceError
 from loraplace.files import atomic_replace, atomic_write_json, atomic_write_text
-from loraplace.importance.scores import ImportanceResult
+from loraplace.importance.scores import ImportanceResult, get_score
 from loraplace.placement.roles import ALL_ROLES
 from loraplace.report.figures import _STYLE, DPI, WIDTH
 
@@ -108,7 +108,7 @@ def heatmap(result: ImportanceResult, path_stem: str | Path, r: int) -> tuple[Pa
     roles = [role for role in ALL_ROLES if role in present] + sorted(present - set(ALL_ROLES))
     peak = max((s.gain_per_param(r) for s in blocks), default=0.0)
     layers = {stack: 1 + max(s.layer for s in blocks if s.stack == stack) for stack in stacks}
-    where = "data-free prior" if result.score == "weight" else f"{result.tokens:,} target tokens"
+    where = "data-free prior" if not get_score(result.score).needs_data else f"{result.tokens:,} target tokens"
     model = Path(result.model).name or result.model or "model"
     title = (f"{result.score} score of {model}: gain per adapter parameter at r={r}, normalised to the maximum\n"
              f"{where}, {result.seconds:.1f} s")

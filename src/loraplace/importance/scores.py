@@ -70,21 +70,9 @@ from loraplace.run.models import load_config, load_model, load_tokenizer, resolv
 from loraplace.run.tasks import get_task, task_of
 
 FORMAT = "loraplace-importance/1"
-SCORES = ("gradient", "activation", "weight")
 ALPHA_CAP = 100.0
 """Hill exponent given to a weight whose eigenvalues have no tail to measure (a flat top half)."""
 
-METHODS = {
-    "gradient": ("curve[k-1] = sum of the k largest squared singular values of the loss gradient G (out x in) of "
-                 "the frozen weight, averaged over the batches (token-mean loss per batch): the squared "
-                 "first-order loss decrease of the best rank-k update of unit Frobenius norm."),
-    "activation": ("curve[k-1] = sum of the k largest eigenvalues of the input covariance (1/T) sum x x^T over "
-                   "non-padding tokens (forward passes only, EVA-style); modules that read the same input "
-                   "(q/k/v, gate/up) share one curve."),
-    "weight": ("a prior, not a measurement: curve[k-1] = alpha * (in + out) * H_k, alpha the Hill estimate of "
-               "the heavy-tail exponent of the eigenvalues of W^T W (top half; higher = less trained = more "
-               "rank, AlphaLoRA-style), H_k the k-th harmonic number."),
-}
 
 
 @dataclass(frozen=True)
@@ -290,14 +278,13 @@ def score_slots(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]] | N
             whose loss does not reach the slots.
     """
 
-    if score not in SCORES:
-        raise LoraplaceError(f"unknown importance score {score!r}; use one of {', '.join(SCORES)}")
+    spec = get_score(score)
     if max_rank < 1:
         raise LoraplaceError(f"max_rank must be at least 1, got {max_rank}")
     if sketch not in SKETCH_MODES:
         raise LoraplaceError(f"unknown sketch mode {sketch!r}; use one of {', '.join(SKETCH_MODES)}")
-    batches = [] if score == "weight" else list(batches or [])
-    if score != "weight" and not batches:
+    batches = list(batches or []) if spec.needs_data else []
+    if spec.needs_data and not batches:
         raise LoraplaceError(f"the {score} score needs at least one batch of training data")
     slots, left_out, warnings = scored_slots(model)
     if left_out:
@@ -308,17 +295,13 @@ def score_slots(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]] | N
     tokens, used = 0, 0
     with PeakMemory(device) as memory, _frozen_eval(model):
         start = time.perf_counter()
-        if score == "weight":
-            curves, approximations = _weight_curves(slots, modules, max_rank, warnings)
-        else:
-            on_device = [{k: v.to(device) for k, v in b.items()} for b in batches]
-            run = _gradient_curves if score == "gradient" else _activation_curves
-            curves, approximations, tokens, used = run(model, slots, modules, on_device, max_rank,
-                                                       nll_fn or token_nll, sketch, warnings)
+        on_device = [{k: v.to(device) for k, v in b.items()} for b in batches]
+        curves, approximations, tokens, used = spec.curves(model, slots, modules, on_device, max_rank,
+                                                           nll_fn or token_nll, sketch, warnings)
         seconds = time.perf_counter() - start
     scored = [SlotScore(s.name, s.role, s.stack, s.layer, s.in_features, s.out_features,
                         tuple(float(x) for x in curves[s.name]), approximations[s.name]) for s in slots]
-    method = METHODS[score]
+    method = spec.method
     if left_out:
         method += " Mixture-of-experts parameters are not scored."
     return ImportanceResult(
@@ -328,7 +311,7 @@ def score_slots(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]] | N
         approximation=_combined_approximation([approximations[s.name] for s in slots]),
         model=model_name if model_name is not None else str(getattr(getattr(model, "config", None),
                                                                     "name_or_path", "") or ""),
-        dataset=None if score == "weight" else dataset, warnings=warnings,
+        dataset=dataset if spec.needs_data else None, warnings=warnings,
     )
 
 
@@ -567,6 +550,57 @@ def _weight_curves(slots, modules, max_rank, warnings):
     return curves, {s.name: "exact" for s in slots}
 
 
+# ------------------------------------------------------------------------------- the scores
+@dataclass(frozen=True)
+class Score:
+    """One importance score, registered once in :data:`SCORES`.
+
+    Attributes:
+        name: what ``auto[score=...]`` and ``loraplace importance --score`` call it.
+        method: one line of maths, written into every result (``ImportanceResult.method``).
+        needs_data: False for a data-free prior (no batches are read, the result names no dataset).
+        curves: ``(model, slots, modules, batches, max_rank, nll_fn, sketch, warnings) ->
+            (curves by slot, estimator label by slot, target tokens read, batches used)``.
+    """
+
+    name: str
+    method: str
+    needs_data: bool
+    curves: Callable
+
+
+def _weight_score(model, slots, modules, batches, max_rank, nll_fn, sketch, warnings):
+    curves, approximations = _weight_curves(slots, modules, max_rank, warnings)
+    return curves, approximations, 0, 0
+
+
+SCORES: dict[str, Score] = {s.name: s for s in (
+    Score("gradient", "curve[k-1] = sum of the k largest squared singular values of the loss gradient G (out x in) of "
+                 "the frozen weight, averaged over the batches (token-mean loss per batch): the squared "
+                 "first-order loss decrease of the best rank-k update of unit Frobenius norm.", True, _gradient_curves),
+    Score("activation", "curve[k-1] = sum of the k largest eigenvalues of the input covariance (1/T) sum x x^T over "
+                   "non-padding tokens (forward passes only, EVA-style); modules that read the same input "
+                   "(q/k/v, gate/up) share one curve.", True, _activation_curves),
+    Score("weight", "a prior, not a measurement: curve[k-1] = alpha * (in + out) * H_k, alpha the Hill estimate of "
+               "the heavy-tail exponent of the eigenvalues of W^T W (top half; higher = less trained = more "
+               "rank, AlphaLoRA-style), H_k the k-th harmonic number.", False, _weight_score),
+)}
+"""Every importance score by name (the strategy grammar's ``AUTO_SCORES`` names the same ones, plus
+``random``, which needs no score)."""
+
+
+def get_score(name: str) -> Score:
+    """The registered score ``name``.
+
+    Raises:
+        LoraplaceError: an unknown name, listing the available ones.
+    """
+    try:
+        return SCORES[name]
+    except KeyError:
+        raise LoraplaceError(f"unknown importance score {name!r}; use one of {', '.join(SCORES)}") from None
+
+
 # ------------------------------------------------------------------------------- from a model
 def score_batches(train, collator: Callable, *, batches: int, batch_size: int, seed: int = 0) -> list[dict]:
     """The batches a score reads: the first ``batches * batch_size`` examples of a seeded
@@ -644,7 +678,7 @@ def score_setup(setup: ScoringSetup, score: str, max_rank: int, *, sketch: str =
     """:func:`score_slots` on a :class:`ScoringSetup` (its task's loss, device and names)."""
     return score_slots(setup.model, setup.batches, score, max_rank, nll_fn=setup.task.nll, device=setup.device,
                        sketch=sketch, model_name=setup.model_name,
-                       dataset=None if score == "weight" else setup.dataset)
+                       dataset=setup.dataset if get_score(score).needs_data else None)
 
 
 def score_model(model_name_or_path: str, dataset: str, score: str, *, batches: int = 8, batch_size: int = 8,
@@ -652,7 +686,7 @@ def score_model(model_name_or_path: str, dataset: str, score: str, *, batches: i
                 device: str = "auto", allow_fetch: bool = True) -> ImportanceResult:
     """Load a model (and, for a data score, its training batches: :func:`load_for_scoring`) and
     score its slots (:func:`score_slots`)."""
-    setup = load_for_scoring(model_name_or_path, None if score == "weight" else dataset, batches=batches,
+    setup = load_for_scoring(model_name_or_path, dataset if get_score(score).needs_data else None, batches=batches,
                              batch_size=batch_size, max_length=max_length, eval_size=eval_size,
                              split_seed=split_seed, device=device, allow_fetch=allow_fetch)
     return score_setup(setup, score, max_rank)

@@ -5,8 +5,8 @@ Before training, an incremental SVD of each module's inputs over a few batches; 
 over all modules together (each module at most ``round(rho * r)``, possibly 0), and each module's
 LoRA ``A`` starts as its top right-singular vectors (B = 0). :func:`eva_ranks` resolves the ranks
 and those vectors once per study (:func:`eva_allocation`, stored by the study as safetensors),
-:func:`eva_placement` turns them into a placement that the usual ``lora_config_for`` /
-``check_wrapped`` path wraps, and :func:`apply_eva` initialises the wrapped adapters from them in
+:func:`~loraplace.placement.resolve.explicit_placement` turns them into a placement that the usual
+``lora_config_for`` / ``check_wrapped`` path wraps, and :func:`apply_eva` initialises the wrapped adapters from them in
 every run.
 
 EVA fixes a total *rank*, not a parameter count: the parameters it trains depend on which modules
@@ -112,7 +112,7 @@ def eva_ranks(model: nn.Module, placement: Placement, lora: LoraSettings, batche
         model: the base model (not PEFT-wrapped); left as it was (mode, weights, hooks).
         placement: the modules (the ``full`` strategy's); expert parameters are left out.
         lora: its ``alpha`` goes into the ``LoraConfig`` EVA runs with (it changes no rank or
-            vector; the run's alphas come from :func:`eva_placement`).
+            vector; the run's alphas come from ``explicit_placement``).
         batches: collated batches (``input_ids``, ``attention_mask``, ``labels``), on any device.
         target_params: the parameter budget.
         rho: EVA's redistribution limit (>= 1; 1: every module keeps ``r``).
@@ -215,38 +215,12 @@ def eva_ranks(model: nn.Module, placement: Placement, lora: LoraSettings, batche
     return ranks, {name: state[name] for name in names}, info
 
 
-def eva_placement(placement: Placement, ranks: dict[str, int], *, r: int) -> Placement:
-    """``placement`` with EVA's ranks: each module at its rank, modules at rank 0 (and expert
-    parameters) left out with a warning, and alpha scaled with the rank, ``alpha * r_i / r``
-    (``r``: the ``LoraConfig`` rank EVA ran with, ``info["r"]`` of :func:`eva_ranks`). The alpha
-    scaling is EVA's ``adjust_scaling_factors`` (PEFT's default): every module keeps the update
-    scale ``alpha / r`` of the uniform rank-``r`` LoRA, whatever rank EVA gave it.
-
-    Raises:
-        LoraplaceError: a module of ``placement`` without a rank in ``ranks``.
-    """
-    modules = module_slots(placement)
-    missing = [m.name for m in modules if m.name not in ranks]
-    if missing:
-        raise LoraplaceError(f"EVA ranks miss {len(missing)} modules of {placement.strategy!r}, e.g. {missing[:3]}")
-    kept = [replace(m, r=ranks[m.name], alpha=m.alpha * ranks[m.name] / r) for m in modules if ranks[m.name] > 0]
-    notes = list(placement.warnings)
-    dropped = [m.name for m in modules if ranks[m.name] == 0]
-    if dropped:
-        notes.append(f"EVA gave rank 0 to {len(dropped)} modules, which get no adapter: "
-                     + ", ".join(dropped[:5]) + (" ..." if len(dropped) > 5 else ""))
-    if placement.parameter_names:
-        notes.append(f"{len(placement.parameter_names)} mixture-of-experts parameters left out: "
-                     "PEFT's EVA initialises linear modules only")
-    return replace(placement, modules=kept, warnings=notes)
-
-
 @torch.no_grad()
 def apply_eva(peft_model, eva_state: dict[str, torch.Tensor], adapter: str = "default") -> None:
     """Initialise the wrapped LoRA A matrices from EVA's state (module name in the base model
     -> ``(r_i, in_i)``), through PEFT's ``initialize_lora_eva_weights``; ranks and alphas stay
     as wrapped, so ``check_wrapped`` sees the planned ones. The model must be wrapped with
-    :func:`eva_placement`'s placement (``lora_config_for``); B is 0 as in any LoRA init.
+    the placement ``explicit_placement`` makes of EVA's ranks (``lora_config_for``); B is 0 as in any LoRA init.
 
     PEFT's loader looks each module's rank up in the config's ``rank_pattern`` under its name
     in the *PEFT model* (``base_model.model.<name>``) and re-creates, with a rescaled alpha, every
@@ -271,7 +245,7 @@ def apply_eva(peft_model, eva_state: dict[str, torch.Tensor], adapter: str = "de
     differ = [f"{n}: EVA {tuple(w.shape)}, wrapped A {tuple(layers[n].lora_A[adapter].weight.shape)}"
               for n, w in state.items() if w.shape != layers[n].lora_A[adapter].weight.shape]
     if differ:
-        raise LoraplaceError("EVA's ranks differ from the wrapped ones (wrap with eva_placement's placement): "
+        raise LoraplaceError("EVA's ranks differ from the wrapped ones (wrap with the placement of EVA's ranks): "
                              + "; ".join(differ[:5]))
     before = {n: (m.r[adapter], m.lora_alpha[adapter]) for n, m in layers.items()}
     config = peft_model.peft_config[adapter]

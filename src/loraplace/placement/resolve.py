@@ -219,11 +219,6 @@ def _candidates(model: nn.Module, table: ArchitectureRoles) -> list[_Candidate]:
     return sorted(found, key=lambda c: order.get(c.name, order.get(c.name.rpartition(".")[0], 0)))
 
 
-def module_roles(model: nn.Module, table: ArchitectureRoles) -> dict[str, tuple[str, int | None]]:
-    """Every linear module (or expert parameter) that has a role: name -> (role, layer index)."""
-    return {c.name: (c.role, c.layer) for c in _candidates(model, table)}
-
-
 def _stacks(model: nn.Module) -> dict[str, int]:
     """Block stack path -> number of blocks, from the names of the model's linear modules."""
     stacks: dict[str, int] = {}

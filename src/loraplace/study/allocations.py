@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from loraplace.config import ImportanceSettings, StudyConfig
 from loraplace.errors import LoraplaceError
 from loraplace.files import atomic_replace, atomic_write_json
-from loraplace.importance import ImportanceResult, score_batches, score_slots, write_importance
+from loraplace.importance import ImportanceResult, get_score, score_batches, score_slots, write_importance
 from loraplace.methods import method_of
 from loraplace.placement.arms import Arm
 from loraplace.records import RunSpec
@@ -145,7 +145,7 @@ def _allocate(config: StudyConfig, study_dir: Path, template: RunSpec, labels: l
              f"{len(scoring())} batches)")
         result = score_slots(setup.base, scoring(), score, config.importance.max_rank, nll_fn=setup.task.nll,
                              device=setup.device)
-        result.model, result.dataset = config.model, (None if score == "weight" else config.dataset)
+        result.model, result.dataset = config.model, (config.dataset if get_score(score).needs_data else None)
         write_importance(result, path.parent, r=config.lora.r)
         results[score] = result
     records = {}
