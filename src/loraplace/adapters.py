@@ -25,7 +25,6 @@ def wrapped_adapters(peft_model, adapter: str = "default") -> dict[str, tuple[in
     possibly nested as ``experts.base_layer``) is reported as ``<module>.<parameter>``, the
     name the placement uses.
     """
-
     found = {}
     for name, module in peft_model.get_base_model().named_modules():
         if not isinstance(module, LoraLayer) or adapter not in module.r:
@@ -41,7 +40,6 @@ def adapter_update_norms(peft_model, placement, adapter: str = "default") -> lis
     adapter learned, ``||(alpha / r) B A||`` (PEFT's ``get_delta_weight``, which also orients GPT-2's
     Conv1D weights), in the placement's module order. Expert parameters have no single delta and are
     left out."""
-
     found: dict[str, float] = {}
     with torch.no_grad():
         for name, module in peft_model.get_base_model().named_modules():
@@ -64,7 +62,6 @@ def lora_config_for(placement, lora: LoraSettings, task_type: str = "CAUSAL_LM")
     Raises:
         LoraplaceError: expert parameters with ``lora.dropout`` > 0 (PEFT has no dropout for them).
     """
-
     if placement.parameter_names and lora.dropout > 0:
         raise LoraplaceError(
             f"strategy {placement.strategy!r} adapts mixture-of-experts parameters, for which PEFT has no "
@@ -122,7 +119,6 @@ def unload_adapters(peft_model) -> Any:
     Each such wrapper (any ``AuxiliaryTrainingWrapper``) is first replaced by its original
     module; ``unload`` then removes the LoRA layers (restoring their untouched base layers).
     """
-
     base = peft_model.get_base_model()
     wrappers = [(name, m) for name, m in base.named_modules() if isinstance(m, AuxiliaryTrainingWrapper)]
     for name, wrapper in wrappers:

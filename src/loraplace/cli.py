@@ -114,7 +114,6 @@ def plan(
     """Show where each strategy puts adapters, at which rank, and what it costs (parameters, and the estimated
     peak memory of a run), without training or weights (auto strategies read --scores, or score the model on
     --dataset first)."""
-
     from loraplace.importance import score_model  # deferred: see the note on the imports
     from loraplace.plan import build_plan
 
@@ -240,7 +239,6 @@ def run(
         "differently or has other library versions than the study's earlier runs (the study is marked mixed)."),
 ) -> None:
     """Train and evaluate every placement strategy and write the results table."""
-
     try:
         _quiet_libraries()
         study_path, extra = _split_args(study, overrides)
@@ -363,7 +361,6 @@ class _LineProgress(_ConsoleProgress):
 
 def print_results(study_dir: Path) -> None:
     """The results table of a study on the console (after its runs)."""
-
     runs = StudyStore(study_dir).load()
     table = Table(title=f"results: {study_dir}")
     cols = ["run", "trainable", "trainable %", "eval loss", f"Δ vs {REFERENCE_STRATEGY}", "perplexity", "train s",
@@ -405,7 +402,6 @@ def importance(
                                           "./runs/importance-MODEL-TIME)."),
 ) -> None:
     """Score every slot a LoRA adapter can go on (predicted gain per rank), without training."""
-
     from loraplace.importance import (  # deferred (torch)
         SCORES,
         get_score,
@@ -480,7 +476,6 @@ def report(
                                           "or next to the studies when there are several)."),
 ) -> None:
     """Write tables, figures, report.md and a self-contained report.html from stored study results."""
-
     try:
         html_path = write_report(study_dirs, out_dir=output, budget=budget or None)
     except LoraplaceError as e:

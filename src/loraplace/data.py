@@ -39,7 +39,6 @@ def load_rows(dataset: str, allow_fetch: bool = True):
     A local file that holds no rows, or that cannot be read, fails with a message that names the
     file and, for JSON files, the line (and column) of the first problem.
     """
-
     if dataset in (assets.EMBEDDED_DATASET, f"embedded:{assets.EMBEDDED_DATASET}"):
         dataset = str(assets.ensure_dataset(allow_fetch=allow_fetch))
     path = Path(dataset)
@@ -113,7 +112,6 @@ def _json_problem(path: Path) -> str | None:
     fails and it does not start with '[', as JSON lines (one object per non-blank line), which is
     how ``datasets`` reads both extensions.
     """
-
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
@@ -298,7 +296,6 @@ EXAMPLE_COLUMNS = ("input_ids", "labels", "length")  # what every task's tokeniz
 def encode_rows(rows, encode: Callable[[dict[str, Any]], dict[str, Any] | None]) -> tuple[Any, int]:
     """``(datasets.Dataset, dropped)``: ``encode(row)`` of every row (a dict with the
     :data:`EXAMPLE_COLUMNS`), leaving out and counting the rows it returns None for."""
-
     out: dict[str, list] = {column: [] for column in EXAMPLE_COLUMNS}
     dropped = 0
     for row in rows:

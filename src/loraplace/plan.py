@@ -44,7 +44,6 @@ def build_plan(model: str, strategies: list[str], r: int, alpha: float,
         (estimated peak MiB without and with gradient checkpointing, and the components); ``memory``
         says which device, how much of its memory is free (None: unknown) and which settings.
     """
-
     for spec in strategies:  # unknown strategies and references fail here, naming them
         parse_arm(spec)
     if [s for s in strategies if ARM_SEPARATOR not in s]:
@@ -93,7 +92,6 @@ def build_plan(model: str, strategies: list[str], r: int, alpha: float,
 def _plan_memory(config: Any, skeleton: Any, placement: Any, memory: dict[str, Any], device: Any) -> dict[str, Any]:
     """A plan row's memory: estimated peak MiB without and with gradient checkpointing, and the
     components of the one without; None values where the config has no sizes the plan knows."""
-
     kwargs = dict(batch_size=memory["batch_size"], max_length=memory["max_length"], precision=memory["precision"],
                   device=device, skeleton=skeleton)
     try:

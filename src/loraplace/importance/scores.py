@@ -225,7 +225,6 @@ def scored_slots(model: nn.Module) -> tuple[list, list, list[str]]:
         ``(slots, left_out, warnings)``: the scored modules, the expert parameters left out (a
         score reads one linear map per slot), and the resolution's warnings (inferred roles).
     """
-
     placement = resolve_placement(model, parse_strategy("full"), 1, 1.0)
     slots = [m for m in placement.modules if not m.is_parameter]
     return slots, [m for m in placement.modules if m.is_parameter], list(placement.warnings)
@@ -277,7 +276,6 @@ def score_slots(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]] | N
         LoraplaceError: unknown score, max_rank < 1, no batch for a data score, or a model
             whose loss does not reach the slots.
     """
-
     spec = get_score(score)
     if max_rank < 1:
         raise LoraplaceError(f"max_rank must be at least 1, got {max_rank}")
@@ -336,7 +334,6 @@ def _frozen_eval(model: nn.Module):
 def _input_embeddings(model: nn.Module) -> list[nn.Module]:
     """Every distinct input embedding of the model and its sub-models (T5's encoder and decoder
     share one), as transformers' ``enable_input_require_grads`` finds them."""
-
     found: dict[int, nn.Module] = {}
     for module in model.modules():
         if not (isinstance(module, PreTrainedModel) and hasattr(module, "get_input_embeddings")):
@@ -650,7 +647,6 @@ def load_for_scoring(model_name_or_path: str, dataset: str | None, *, batches: i
         LoraplaceError: the model, tokenizer or data cannot be loaded; the selective loss does
             not match the model's own logits.
     """
-
     where = pick_device(device)
     path = resolve_model_path(model_name_or_path, allow_fetch)
     task = get_task(task_of(load_config(path)[0]))

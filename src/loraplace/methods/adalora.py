@@ -76,7 +76,6 @@ def adalora_schedule(total_steps: int) -> tuple[int, int, int]:
 def _rank_range(sizes: list[int], total_rank: int, cap: int) -> tuple[int, int]:
     """Fewest and most parameters ``sum r_i * sizes_i`` of any ranks ``0 <= r_i <= cap`` that sum
     to ``total_rank``: the rank goes to the smallest (largest) modules first."""
-
     def fill(order: list[int]) -> int:
         left, total = total_rank, 0
         for size in order:
@@ -120,7 +119,6 @@ def adalora_config(placement: Placement, lora: LoraSettings, *, total_steps: int
         LoraplaceError: no module to adapt, a run too short for AdaLoRA, or a budget below
             rank 1 on average.
     """
-
     modules = module_slots(placement)
     if not modules:
         raise LoraplaceError(f"strategy {placement.strategy!r} has no module AdaLoRA can adapt "
@@ -169,7 +167,6 @@ def adalora_placement(placement: Placement, config: AdaLoraConfig) -> Placement:
 
 def _adalora_layers(peft_model, adapter: str = "default") -> dict[str, Any]:
     """The AdaLoRA layers of a PEFT model: name in the base model -> layer."""
-
     return {name: m for name, m in peft_model.get_base_model().named_modules()
             if isinstance(m, AdaLoraLayer) and adapter in m.lora_A}
 
@@ -183,7 +180,6 @@ def check_adalora_wrapped(peft_model, placement: Placement, trainable: int, adap
     Raises:
         LoraplaceError: from ``check_wrapped``, or an E vector of another length.
     """
-
     layers = _adalora_layers(peft_model, adapter)
     wrong = [f"{name}: E {tuple(m.lora_E[adapter].shape)} at r={m.r[adapter]}" for name, m in layers.items()
              if tuple(m.lora_E[adapter].shape) != (m.r[adapter], 1)]

@@ -48,7 +48,6 @@ def _exact_key(name: str) -> str:
 
 def _remove_eva_hooks(model: nn.Module) -> None:
     """Take off forward hooks PEFT's EVA left behind when it stopped with an error."""
-
     for module in model.modules():
         for key, hook in list(module._forward_hooks.items()):
             if isinstance(hook, _Hook):
@@ -134,7 +133,6 @@ def eva_ranks(model: nn.Module, placement: Placement, lora: LoraSettings, batche
         LoraplaceError: an encoder-decoder model, no module or batch, a batch without enough
             selected tokens, a budget below rank 1, or an SVD that does not converge.
     """
-
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         raise LoraplaceError("EVA as loraplace runs it needs one token mask for every layer; an encoder-decoder's "
                              "encoder and decoder see different tokens, so EVA is not supported for it")
@@ -234,7 +232,6 @@ def apply_eva(peft_model, eva_state: dict[str, torch.Tensor], adapter: str = "de
         LoraplaceError: the state covers other modules than the wrapped ones, a shape differs
             from a wrapped A, or A does not hold the state afterwards.
     """
-
     layers = {name: m for name, m in peft_model.get_base_model().named_modules()
               if isinstance(m, LoraLayer) and adapter in m.lora_A}
     state = {name: w for name, w in eva_state.items() if w.shape[0] > 0}
@@ -286,7 +283,6 @@ def eva_allocation(setup, arm: Arm, lora, batches: list[dict], eva_r: int | None
         record (``eva_r``: the ``LoraConfig`` rank EVA ran at, which scales every module's alpha),
         and EVA's initial A matrices by module name.
     """
-
     reference = arm.reference if arm.reference is not None else REFERENCE_STRATEGY
     target = budget_target(setup.base, reference, lora.r, lora.alpha)
     slots = slot_placement(setup.base)

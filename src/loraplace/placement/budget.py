@@ -30,7 +30,6 @@ def budget_target(model: nn.Module, reference: str | int, r: int, alpha: float) 
     """The parameter count to match: ``reference`` itself if a count, else the trainable
     parameters of the reference strategy (a spec, as :func:`parse_budget_reference` returns it)
     at rank ``r``."""
-
     if isinstance(reference, int):
         return reference
     return resolve_placement(model, parse_strategy(reference), r, alpha).lora_params
@@ -104,7 +103,6 @@ def match_placement(placement: Placement, target: int, reference: str | int,
 
 def fixed_rank_modules(model: nn.Module, strategy: Strategy, r: int, alpha: float) -> set[str]:
     """Names of modules whose rank a term of ``strategy`` sets with ``r=`` (last term wins)."""
-
     names: set[str] = set()
     for term in strategy.terms:
         single = Strategy(term.text, terms=(term,))

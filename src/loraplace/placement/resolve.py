@@ -124,7 +124,6 @@ class Placement:
             the blocks (embed, lm_head) form a last row with stack None and layers ``"-"``. A cell
             holds ``"8/16"`` when a role's modules in one layer got different ranks.
         """
-
         adapted_roles = set(self.roles())
         columns = [r for r in self.available_roles if r not in OUTER_ROLES or r in adapted_roles]
         columns += [r for r in self.roles() if r not in columns]
@@ -389,7 +388,6 @@ def module_slots(placement: Placement) -> list[AdaptedModule]:
 def slot_placement(model: nn.Module) -> Placement:
     """The slots an automatic strategy allocates over: the modules of ``full`` (rank 1), without
     mixture-of-experts parameters (no importance score covers them yet)."""
-
     placement = resolve_placement(model, parse_strategy(REFERENCE_STRATEGY), 1, 1.0)
     placement.modules = [m for m in placement.modules if not m.is_parameter]
     if not placement.modules:

@@ -34,7 +34,6 @@ class RunContext:
 
     def task(self, spec: RunSpec) -> Task:
         """The spec's task record; ``auto`` follows the model's architecture (:func:`loraplace.run.tasks.task_of`)."""
-
         if spec.task != "auto":
             return get_task(spec.task)
         if spec.model not in self._tasks:
@@ -58,7 +57,6 @@ class RunContext:
         the same values at every matmul. A float32 copy of the weights to restore after each run
         would cost a second model's memory. The rounding dtype is part of the cache key.
         """
-
         key = (model, str(device), task.name, num_labels, str(round_to), quantization)
         if key not in self._models:
             self._models.clear()  # one base model in memory at a time

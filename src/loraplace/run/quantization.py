@@ -124,7 +124,6 @@ def prepare_quantized(model: Any) -> Any:
     same model (the next run, or the rest of a run after a periodic evaluation) got no gradients
     at all. Switching it off keeps one layout and one code path for training and evaluation.
     """
-
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     for layer in quantized_layers(model):
         if hasattr(layer, "support_avx512bf16_for_cpu"):

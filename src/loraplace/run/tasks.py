@@ -156,7 +156,6 @@ def prepare_classification_data(dataset: str, tokenizer, *, eval_size: int, max_
                                 allow_fetch: bool = True) -> PreparedData:
     """Tokenized text (or text pairs) with integer class ``labels``; the class names are kept in
     :attr:`PreparedData.labels`. ``loss_on`` is accepted for the common signature only."""
-
     rows = load_rows(dataset, allow_fetch=allow_fetch)
     columns = text_columns(rows.column_names, dataset)
     names = label_names(rows)

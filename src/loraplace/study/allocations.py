@@ -64,7 +64,6 @@ def scoring_batches(setup, settings: ImportanceSettings) -> list[dict]:
     """The batches every importance score (and EVA) of a study reads: those of
     :func:`loraplace.importance.score_batches` (a permutation of the training split seeded with
     :data:`SCORING_SEED`), moved to the run's device."""
-
     batches = score_batches(setup.data.train, setup.collator, batches=settings.batches,
                             batch_size=settings.batch_size, seed=SCORING_SEED)
     return [{k: v.to(setup.device) if torch.is_tensor(v) else v for k, v in batch.items()} for batch in batches]

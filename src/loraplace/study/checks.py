@@ -21,7 +21,6 @@ def check_study(config: StudyConfig, allow_fetch: bool = True) -> dict[str, Any]
     """Raise :class:`~loraplace.errors.LoraplaceError` if the model, the dataset, a strategy, the
     device or the quantization (bitsandbytes missing or without a backend for the device) is
     unusable. Loads the model's config (no weights) and the dataset's rows."""
-
     check_quantization(config.quantization, pick_device(config.device))
     model_config, _ = load_config(resolve_model_path(config.model, allow_fetch))
     skeleton = meta_model(model_config)
@@ -57,7 +56,6 @@ def check_memory(config: StudyConfig, model_config, skeleton, task: str) -> dict
         LoraplaceError: one line naming the arm, its estimate by component, the free memory and
             the settings to change.
     """
-
     setting = config.train.gradient_checkpointing
     if setting is not True and setting is not False and config.executor.kind == "ray":
         return {"gradient_checkpointing": False, "gradient_checkpointing_reason": (

@@ -33,7 +33,6 @@ from loraplace.study.store import StudyStore
 def resolve_environment(config: StudyConfig) -> dict[str, Any]:
     """What this machine runs the study with: the device type and precision that ``device`` and
     ``train.precision`` resolve to, and the library versions."""
-
     device = pick_device(config.device)
     return {"device": device.type, "precision": resolve_precision(config.train.precision, device),
             "versions": library_versions()}
@@ -60,7 +59,6 @@ def run_study(config: StudyConfig, resume: bool = False, allow_mixed: bool = Fal
             anything trains.
         StudyInterrupted: Ctrl-C or SIGTERM (on the main thread); finished runs are saved.
     """
-
     if resume and not config.output:
         raise LoraplaceError("--resume needs --output STUDY_DIR (the folder of the study to continue)")
     progress = progress or StudyProgress()

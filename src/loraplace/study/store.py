@@ -306,7 +306,6 @@ class StudyStore:
 
     def _stored_config(self, data: dict[str, Any] | None) -> StudyConfig | None:
         """The stored study config: study.yaml, else the copy inside results.json."""
-
         path = self.dir / "study.yaml"
         raw, source = None, None
         if path.exists():
