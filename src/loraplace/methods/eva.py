@@ -18,7 +18,6 @@ from __future__ import annotations
 import inspect
 import re
 import time
-from dataclasses import replace
 from typing import Any
 
 import torch
