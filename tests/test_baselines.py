@@ -191,6 +191,54 @@ def test_orthogonal_regulariser_matches_peft_and_reaches_the_gradients():
         torch.testing.assert_close(p.grad, g)
 
 
+def test_orthogonal_term_reaches_a_real_trainer_step(tmp_path, monkeypatch):
+    """Through loraplace's real Trainer (train_adapters, one optimizer step): the gradients the
+    optimizer gets with orth_reg_weight w, minus those with w = 0, are w * dR/dtheta computed
+    independently by autograd at the initial weights (R: AdaLoRA's orthogonality penalty). It
+    would fail if the Trainer dropped the gradient the callback adds."""
+
+    class Recording(AdaLoraCallback):
+        def __init__(self):
+            super().__init__()
+            self.grads = None
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()
+                          if p.requires_grad and ("lora_A" in n or "lora_B" in n)}
+
+    trainer_class = training.PlacementTrainer
+
+    def one_step(weight: float):
+        model = tiny_llama()
+        config, _ = adalora_config(full(model), LORA, total_steps=12, target_params=4152)
+        peft_model = get_peft_model(model, config)
+        peft_model.peft_config["default"].orth_reg_weight = weight
+        params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad and ("lora_A" in n or "lora_B" in n)}
+        expected = dict(zip(params, torch.autograd.grad(weight * adalora_orth_penalty(peft_model), list(params.values()))))
+        callback = Recording()
+
+        class WithCallback(trainer_class):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                self.add_callback(callback)
+
+        monkeypatch.setattr(training, "PlacementTrainer", WithCallback)
+        settings = TrainSettings(max_steps=1, batch_size=4, logging_steps=1, eval_every=0, lr=1e-2)
+        out = training.train_adapters(peft_model, ListDataset(examples(8, seed=5)), PadCollator(PAD), settings, seed=0,
+                                      precision="fp32", device=torch.device("cpu"), output_dir=tmp_path / f"w{weight}")
+        norm = next(e["grad_norm"] for e in out.log_history if "grad_norm" in e)  # before clipping at 1.0
+        clip = min(1.0, 1.0 / (norm + 1e-6))  # what the Trainer's clip_grad_norm_ multiplied by
+        return {n: g / clip for n, g in callback.grads.items()}, expected
+
+    with_term, expected = one_step(0.5)
+    without, _ = one_step(0.0)
+    assert set(with_term) == set(expected) and expected
+    diff = torch.cat([(with_term[n] - without[n]).flatten() for n in expected])
+    term = torch.cat([g.flatten() for g in expected.values()])
+    assert float(term.norm()) > 1e-3  # the term is not negligible here
+    assert float((diff - term).norm() / term.norm()) < 1e-3  # 1.0 if the Trainer had dropped it
+
+
 # ------------------------------------------------------------------------------------------- EVA
 def one_batch():
     """One batch of 16 examples (122 labelled tokens): with a single batch PEFT's incremental SVD
