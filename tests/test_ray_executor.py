@@ -162,12 +162,25 @@ def test_tokenized_data_is_prepared_once_by_the_driver(ray_cluster, tiny_llama_d
 
 
 @pytest.mark.parametrize("arm, batches", [("auto[step=1]~attention", (2, 4)), ("eva~attention", (5, 8))])
-def test_automatic_and_eva_arms_train_the_drivers_allocation_on_ray(ray_cluster, tiny_llama_dir, data_file, tmp_path,
-                                                                    arm, batches):
-    """The study's allocations (auto scores, EVA's initial A matrices) are made once by the driver
-    and carried in each run's spec: on Ray the workers train the same ranks and reach the same
-    numbers as the local executor. (EVA's incremental SVD needs more scoring tokens to converge.)"""
+def test_automatic_and_eva_arms_train_the_studys_allocation_on_ray(ray_cluster, tiny_llama_dir, data_file, tmp_path,
+                                                                   arm, batches, monkeypatch):
+    """The study's allocations (auto scores, EVA's initial A matrices) are made once, on a worker
+    (where the runs train: its device and precision), written by the driver and carried in each
+    run's spec: on Ray the workers train the same ranks and reach the same numbers as the local
+    executor, and the driver never loads the model. (EVA's incremental SVD needs more scoring
+    tokens to converge.)"""
     import torch
+
+    import loraplace.study.ray_executor as rx
+
+    driver_models = []
+
+    class Watching(rx.RayExecutor):
+        def close(self):
+            driver_models.append(len(self.ctx._models))
+            super().close()
+
+    monkeypatch.setattr(rx, "RayExecutor", Watching)
 
     values = {"strategies": [arm], "seeds": [0, 1], "include_base": False, "lora.r": 4, "lora.alpha": 8.0,
               "importance.batches": batches[0], "importance.batch_size": batches[1], "importance.max_rank": 16}
@@ -187,6 +200,8 @@ def test_automatic_and_eva_arms_train_the_drivers_allocation_on_ray(ray_cluster,
         # the allocation's ranks, not the study's uniform lora.r=4 (what a worker without it would train)
         assert ranks[0] == ranks[1] and any(r != 4 for r, _ in ranks[0].values())
         assert b[run_id]["eval_loss"] == a[run_id]["eval_loss"], run_id
+    assert driver_models == [0]  # the allocation ran on a worker: no model copy on the driver
+    assert sorted(p.name for p in (remote / "allocations").iterdir()) == sorted(p.name for p in (local / "allocations").iterdir())
 
 
 def test_killed_worker_is_replaced_and_its_run_retried(ray_cluster, tiny_llama_dir, data_file, tmp_path, monkeypatch):

@@ -17,11 +17,12 @@ worker on another machine needs no shared filesystem.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as save_tensors
 
 from loraplace.config import ImportanceSettings, StudyConfig
 from loraplace.errors import LoraplaceError
@@ -30,6 +31,7 @@ from loraplace.importance import ImportanceResult, get_score, score_batches, sco
 from loraplace.methods import method_of
 from loraplace.placement.arms import Arm
 from loraplace.records import RunSpec
+from loraplace.run.context import RunContext
 from loraplace.study.runs import RunRecipe
 from loraplace.study.specs import run_id_for
 
@@ -76,7 +78,18 @@ def _read(path: Path) -> dict[str, Any]:
         raise LoraplaceError(f"cannot read {path}: {e}; delete it to recompute it") from None
 
 
-def resolve_allocations(config: StudyConfig, study_dir: Path, specs: list[RunSpec], ctx,
+@dataclass
+class Allocated:
+    """What :func:`compute_allocations` made where the model is loaded (the local process or a Ray
+    worker), for the driver to write: allocation records and initial adapter states by arm label
+    (states as safetensors bytes), and the importance results it computed, as JSON dicts."""
+
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    states: dict[str, bytes] = field(default_factory=dict)
+    importance: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def resolve_allocations(config: StudyConfig, study_dir: Path, specs: list[RunSpec], allocate: Callable[..., Allocated],
                         note: Callable[[str], None] = lambda text: None) -> list[RunSpec]:
     """``specs`` with the stored (or now computed) allocation of every automatic arm in their
     ``ranks`` and ``budget``; other specs unchanged.
@@ -85,8 +98,10 @@ def resolve_allocations(config: StudyConfig, study_dir: Path, specs: list[RunSpe
         config: the study (its ``importance`` settings, ``lora.r`` and ``lora.alpha``).
         study_dir: where ``importance/`` and ``allocations/`` live.
         specs: the runs this command will execute.
-        ctx: a :class:`~loraplace.run.context.RunContext` that loads the base model and the data (the
-            local executor's own, so that the model is loaded once).
+        allocate: the executor's ``allocate`` (:func:`compute_allocations` where the runs train: the
+            local executor's own context, so that the model is loaded once, or a Ray worker, with the
+            device and precision the runs will use); called as
+            ``allocate(config, template, labels, stored_importance, note)``.
         note: told what is being computed (it takes time).
 
     Raises:
@@ -103,8 +118,22 @@ def resolve_allocations(config: StudyConfig, study_dir: Path, specs: list[RunSpe
                                  "delete it to recompute it")
     missing = [label for label in labels if label not in stored]
     if missing:
-        stored.update(_allocate(config, study_dir, [s for s in specs if s.strategy == missing[0]][0], missing,
-                                ctx, note))
+        template = [s for s in specs if s.strategy == missing[0]][0]
+        needed = {score for label in missing for score in method_of(label).scores(Arm.parse(label))}
+        known = {score: _read(importance_path(study_dir, score)) for score in sorted(needed)
+                 if importance_path(study_dir, score).is_file()}
+        made = allocate(config, template, missing, known, note)
+        for score, data in made.importance.items():
+            write_importance(ImportanceResult.from_dict(data), importance_path(study_dir, score).parent,
+                             r=config.lora.r)
+        for label, state in made.states.items():
+            path = state_path(study_dir, label)
+            path.parent.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
+            atomic_replace(path, lambda tmp, state=state: tmp.write_bytes(state))  # type: ignore[arg-type]
+        for label, record in made.records.items():
+            allocation_path(study_dir, label).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(allocation_path(study_dir, label), record)
+        stored.update(made.records)
     states = {}
     for label in stored:
         path = state_path(study_dir, label)
@@ -119,14 +148,17 @@ def resolve_allocations(config: StudyConfig, study_dir: Path, specs: list[RunSpe
             if s.strategy in stored else s for s in specs]
 
 
-def _allocate(config: StudyConfig, study_dir: Path, template: RunSpec, labels: list[str], ctx,
-              note: Callable[[str], None]) -> dict[str, dict[str, Any]]:
-    """Score what the arms' methods read, allocate each arm once, and store its allocation (and
-    initial adapter state) in ``allocations/``."""
+def compute_allocations(config: StudyConfig, template: RunSpec, labels: list[str], ctx: RunContext,
+                        known: dict[str, dict[str, Any]], note: Callable[[str], None] = lambda text: None) -> Allocated:
+    """Score what the arms' methods read (the importance results in ``known``, by score name, are
+    reused) and allocate each arm once, on the base model ``ctx`` loads for ``template`` (so with the
+    device and precision its runs will use). Writes nothing: the driver stores what comes back."""
     setup = RunRecipe(template, ctx).load()
     arms = {label: Arm.parse(label) for label in labels}
     scores_needed = sorted({score for label, arm in arms.items() for score in method_of(label).scores(arm)})
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = {score: ImportanceResult.from_dict(known[score]) for score in scores_needed
+                               if score in known}
+    made = Allocated()
     batches: list | None = None
 
     def scoring() -> list[dict]:
@@ -136,18 +168,15 @@ def _allocate(config: StudyConfig, study_dir: Path, template: RunSpec, labels: l
         return batches
 
     for score in scores_needed:
-        path = importance_path(study_dir, score)
-        if path.is_file():
-            results[score] = ImportanceResult.load(path)
+        if score in results:
             continue
         note(f"scoring the modules of {config.model} for automatic placement ({score} score, "
              f"{len(scoring())} batches)")
         result = score_slots(setup.base, scoring(), score, config.importance.max_rank, nll_fn=setup.task.nll,
                              device=setup.device)
         result.model, result.dataset = config.model, (config.dataset if get_score(score).needs_data else None)
-        write_importance(result, path.parent, r=config.lora.r)
         results[score] = result
-    records = {}
+        made.importance[score] = result.to_dict()
     for label, arm in arms.items():
         method = method_of(label)
         if not method.scores(arm):
@@ -155,10 +184,10 @@ def _allocate(config: StudyConfig, study_dir: Path, template: RunSpec, labels: l
                  f"({len(scoring())} batches)")
         placement, state = method.allocate(setup, arm, config, scoring, results)
         if state is not None:
-            save_state(state_path(study_dir, label), state)  # type: ignore[arg-type]
+            made.states[label] = state_bytes(state)
         budget = placement.budget or {}
         score = budget.get("score") or method.name
-        record = {
+        made.records[label] = {
             "format": ALLOCATION_FORMAT, "arm": label, "score": score, "mode": budget.get("mode"),
             "draw": budget.get("draw"), "step": budget.get("step"), "max_r": budget.get("max_r"),
             "importance_file": f"importance/{score}.json" if score in results else None,
@@ -166,15 +195,10 @@ def _allocate(config: StudyConfig, study_dir: Path, template: RunSpec, labels: l
             "ranks": {m.name: m.r for m in placement.modules}, "placement": placement.to_dict(),
             "matrix": placement.matrix(),
         }
-        allocation_path(study_dir, label).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(allocation_path(study_dir, label), record)
-        records[label] = record
-    return records
+    return made
 
 
-def save_state(path: Path, state: dict) -> None:
-    """An initial adapter state (name -> tensor; rank-0 entries left out) as safetensors, written atomically."""
-    tensors = {name: w.detach().to("cpu", dtype=torch.float32).contiguous()
-               for name, w in state.items() if w.shape[0] > 0}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_replace(path, lambda tmp: save_file(tensors, str(tmp)))
+def state_bytes(state: dict) -> bytes:
+    """An initial adapter state (name -> tensor; rank-0 entries left out) as safetensors bytes."""
+    return save_tensors({name: w.detach().to("cpu", dtype=torch.float32).contiguous()
+                         for name, w in state.items() if w.shape[0] > 0})

@@ -105,7 +105,7 @@ def run_study(config: StudyConfig, resume: bool = False, allow_mixed: bool = Fal
         progress.planned(study, study_dir, len(specs), len(finished), kept)
         # Automatic arms: scored and allocated once per study (stored, so a resume trains the same ranks).
 
-        todo = resolve_allocations(study, study_dir, todo, executor.ctx, note=progress.note)
+        todo = resolve_allocations(study, study_dir, todo, executor.allocate, note=progress.note)
 
         place = {s.run_id: len(finished) + i + 1 for i, s in enumerate(todo)}
         positions = {s.run_id: s.position for s in specs}

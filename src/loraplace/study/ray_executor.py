@@ -30,13 +30,14 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from loraplace.config import ExecutorSettings
+from loraplace.config import ExecutorSettings, StudyConfig
 from loraplace.errors import LoraplaceError
 from loraplace.files import atomic_write_text
 from loraplace.records import RunResult, RunSpec
 from loraplace.run.context import RunContext
 from loraplace.run.device import pick_device, resolve_precision
 from loraplace.run.measure import library_versions
+from loraplace.study.allocations import Allocated, compute_allocations
 from loraplace.study.runs import execute_run
 
 StepHook = Callable[[RunSpec, int, int, "float | None"], None]
@@ -73,6 +74,12 @@ class RunWorkerImpl:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def allocate(self, config: StudyConfig, template: RunSpec, labels: list[str],
+                 known: dict[str, dict[str, Any]]) -> Allocated:
+        """The study's per-study allocations, computed on this worker (its device and precision, the
+        ones the runs use) on the base model it then keeps for its runs."""
+        return compute_allocations(config, template, labels, self.ctx, known)
 
     def prepared(self) -> int:
         """How many times this worker tokenized data itself (0 when the driver's data reached it)."""
@@ -187,8 +194,8 @@ class RayExecutor:
         self.retries: dict[str, int] = {}  # run id -> times it was resubmitted after its worker died
         self.running: dict[str, int] = {}  # run id -> pid of the worker process that runs (or ran) it
 
-        # The driver's context: tokenizes each distinct dataset once, for the object store (and
-        # serves the study's automatic-placement scoring).
+        # The driver's context: tokenizes each distinct dataset once, for the object store. It never
+        # loads a model: per-study allocations are computed on a worker (allocate).
         self.ctx = RunContext(allow_fetch=allow_fetch)
         self._data_refs: dict[tuple, Any] = {}
 
@@ -284,6 +291,19 @@ class RayExecutor:
                     self.on_start(spec)
             elif kind == "step" and self.on_step:
                 self.on_step(spec, step, total, loss)
+
+    def allocate(self, config: StudyConfig, template: RunSpec, labels: list[str], known: dict[str, dict[str, Any]],
+                 note: Callable[[str], None] = lambda text: None) -> Allocated:
+        """The per-study allocations of ``labels``, computed on the first worker, with the device and
+        precision the runs will use (the driver may be a CPU-only head node); what they wrote comes
+        back to the driver, the only writer of the study folder.
+
+        Raises:
+            LoraplaceError: from the allocation (a budget that cannot be met), or a dead worker.
+        """
+        note(f"allocating {', '.join(labels)} on a Ray worker ({self.infos[0].get('device')}, "
+             f"{self.infos[0].get('precision')})")
+        return _get(self.ray, self.workers[0].allocate.remote(config, template, labels, known))
 
     def submit(self, specs: Iterable[RunSpec]) -> Iterator[RunResult]:
         """Run the jobs on the workers; yield each result once its files are in its ``run_dir``."""
