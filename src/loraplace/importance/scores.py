@@ -63,6 +63,7 @@ from loraplace.errors import LoraplaceError
 from loraplace.importance.spectrum import SKETCH_MODES, SpectrumAccumulator, score_mode, sketch_sizes
 from loraplace.placement.resolve import resolve_placement
 from loraplace.placement.strategies import parse_strategy
+from loraplace.registry import Registry
 from loraplace.run.device import pick_device
 from loraplace.run.evaluation import check_selective_loss, token_nll
 from loraplace.run.measure import PeakMemory
@@ -571,7 +572,8 @@ def _weight_score(model, slots, modules, batches, max_rank, nll_fn, sketch, warn
     return curves, approximations, 0, 0
 
 
-SCORES: dict[str, Score] = {s.name: s for s in (
+SCORES: Registry[Score] = Registry("importance score")
+for _score in (
     Score("gradient", "curve[k-1] = sum of the k largest squared singular values of the loss gradient G (out x in) of "
                  "the frozen weight, averaged over the batches (token-mean loss per batch): the squared "
                  "first-order loss decrease of the best rank-k update of unit Frobenius norm.", True, _gradient_curves),
@@ -581,21 +583,15 @@ SCORES: dict[str, Score] = {s.name: s for s in (
     Score("weight", "a prior, not a measurement: curve[k-1] = alpha * (in + out) * H_k, alpha the Hill estimate of "
                "the heavy-tail exponent of the eigenvalues of W^T W (top half; higher = less trained = more "
                "rank, AlphaLoRA-style), H_k the k-th harmonic number.", False, _weight_score),
-)}
+):
+    SCORES.register(_score.name, _score)
 """Every importance score by name (the strategy grammar's ``AUTO_SCORES`` names the same ones, plus
 ``random``, which needs no score)."""
 
 
 def get_score(name: str) -> Score:
-    """The registered score ``name``.
-
-    Raises:
-        LoraplaceError: an unknown name, listing the available ones.
-    """
-    try:
-        return SCORES[name]
-    except KeyError:
-        raise LoraplaceError(f"unknown importance score {name!r}; use one of {', '.join(SCORES)}") from None
+    """The registered score ``name``; an unknown name fails with one line listing the known ones."""
+    return SCORES.get_entry(name)
 
 
 # ------------------------------------------------------------------------------- from a model

@@ -33,6 +33,7 @@ from loraplace.placement.budget import resolve_matched
 from loraplace.placement.resolve import Placement, resolve_placement
 from loraplace.placement.strategies import Strategy, parse_strategy
 from loraplace.records import RunSpec
+from loraplace.registry import Registry
 
 
 class Method:
@@ -111,28 +112,18 @@ def full_stand_in(skeleton: nn.Module, config: StudyConfig) -> Placement:
     return resolve_placement(skeleton, parse_strategy(REFERENCE_STRATEGY), config.lora.r, config.lora.alpha)
 
 
-METHODS: dict[str, Method] = {}
+METHODS: Registry[Method] = Registry("adapter method")
 """Every adapter method by name; filled by :func:`register` as each method's module is imported."""
 
 
 def register(method: Method) -> Method:
     """Add ``method`` to :data:`METHODS` under its name (once)."""
-    if method.name in METHODS:
-        raise ValueError(f"adapter method {method.name!r} is registered twice")
-    METHODS[method.name] = method
-    return method
+    return METHODS.register(method.name, method)
 
 
 def get_method(name: str) -> Method:
-    """The registered method ``name``.
-
-    Raises:
-        LoraplaceError: an unknown name, listing the available ones.
-    """
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise LoraplaceError(f"unknown adapter method {name!r}. Available: {', '.join(sorted(METHODS))}") from None
+    """The registered method ``name``; an unknown name fails with one line listing the known ones."""
+    return METHODS.get_entry(name)
 
 
 def method_of(arm: Arm | Strategy | str) -> Method:
