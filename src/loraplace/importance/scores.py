@@ -61,7 +61,8 @@ from transformers import PreTrainedModel, set_seed
 from loraplace.data import IGNORE_INDEX
 from loraplace.errors import LoraplaceError
 from loraplace.importance.spectrum import SKETCH_MODES, SpectrumAccumulator, score_mode, sketch_sizes
-from loraplace.placement.resolve import resolve_placement
+from loraplace.placement.arms import REFERENCE_STRATEGY
+from loraplace.placement.resolve import module_slots, resolve_placement
 from loraplace.placement.strategies import parse_strategy
 from loraplace.registry import Registry
 from loraplace.run.device import pick_device
@@ -226,9 +227,8 @@ def scored_slots(model: nn.Module) -> tuple[list, list, list[str]]:
         ``(slots, left_out, warnings)``: the scored modules, the expert parameters left out (a
         score reads one linear map per slot), and the resolution's warnings (inferred roles).
     """
-    placement = resolve_placement(model, parse_strategy("full"), 1, 1.0)
-    slots = [m for m in placement.modules if not m.is_parameter]
-    return slots, [m for m in placement.modules if m.is_parameter], list(placement.warnings)
+    placement = resolve_placement(model, parse_strategy(REFERENCE_STRATEGY), 1, 1.0)
+    return module_slots(placement), [m for m in placement.modules if m.is_parameter], list(placement.warnings)
 
 
 def _first_device(model: nn.Module) -> torch.device:

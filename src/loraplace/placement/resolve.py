@@ -381,7 +381,8 @@ def _relative(name: str) -> str:
 
 
 def module_slots(placement: Placement) -> list[AdaptedModule]:
-    """The placement's modules without mixture-of-experts parameters."""
+    """The placement's slots: its modules without mixture-of-experts parameters (the one definition
+    of a slot, for importance scores, automatic allocation, EVA and AdaLoRA)."""
     return [m for m in placement.modules if not m.is_parameter]
 
 
@@ -389,7 +390,7 @@ def slot_placement(model: nn.Module) -> Placement:
     """The slots an automatic strategy allocates over: the modules of ``full`` (rank 1), without
     mixture-of-experts parameters (no importance score covers them yet)."""
     placement = resolve_placement(model, parse_strategy(REFERENCE_STRATEGY), 1, 1.0)
-    placement.modules = [m for m in placement.modules if not m.is_parameter]
+    placement.modules = module_slots(placement)
     if not placement.modules:
         raise LoraplaceError("automatic placement found no linear module to place adapters on")
     return placement
