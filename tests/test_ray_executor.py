@@ -78,12 +78,13 @@ def local_and_ray(ray_cluster, tiny_llama_dir, data_file, tmp_path_factory):
     root = tmp_path_factory.mktemp("studies")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as a single-CPU worker: the same float reductions, so bit-equal results
+    keep = {"train.save_adapters": True}  # a binary run file (safetensors) to come back through Ray
     try:
-        local = study(tiny_llama_dir, data_file, root / "local")
+        local = study(tiny_llama_dir, data_file, root / "local", **keep)
     finally:
         torch.set_num_threads(threads)
     progress = Recorder()
-    remote = study(tiny_llama_dir, data_file, root / "ray", progress=progress, **RAY)
+    remote = study(tiny_llama_dir, data_file, root / "ray", progress=progress, **RAY, **keep)
     return local, remote, progress
 
 
@@ -101,6 +102,10 @@ def test_ray_study_matches_the_local_one(local_and_ray):
         assert eb["nll_sum"] == ea["nll_sum"] and eb["n_tokens"] == ea["n_tokens"]
     # the same files in the same layout; run folders name the study's path, not the worker's temp folder
     assert files(local) == files(remote)
+    # binary files come back byte for byte: the trained adapters (bit-equal training at equal threads)
+    for run_id in ("full-s0", "attention-s0", "ffn-s0"):
+        weights = [(out / "runs" / run_id / "adapter" / "adapter_model.safetensors").read_bytes() for out in (local, remote)]
+        assert weights[0] == weights[1] and len(weights[0]) > 1000
     for run_id in b:
         config = json.loads((remote / "runs" / run_id / "config.json").read_text())
         assert config["run_dir"] == str(remote / "runs" / run_id)

@@ -68,6 +68,9 @@ class TrainSettings(_Strict):
         20, ge=0, description="Also evaluate every N optimizer steps for eval-loss curves (0: only at the end)."
     )
     report_to: list[str] = Field(default_factory=list, description="Trainer loggers (tensorboard, wandb, mlflow).")
+    save_adapters: bool = Field(
+        False, description="Keep each run's trained adapter in runs/<id>/adapter/ (PEFT's save_pretrained: "
+        "adapter_model.safetensors and adapter_config.json; PeftModel.from_pretrained loads it).")
 
 
 class DataSettings(_Strict):

@@ -33,6 +33,11 @@ def atomic_replace(path: Path, write: Callable[[Path], None], suffix: str = ".tm
     fsync_dir(path.parent)
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """:func:`atomic_replace` of ``path`` by ``data``, byte for byte."""
+    atomic_replace(path, lambda tmp: tmp.write_bytes(data))
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """:func:`atomic_replace` of ``path`` by ``text`` (UTF-8)."""
     atomic_replace(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -26,7 +26,7 @@ from safetensors.torch import save as save_tensors
 
 from loraplace.config import ImportanceSettings, StudyConfig
 from loraplace.errors import LoraplaceError
-from loraplace.files import atomic_replace, atomic_write_json
+from loraplace.files import atomic_write_bytes, atomic_write_json
 from loraplace.importance import ImportanceResult, get_score, score_batches, score_slots, write_importance
 from loraplace.methods import method_of
 from loraplace.placement.arms import Arm
@@ -129,7 +129,7 @@ def resolve_allocations(config: StudyConfig, study_dir: Path, specs: list[RunSpe
         for label, state in made.states.items():
             path = state_path(study_dir, label)
             path.parent.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
-            atomic_replace(path, lambda tmp, state=state: tmp.write_bytes(state))  # type: ignore[arg-type]
+            atomic_write_bytes(path, state)  # type: ignore[arg-type]
         for label, record in made.records.items():
             allocation_path(study_dir, label).parent.mkdir(parents=True, exist_ok=True)
             atomic_write_json(allocation_path(study_dir, label), record)

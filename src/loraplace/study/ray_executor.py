@@ -32,7 +32,7 @@ import torch
 
 from loraplace.config import ExecutorSettings, StudyConfig
 from loraplace.errors import LoraplaceError
-from loraplace.files import atomic_write_text
+from loraplace.files import atomic_write_bytes
 from loraplace.records import RunResult, RunSpec
 from loraplace.run.context import RunContext
 from loraplace.run.device import pick_device, resolve_precision
@@ -145,8 +145,8 @@ def _get(ray, refs):
 
 
 def write_run_files(run_dir: Path, files: dict[str, bytes], worker_dir: str) -> None:
-    """Write a worker's run files into ``run_dir`` with the atomic writer; the worker's temp
-    folder named inside a JSON file (config.json's ``run_dir``) becomes ``run_dir``."""
+    """Write a worker's run files into ``run_dir`` with the atomic writer, byte for byte; only in
+    loraplace's JSON files is the worker's temp folder (config.json's ``run_dir``) renamed ``run_dir``."""
     run_dir.mkdir(parents=True, exist_ok=True)
     old, new = json.dumps(worker_dir)[1:-1], json.dumps(str(run_dir))[1:-1]
     for rel, data in files.items():
@@ -154,10 +154,9 @@ def write_run_files(run_dir: Path, files: dict[str, bytes], worker_dir: str) -> 
         if not target.resolve().is_relative_to(run_dir.resolve()):
             continue  # never write outside the run folder
         target.parent.mkdir(parents=True, exist_ok=True)
-        text = data.decode("utf-8", errors="replace")
-        if worker_dir and rel.endswith(".json"):
-            text = text.replace(old, new)
-        atomic_write_text(target, text)
+        if worker_dir and rel.endswith(".json"):  # loraplace writes its JSON files as UTF-8
+            data = data.decode("utf-8").replace(old, new).encode("utf-8")
+        atomic_write_bytes(target, data)  # every other file (event logs, safetensors) byte for byte
 
 
 def version_mismatch(driver: dict[str, str], worker: dict[str, Any]) -> str | None:

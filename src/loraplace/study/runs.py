@@ -5,6 +5,9 @@ so an executor may run them in any process or on any machine."""
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import tempfile
 import time
 import traceback
 import warnings
@@ -216,9 +219,24 @@ class RunRecipe:
         outcome.memory_plan = plan.record()
         atomic_write_json(setup.run_dir / "train_log.json", outcome.log_history)
         adapters.method.after_training(model, adapters.placement, adapters.callbacks, setup.run_dir)
+        if spec.train.save_adapters:
+            self._save_adapters(setup, model)
         norms = adapters.method.update_norms(model, adapters.placement)
         atomic_write_json(setup.run_dir / "adapter_norms.json", {"modules": norms})
         return outcome
+
+    def _save_adapters(self, setup: RunSetup, model) -> None:
+        """``adapter/``: the trained adapter as PEFT saves it, written into a temp folder and renamed,
+        so that a crash leaves the old folder or the new one."""
+        target = setup.run_dir / "adapter"
+        tmp = Path(tempfile.mkdtemp(dir=setup.run_dir, prefix=".adapter."))
+        try:
+            model.save_pretrained(str(tmp))
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def evaluate(self, setup: RunSetup, model) -> EvalResult:
         """The final evaluation on the held-out split, with the all-token sums where the task has them."""
