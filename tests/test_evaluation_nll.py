@@ -221,3 +221,39 @@ def test_training_loss_in_blocks_keeps_loss_and_gradients(monkeypatch, autocast)
     torch.testing.assert_close(nll, nll_one, rtol=1e-6, atol=1e-5)
     for name in grads:
         torch.testing.assert_close(grads[name], grads_one[name], **same, msg=name)
+
+
+@pytest.mark.parametrize("mask_dropout", [False, True])
+def test_blocks_recomputed_with_the_forwards_dropout_masks(monkeypatch, mask_dropout):
+    """An adapted lm_head with LoRA dropout: the recomputation in backward uses the forward's masks,
+    so the gradients are those of the logged loss, and it leaves the random stream where the
+    forward left it (later masks unchanged). The reference runs the same blocks without
+    recomputation (a plain call instead of the checkpoint), so it draws the same masks once.
+    With loraplace's own dropout (MaskDropout, torch.rand) as in training, and PEFT's nn.Dropout."""
+    from peft import LoraConfig, get_peft_model
+
+    import loraplace.run.evaluation as ev
+    from loraplace.run.training import use_mask_dropout
+
+    model = get_peft_model(tiny_llama(tie=False), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5,
+                                                             target_modules=["lm_head", "q_proj"]))
+    model.train()
+    if mask_dropout:
+        assert use_mask_dropout(model) > 0
+    batch = PadCollator(PAD)(examples(9, seed=3))
+    monkeypatch.setattr(ev, "TRAIN_CHUNK_ELEMENTS", 97 * 16)  # 16 positions per block
+    assert int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) > 3 * ev.train_chunk(97)
+
+    def run():
+        torch.manual_seed(1234)
+        nll, grads = _loss_and_grads(model, batch, autocast=False)
+        return nll, grads, torch.rand(4)  # what the next dropout mask would draw from
+
+    nll, grads, after = run()
+    monkeypatch.setattr(ev, "checkpoint", lambda fn, *args, **kwargs: fn(*args))  # same blocks, no recomputation
+    ref_nll, ref_grads, ref_after = run()
+    torch.testing.assert_close(nll, ref_nll, rtol=0, atol=0)
+    assert set(grads) == set(ref_grads) and any("lm_head.lora_A" in k for k in grads)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-6, atol=1e-7, msg=name)
+    assert torch.equal(after, ref_after)

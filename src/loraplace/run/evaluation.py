@@ -101,7 +101,8 @@ def _nll_recomputed(states: torch.Tensor, head: nn.Module | None, targets: torch
     peak); this keeps the hidden states only and holds one block's logits at a time, for one more
     vocabulary matmul per position in backward. A plain ``nn.Linear`` head's weight is cast to the
     autocast dtype once for all blocks (autocast would cast it once per block and again in each
-    recomputation); other heads (an adapted or quantized head) are called as they are.
+    recomputation); other heads (an adapted or quantized head) are called as they are, and their
+    recomputation replays the forward's random state, so an adapter's dropout draws the same masks.
     """
     n = states.shape[0]
     vocab = getattr(head, "out_features", None)  # None: full logits given (no head), or a head of unknown width
@@ -118,14 +119,19 @@ def _nll_recomputed(states: torch.Tensor, head: nn.Module | None, targets: torch
             return F.cross_entropy(F.linear(s.to(weight.dtype), weight, bias).float(), t, reduction="none")
 
         args = (weight, bias)
+        random = False  # a plain projection draws nothing
     else:
         def part(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return _nll_at(s, head, t)
 
         args = ()
+        random = True  # an adapted head may draw dropout masks: the recomputation must draw the same ones
 
+    # preserve_rng_state: the recomputation restores the random state each block's forward started
+    # from (so it redraws the forward's masks, and the gradient is that of the logged loss), then
+    # puts back the state it found, so the masks drawn after this step are not shifted.
     return torch.cat([checkpoint(part, states[i:i + chunk], targets[i:i + chunk], *args, use_reentrant=False,
-                                 preserve_rng_state=False) for i in range(0, n, chunk)])
+                                 preserve_rng_state=random) for i in range(0, n, chunk)])
 
 
 def token_nll(model: nn.Module, batch: dict[str, torch.Tensor], selective: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
