@@ -57,3 +57,20 @@ def test_plan_and_a_two_step_run_on_a_gguf_file(gguf_file, alpaca_file, tmp_path
     assert results[0]["status"] == "ok" and results[0]["train_steps"] == 2
     assert results[0]["model"] == str(gguf_file)
     assert results[0]["speed_choices"]["gradient_checkpointing"].startswith("on")
+
+
+@pytest.mark.parametrize("keep", [0.003, 0.5, 0.999])
+def test_a_truncated_gguf_gets_one_line(gguf_file, alpaca_file, tmp_path, keep):
+    """A GGUF file cut short (a broken download) is refused by plan and run with one line that
+    names the file and says it is incomplete, not with the parser's traceback."""
+    data = gguf_file.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:max(8, int(len(data) * keep))])
+    runner = CliRunner()
+    for args in (["plan", "--model", str(cut)],
+                 ["run", "--model", str(cut), "--dataset", str(alpaca_file), "-o", str(tmp_path / "s")]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        message = " ".join(result.output.split())
+        assert "Traceback" not in message and "struct.error" not in message
+        assert f"GGUF file '{cut}'" in message and "incomplete or corrupt" in message and "download it again" in message

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tarfile
@@ -25,6 +26,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -228,6 +230,26 @@ def gguf_dir(path: str | Path) -> Path:
     return cache_dir() / "models" / f"gguf-{_GGUF_DIGESTS[key][:16]}"
 
 
+def check_gguf(path: Path) -> None:
+    """Read a GGUF file's header, metadata and tensor table, and check that the file holds every
+    tensor's data (``gguf.GGUFReader`` maps the file; nothing is loaded), so that a truncated
+    download or a corrupt file gets one line instead of a parser's traceback.
+
+    Raises:
+        LoraplaceError: naming the file and what is wrong with it.
+    """
+    try:
+        reader = gguf.GGUFReader(path)
+        for tensor in reader.tensors:  # each view ends inside the file, or building it failed above
+            if tensor.data_offset + tensor.n_bytes > path.stat().st_size:
+                raise ValueError(f"tensor {tensor.name} ends past the end of the file")
+    except (ValueError, struct.error, IndexError, KeyError, OSError) as e:
+        size = path.stat().st_size
+        raise LoraplaceError(f"GGUF file {str(path)!r} ({size:,} bytes) is incomplete or corrupt: it cannot be read "
+                             f"to its end ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
+                             "download it again") from None
+
+
 def ensure_gguf_model(path: str | Path) -> Path:
     """A local GGUF file as a plain Hugging Face folder, dequantized to float32 once into
     :func:`gguf_dir` (:func:`convert_gguf`, as the embedded model); later calls reuse it."""
@@ -237,10 +259,11 @@ def ensure_gguf_model(path: str | Path) -> Path:
     target = gguf_dir(p)
     if (target / ".complete").exists():
         return target
+    check_gguf(p)
     digest = _GGUF_DIGESTS[(str(p), p.stat().st_size, p.stat().st_mtime_ns)]
     try:
         return convert_gguf(p, target, f"{p} (GGUF, dequantized)", digest)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError, struct.error) as e:
         raise LoraplaceError(f"could not convert the GGUF file {str(path)!r}: {type(e).__name__}: "
                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
 
