@@ -338,3 +338,30 @@ def test_cli_runs_a_study_on_ray(ray_cluster, tiny_llama_dir, data_file, tmp_pat
 
     bad = CliRunner().invoke(app, ["run", "--executor", "spark", "-o", str(tmp_path / "t")])
     assert bad.exit_code == 2 and "executor.kind" in bad.output
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("address", ["ray://127.0.0.1:1", "ray://127.0.0.1"])
+def test_an_unreachable_ray_client_address_gets_one_line(tiny_llama_dir, data_file, tmp_path, address):
+    """A ray:// address where nothing answers is refused in seconds, naming it (Ray Client alone
+    retries for about 30 s). Needs no running Ray; Ray Client comes with the ray extra."""
+    import time
+
+    from typer.testing import CliRunner
+
+    from loraplace.cli import app
+
+    pytest.importorskip("grpc")  # ray[client]: the extra installs it
+    if address == "ray://127.0.0.1":  # the default client port: only meaningful where nothing listens on it
+        import socket
+
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", 10001)) == 0:
+                pytest.skip("something listens on port 10001 here")
+    start = time.monotonic()
+    result = CliRunner().invoke(app, ["run", "--model", str(tiny_llama_dir), "--dataset", str(data_file),
+                                      "-o", str(tmp_path / "s"), "--executor", "ray", "--ray-address", address])
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert f"nothing answers at {address}" in message and "Traceback" not in message
+    assert time.monotonic() - start < 30

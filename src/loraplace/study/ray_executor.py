@@ -55,6 +55,24 @@ def _import_ray():
     return ray
 
 
+def _check_client_address(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, with one line, where a Ray Client address (``ray://HOST:PORT``, port 10001 by
+    default) does not answer: Ray Client itself retries for about 30 s and then warns."""
+    host, _, port = address.removeprefix("ray://").partition(":")
+    try:
+        number = int(port or 10001)
+    except ValueError:
+        raise LoraplaceError(f"--executor ray: {address!r} is not a Ray Client address (ray://HOST:PORT)") from None
+    try:
+        with socket.create_connection((host, number), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise LoraplaceError(
+            f"--executor ray: nothing answers at {address} ({e.strerror or type(e).__name__}); start the head node "
+            f"with `ray start --head` and open its Ray Client port ({number}) to this machine, or use "
+            "--ray-address auto on a node of the cluster") from None
+
+
 class RunWorkerImpl:
     """What a Ray worker does (wrapped by :func:`worker_class` into an actor class)."""
 
@@ -201,9 +219,11 @@ class RayExecutor:
     # ---------------------------------------------------------------------------------- setup
     def _connect(self) -> None:
         ray = self.ray
+        address = self.settings.address
+        if address is not None and address.startswith("ray://"):  # checked even if this process has a Ray
+            _check_client_address(address)
         if ray.is_initialized():
             return
-        address = self.settings.address
         kwargs: dict[str, Any] = {"include_dashboard": False, "configure_logging": False, "log_to_driver": False}
         if address is None:
             self.started_ray = True
@@ -211,6 +231,9 @@ class RayExecutor:
             ray.init(address=address, **kwargs)
         except ConnectionError as e:
             raise LoraplaceError(f"--executor ray: cannot join the Ray cluster at {address}: {e}") from None
+        except ValueError as e:  # e.g. "Ray Client requires pip package ray[client]"
+            raise LoraplaceError(f"--executor ray: cannot use the Ray address {address}: {e}; "
+                                 "pip install 'loraplace[ray]' brings Ray Client") from None
 
     def _worker_count(self, runs: int, gpus: float, wait_s: float = 30.0) -> int:
         # Resources of actors that just ended (an earlier study in this process, a finished job on
