@@ -129,6 +129,15 @@ def test_eva_and_adalora_arms_train_at_the_budget(tiny_llama_dir, data, tmp_path
     row = rows["adalora~attention-s0"]
     assert adalora["allocator_calls"] == 4  # once per optimizer step
     assert row["final_params"] == adalora["final_params"] < row["trainable_params"]
+    # the final count, computed independently: each module's kept rank times (in + out + 1), with
+    # the widths read off the model itself, and AdaLoRA's total rank budget met exactly
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir))
+    widths = {n: m.in_features + m.out_features for n, m in model.named_modules() if n in adalora["final_ranks"]}
+    assert len(widths) == len(adalora["final_ranks"]) == 14  # every linear module of full: 2 layers x 7
+    assert row["final_params"] == sum(r * (widths[n] + 1) for n, r in adalora["final_ranks"].items())
+    assert sum(adalora["final_ranks"].values()) == adalora["budget"]["rank_budget"]
     assert row["budget_target"] == rows["attention-s0"]["trainable_params"]
     # the final ranks, counted independently from the modules' norms file: pruned modules have rank < init_r
     norms = json.loads((out / "runs" / "adalora~attention-s0" / "adapter_norms.json").read_text())["modules"]
