@@ -214,3 +214,45 @@ def test_bert_classifier_head_trains_in_full_beside_the_adapters():
     check_wrapped(peft_model, placement, trainable_params(peft_model) - sum(head.values()))
     # The head that trains is a copy; the original stays frozen beside it.
     assert not any(p.requires_grad for p in head_module.original_module.parameters())
+
+
+def test_fused_experts_train_at_their_planned_ranks_in_a_study(tmp_path, alpaca_file):
+    """A Mixtral whose experts are fused 3-D parameters (transformers 5), in a real study with the
+    experts at another rank than the rest: PEFT's warning that the experts' rank_pattern keys
+    "did not match any targeted module and were ignored" is wrong (it checks the keys against
+    target_modules only); every expert parameter trains at its planned rank, and the run's
+    trainable count is the plan's, computed here by hand from the config."""
+    import json
+
+    from conftest import make_tokenizer
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from loraplace.config import load_study
+    from loraplace.study.driver import run_study
+
+    tokenizer = make_tokenizer()
+    torch.manual_seed(0)
+    hidden, inter, experts, layers = 16, 24, 3, 2
+    config = MixtralConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                           num_attention_heads=2, num_key_value_heads=1, vocab_size=len(tokenizer),
+                           num_local_experts=experts, num_experts_per_tok=2, pad_token_id=tokenizer.pad_token_id,
+                           max_position_embeddings=256)
+    model_dir = tmp_path / "mixtral"
+    MixtralForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    study = load_study(None, {"model": str(model_dir), "dataset": str(alpaca_file), "output": str(tmp_path / "s"),
+                              "strategies": ["mlp.down[r=2]+mlp.gate_up+attention"], "include_base": False,
+                              "lora.r": 4, "lora.alpha": 8.0, "lora.dropout": 0.0, "train.max_steps": 2,
+                              "train.batch_size": 4, "data.eval_size": 8, "train.eval_every": 0,
+                              "train.precision": "fp32", "device": "cpu"})
+    out = run_study(study)
+    row = json.loads((out / "results.json").read_text())["runs"][0]
+    assert row["status"] == "ok", row["error"]
+    kv = hidden // 2  # one key/value head of head_dim 8
+    by_hand = layers * (experts * 2 * (inter + hidden)  # down_proj: (E, hidden, inter) at r=2
+                        + experts * 4 * (hidden + 2 * inter)  # gate_up_proj: (E, 2 * inter, hidden) at r=4
+                        + 4 * ((hidden + hidden) * 2 + (hidden + kv) * 2))  # q, o and k, v at r=4
+    assert row["trainable_params"] == by_hand
+    modules = json.loads((out / "runs" / row["run_id"] / "modules.json").read_text())["modules"]
+    ranks = {m["name"]: m["r"] for m in modules}
+    assert ranks["model.layers.0.mlp.experts.down_proj"] == 2 and ranks["model.layers.1.mlp.experts.gate_up_proj"] == 4
