@@ -19,9 +19,7 @@ optional; :mod:`~loraplace.report.load` reads them) and shows, per study that ha
 
 from __future__ import annotations
 
-import math
 import re
-import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import cached_property
@@ -29,14 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import stats as sps
 
 from loraplace.placement.roles import ALL_ROLES, group_of
 from loraplace.report import figures, fmt
 from loraplace.report.analysis import Arm, Group
 from loraplace.report.doc import Block, Bullets, Heading, Para, Table
 from loraplace.report.load import Study
-from loraplace.report.stats import ALPHA, PairedComparison, fmt_p
+from loraplace.report.stats import ALPHA, PairedComparison, fmt_p, spearman
 
 TITLE = "Where adapters matter: automatic placement"
 SAME_BUDGET = 0.02  # arms whose trainable parameters lie within 2% of an automatic arm's share its budget
@@ -82,18 +79,6 @@ def _pct(share: float) -> str:
     """A share as a percentage with two significant digits below 10% (``0.031`` -> ``3.1%``)."""
     pct = 100.0 * share
     return f"{pct:.0f}%" if pct >= 10 else f"{pct:.2g}%"
-
-
-def spearman(x: list[float], y: list[float]) -> tuple[float | None, float | None]:
-    """Spearman rank correlation ``(rho, two-sided p)``; None for fewer than three pairs or a
-    constant side (undefined)."""
-    if len(x) < 3:
-        return None, None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        res = sps.spearmanr(x, y)
-    rho, p = float(res.statistic), float(res.pvalue)
-    return (rho, p) if math.isfinite(rho) else (None, None)
 
 
 def _rho_text(rho: float | None, p: float | None, n: int) -> str:
@@ -179,6 +164,7 @@ def _stack_layers(cells: set[tuple], stored: dict[Any, int]) -> dict[Any, int]:
 
 def _module_params(m: dict[str, Any]) -> int:
     """A module's adapter parameters: stored, else ``r * (in + out)``."""
+    # not placement.params.lora_param_count: that module imports torch, which `loraplace report` must not
     return int(m["params"]) if m.get("params") is not None else int(m["r"]) * (int(m["in_features"])
                                                                                + int(m["out_features"]))
 
