@@ -30,7 +30,7 @@ import numpy as np
 
 from loraplace.placement.roles import ALL_ROLES, group_of
 from loraplace.report import figures, fmt
-from loraplace.report.analysis import Arm, Group
+from loraplace.report.analysis import ArmResults, Group
 from loraplace.report.doc import Block, Bullets, Heading, Para, Table
 from loraplace.report.load import Study
 from loraplace.report.stats import ALPHA, PairedComparison, fmt_p, spearman
@@ -182,7 +182,7 @@ class StudyView:
     level: int  # heading level of the subsections
 
     @cached_property
-    def arms(self) -> list[Arm]:
+    def arms(self) -> list[ArmResults]:
         """The study's successful LoRA arms."""
         return [a for a in self.group.lora_arms if a.study is self.study]
 
@@ -210,11 +210,11 @@ class StudyView:
     def base_loss(self) -> float | None:
         return next((r.result.eval_loss for r in self.study.runs if r.result.kind == "base" and r.usable), None)
 
-    def mode(self, arm: Arm) -> str:
+    def mode(self, arm: ArmResults) -> str:
         alloc = self.study.allocations.get(arm.strategy)
         return str(alloc.get("mode") or "best") if alloc else label_mode(arm.strategy)
 
-    def modules(self, arm: Arm) -> list[dict[str, Any]] | None:
+    def modules(self, arm: ArmResults) -> list[dict[str, Any]] | None:
         """The modules ``arm`` trained, with ranks: its allocation file, else its runs'
         modules.json, else the names and per-role ranks of its results rows; None when unknown."""
         alloc = self.study.allocations.get(arm.strategy)
@@ -225,7 +225,7 @@ class StudyView:
             return stored
         return self._modules_from_row(arm)
 
-    def _modules_from_row(self, arm: Arm) -> list[dict[str, Any]] | None:
+    def _modules_from_row(self, arm: ArmResults) -> list[dict[str, Any]] | None:
         res = arm.runs[0].result
         slots = {k: v for s in self.scores.values() for k, v in s.slots.items()}
         out = []
@@ -238,7 +238,7 @@ class StudyView:
             out.append({"name": name, "role": role, "r": int(r)})
         return out or None
 
-    def norms(self, arm: Arm) -> dict[str, dict[str, Any]]:
+    def norms(self, arm: ArmResults) -> dict[str, dict[str, Any]]:
         """Module name -> ``{role, stack, layer, norm}`` with the norm averaged over the arm's
         seeds that stored adapter_norms.json, and ``seeds``: how many did."""
         per: dict[str, list[float]] = defaultdict(list)
@@ -379,7 +379,7 @@ def allocation_part(v: StudyView) -> tuple[list[Block], list[Table]]:
 
 
 # --------------------------------------------------------------- 3. auto vs the rest, same budget
-def same_budget(arm: Arm, others: list[Arm]) -> list[Arm]:
+def same_budget(arm: ArmResults, others: list[ArmResults]) -> list[ArmResults]:
     """The other arms whose trainable parameters lie within :data:`SAME_BUDGET` of ``arm``'s."""
     ref = arm.budget_params
     return [o for o in others if o is not arm and ref and abs(o.budget_params - ref) <= SAME_BUDGET * ref]
@@ -391,7 +391,7 @@ def _auto_verdict(c: PairedComparison) -> str:
     return "auto better" if c.diff < 0 else "auto worse"
 
 
-def versus_table(v: StudyView, auto: Arm, peers: list[Arm]) -> Table:
+def versus_table(v: StudyView, auto: ArmResults, peers: list[ArmResults]) -> Table:
     """``auto`` minus each peer in eval loss: the group's paired comparison and Holm p."""
     rows, records = [], []
     for o in peers:
@@ -414,7 +414,7 @@ def versus_table(v: StudyView, auto: Arm, peers: list[Arm]) -> Table:
                   "Holm p", "verdict"], rows, records, align="lrrrlrl")
 
 
-def _beats(v: StudyView, auto: Arm, other: Arm | None, what: str, note: str = "") -> str:
+def _beats(v: StudyView, auto: ArmResults, other: ArmResults | None, what: str, note: str = "") -> str:
     """One clause: does ``auto`` beat ``other`` (``what`` names it)? With the group's paired
     comparison (:func:`~loraplace.report.fmt.comparison`) and "not significantly" when its Holm p
     does not reach the report's threshold."""
@@ -431,11 +431,11 @@ def _beats(v: StudyView, auto: Arm, other: Arm | None, what: str, note: str = ""
     return f"{head} {what}, `{other.key}`: {fmt.comparison(c)}{ci}{note}"
 
 
-def _best(arms: list[Arm]) -> Arm | None:
+def _best(arms: list[ArmResults]) -> ArmResults | None:
     return min(arms, key=lambda a: a.loss.mean, default=None)
 
 
-def _method_arm(v: StudyView, auto: Arm, peers: list[Arm], prefix: str) -> tuple[Arm | None, str]:
+def _method_arm(v: StudyView, auto: ArmResults, peers: list[ArmResults], prefix: str) -> tuple[ArmResults | None, str]:
     """The best arm labelled ``prefix`` (eva, adalora) at auto's budget, else at any budget with
     a note saying so."""
     same = [a for a in peers if a.strategy.startswith(prefix)]
@@ -448,7 +448,7 @@ def _method_arm(v: StudyView, auto: Arm, peers: list[Arm], prefix: str) -> tuple
                    f"{fmt.params(auto.budget_params)} parameters)")
 
 
-def verdict_sentence(v: StudyView, auto: Arm, peers: list[Arm]) -> str:
+def verdict_sentence(v: StudyView, auto: ArmResults, peers: list[ArmResults]) -> str:
     """Does ``auto`` beat the best hand-picked arm at its budget, and EVA and AdaLoRA?"""
     hand = _best([a for a in peers if is_hand_picked(a.strategy)])
     parts = [_beats(v, auto, hand, "the best hand-picked arm at this budget")]
@@ -482,7 +482,7 @@ def versus_part(v: StudyView) -> tuple[list[Block], list[Table]]:
 
 
 # -------------------------------------------------------------------------- 4. post-hoc importance
-def _full_arms(v: StudyView, normed: dict[str, dict]) -> list[Arm]:
+def _full_arms(v: StudyView, normed: dict[str, dict]) -> list[ArmResults]:
     """Arms with norms that trained every slot: ``full`` or ``full~...`` by label, else any whose
     norms cover every scored slot."""
     slots = {n for s in v.scores.values() for n in s.slots}
@@ -514,7 +514,7 @@ def norms_tables(v: StudyView, normed: dict[str, dict]) -> tuple[Table, Table]:
     return shown, full
 
 
-def posthoc_spearman(v: StudyView, arm: Arm, norms: dict[str, dict]) -> list[dict[str, Any]]:
+def posthoc_spearman(v: StudyView, arm: ArmResults, norms: dict[str, dict]) -> list[dict[str, Any]]:
     """Per score: Spearman correlation over ``arm``'s modules of the score's gain per parameter
     at the study rank and the trained norm."""
     out = []
