@@ -1,7 +1,8 @@
-"""The report's automatic-placement section: where adapters matter, before and after training.
+"""The report's automatic-placement sections: where adapters matter, before training
+(:func:`before_training_section`: parts 1-2) and after it (:func:`after_training_section`: 3-5).
 
-It reads what ``loraplace importance`` and the automatic arms leave in a study folder (all
-optional; :mod:`~loraplace.report.load` reads them) and shows, per study that has any:
+They read what ``loraplace importance`` and the automatic arms leave in a study folder (all
+optional; :mod:`~loraplace.report.load` reads them) and show, per study that has any:
 
 1. the importance scores before training (``importance/<score>.json``: per slot a curve over
    rank, ``curve[k-1]`` = predicted gain of a rank-k adapter) as layer x role heatmaps of the gain
@@ -31,6 +32,7 @@ import numpy as np
 from loraplace.placement.roles import ALL_ROLES, group_of
 from loraplace.report import figures, fmt
 from loraplace.report.analysis import ArmResults, Group
+from loraplace.report.context import Part, ReportContext
 from loraplace.report.doc import Block, Bullets, Heading, Para, Table
 from loraplace.report.load import Study
 from loraplace.report.stats import ALPHA, PairedComparison, fmt_p, spearman
@@ -275,10 +277,10 @@ def _importance_cells(score: Importance, r: int) -> list[tuple[str, Any, Any, fl
     return [(s["role"], s.get("stack"), s.get("layer"), vals[n] / scale) for n, s in score.slots.items()]
 
 
-def importance_part(v: StudyView) -> tuple[list[Block], list[Table]]:
+def importance_part(v: StudyView) -> Part:
     """Heatmap and scoring cost per importance file."""
     if not v.scores:
-        return [], []
+        return Part()
     clamped = [s.score for s in v.scores.values() if s.max_rank < v.rank]
     blocks: list[Block] = [Heading(v.level, "Importance before training"), Para(
         f"Each score predicts, per slot (a linear module an adapter can go on), the gain of a rank-k adapter "
@@ -311,7 +313,7 @@ def importance_part(v: StudyView) -> tuple[list[Block], list[Table]]:
                   "training time of one LoRA run of the study.",
                   ["score", "seconds", "tokens", "share of one arm's training", "slots", "max rank", "approximation"],
                   rows, records, align="lrrrrrl")
-    return blocks + [table], [table]
+    return Part(blocks + [table], [table])
 
 
 # --------------------------------------------------------------------------- 2. the allocations
@@ -358,10 +360,10 @@ def role_totals_table(v: StudyView, alloc: dict[str, Any]) -> Table:
                  rows, records)
 
 
-def allocation_part(v: StudyView) -> tuple[list[Block], list[Table]]:
+def allocation_part(v: StudyView) -> Part:
     """Rank table, budget and per-role totals of every allocation file."""
     if not v.study.allocations:
-        return [], []
+        return Part()
     blocks: list[Block] = [Heading(v.level, "The chosen allocations")]
     tables: list[Table] = []
     for label, alloc in sorted(v.study.allocations.items()):
@@ -375,7 +377,7 @@ def allocation_part(v: StudyView) -> tuple[list[Block], list[Table]]:
             + ("" if gain is None else f" Predicted gain under its own score: {gain:.4g}.")))
         tables += [rank_table(v, alloc), role_totals_table(v, alloc)]
         blocks += tables[-2:]
-    return blocks, tables
+    return Part(blocks, tables)
 
 
 # --------------------------------------------------------------- 3. auto vs the rest, same budget
@@ -459,11 +461,11 @@ def verdict_sentence(v: StudyView, auto: ArmResults, peers: list[ArmResults]) ->
     return f"**`{auto.key}`**: " + "; ".join(parts) + "."
 
 
-def versus_part(v: StudyView) -> tuple[list[Block], list[Table]]:
+def versus_part(v: StudyView) -> Part:
     """Per automatic arm (mode best): the same-budget comparison table and its verdict."""
     autos = [a for a in v.arms if a.strategy.startswith(AUTO_PREFIX) and v.mode(a) == "best"]
     if not autos:
-        return [], []
+        return Part()
     blocks: list[Block] = [Heading(v.level, "Automatic placement against the rest at the same budget"), Para(
         "Each automatic arm against every other LoRA arm whose trainable parameters lie within "
         f"{SAME_BUDGET:.0%} of its own, read from the pairwise comparisons above (paired bootstrap, Holm-adjusted "
@@ -478,7 +480,7 @@ def versus_part(v: StudyView) -> tuple[list[Block], list[Table]]:
             continue
         tables.append(versus_table(v, auto, peers))
         blocks += [tables[-1], Para(verdict_sentence(v, auto, peers))]
-    return blocks, tables
+    return Part(blocks, tables)
 
 
 # -------------------------------------------------------------------------- 4. post-hoc importance
@@ -525,11 +527,11 @@ def posthoc_spearman(v: StudyView, arm: ArmResults, norms: dict[str, dict]) -> l
     return out
 
 
-def posthoc_part(v: StudyView) -> tuple[list[Block], list[Table]]:
+def posthoc_part(v: StudyView) -> Part:
     """Trained norms per arm, their agreement with each score, and a heatmap of the full arm's."""
     normed = {a.key: n for a in v.arms if (n := v.norms(a))}
     if not normed:
-        return [], []
+        return Part()
     shown, per_module = norms_tables(v, normed)
     blocks: list[Block] = [Heading(v.level, "Post-hoc importance: what training changed"), shown]
     tables = [shown, per_module]
@@ -551,7 +553,7 @@ def posthoc_part(v: StudyView) -> tuple[list[Block], list[Table]]:
             f"Trained update norms of {arm.key}", "‖ΔW‖ (Frobenius), mean over seeds",
             f"Post-hoc importance: Frobenius norm of each trained update of `{arm.key}`, per layer and role, mean "
             "over seeds.")
-    return blocks, tables
+    return Part(blocks, tables)
 
 
 # ------------------------------------------------------------------------------ 5. score validity
@@ -616,11 +618,11 @@ def reading(rec: dict[str, Any]) -> str:
     return text[0].upper() + text[1:] + "."
 
 
-def validity_part(v: StudyView) -> tuple[list[Block], list[Table]]:
+def validity_part(v: StudyView) -> Part:
     """Predicted against measured gain per arm, and the rank agreement per score."""
     recs = validity_records(v) if v.scores else []
     if not recs:
-        return [], []
+        return Part()
     scores = list(v.scores)
     gain = "base eval loss minus the arm's" if v.base_loss is not None else "minus the arm's eval loss (no base run)"
     rows = [[r["arm"], fmt.params(r["budget_params"]), r["role_group"] or "mixed", fmt.num(r["measured_gain"])]
@@ -644,40 +646,51 @@ def validity_part(v: StudyView) -> tuple[list[Block], list[Table]]:
                            Bullets([reading(r) for r in summary])]
     if note:
         blocks.insert(1, Para(note.strip()))
-    return blocks, [per_arm, table]
+    return Part(blocks, [per_arm, table])
 
 
-# ------------------------------------------------------------------------------------ the section
-PARTS = (importance_part, allocation_part, versus_part, posthoc_part, validity_part)
+# ---------------------------------------------------------------------------------- the sections
+BEFORE_TRAINING = (importance_part, allocation_part)
+AFTER_TRAINING = (versus_part, posthoc_part, validity_part)
 
 
-def auto_section(studies: list[Study], groups: list[Group], fig_dir: Path) -> tuple[list[Block], list[Table]]:
-    """The automatic-placement section of the report, for the studies that hold importance or
-    allocation files (none: no section, nothing returned).
+def study_views(ctx: ReportContext) -> list[StudyView]:
+    """One view per study that holds importance or allocation files, in its comparison group."""
+    several = len(ctx.studies) > 1
+    return [StudyView(s, next(g for g in ctx.groups if any(a.study is s for a in g.arms)), ctx.fig_dir,
+                      prefix=f"{slug(s.label)}-" if several else "", level=4 if several else 3)
+            for s in ctx.auto_studies]
 
-    Args:
-        studies: the report's studies; groups: their comparison groups (every study in one).
-        fig_dir: where figures go.
 
-    Returns:
-        ``(blocks, tables)``: the section's blocks, and every table to write to ``tables/``
-        (those shown and the per-module norms).
-    """
-    chosen = [s for s in studies if s.importance or s.allocations]
-    if not chosen:
-        return [], []
-    blocks: list[Block] = [Heading(2, TITLE, "auto"), Para(
+def _study_part(v: StudyView, parts: tuple, heading: bool) -> Part:
+    out = Part()
+    for part in parts:
+        out += part(v)
+    if heading and out.blocks:
+        out.blocks.insert(0, Heading(3, f"Study: {v.study.label}"))
+    return out
+
+
+def before_training_section(ctx: ReportContext) -> Part:
+    """The automatic-placement section's title and, per study with importance or allocation
+    files (none: no section), the importance scores and the chosen allocations."""
+    views = study_views(ctx)
+    if not views:
+        return Part()
+    out = Part([Heading(2, TITLE, "auto"), Para(
         "Which modules matter, predicted before training by importance scores and measured after it, and whether "
-        "placing adapters by those predictions beats placing them by hand at the same parameter budget.")]
-    tables: list[Table] = []
-    several = len(studies) > 1
-    for s in chosen:
-        group = next(g for g in groups if any(a.study is s for a in g.arms))
-        if several:
-            blocks.append(Heading(3, f"Study: {s.label}"))
-        view = StudyView(s, group, fig_dir, prefix=f"{slug(s.label)}-" if several else "", level=4 if several else 3)
-        for part in PARTS:
-            b, t = part(view)
-            blocks += b
-            tables += t
-    return blocks, tables
+        "placing adapters by those predictions beats placing them by hand at the same parameter budget.")])
+    for v in views:
+        out += _study_part(v, BEFORE_TRAINING, heading=len(ctx.studies) > 1)
+    return out
+
+
+def after_training_section(ctx: ReportContext) -> Part:
+    """Per study with importance or allocation files: each automatic arm against the arms of its
+    budget, the post-hoc norms, and whether the scores predicted what training gave. With several
+    such studies each is headed again; with one, its heading of the part before training stands."""
+    views = study_views(ctx)
+    out = Part()
+    for v in views:
+        out += _study_part(v, AFTER_TRAINING, heading=len(views) > 1)
+    return out
