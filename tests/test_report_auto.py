@@ -331,3 +331,25 @@ def test_merged_studies_get_the_section_only_for_the_study_with_the_files(tmp_pa
     rows = _csv(out / "tables" / "with-auto-vs-auto_attention.csv")
     assert [r["other"] for r in rows] == ["with/attention"]  # only its own study's arms
     assert (out / "figures" / "with-importance_gradient.png").is_file()
+
+
+def test_two_studies_with_files_show_every_study_before_training_then_after(tmp_path):
+    """The section is two: before training (scores, allocations) and after (auto against its budget,
+    post-hoc norms, score validity); with two studies that hold the files, each is headed in both."""
+    effects = {"full": -0.3, "attention": -0.25, "qv": -0.28}
+    studies = []
+    for name in ("one", "two"):
+        s = make_study(tmp_path / name, effects, seeds=(0, 1), params={"qv": 16_256}, name=name)
+        _relabel(s)
+        _write_importance(s)
+        _write_allocation(s)
+        studies.append(s)
+    md = (write_report(studies, out_dir=tmp_path / "r", resamples=200).parent / "report.md").read_text()
+    section = md[md.index(TITLE):md.index("## Perplexity methodology check")]
+    heads = re.findall(r"^#{3,4} (.*)$", section, flags=re.M)
+    assert heads == ["Study: one", "Importance before training", "The chosen allocations",
+                     "Study: two", "Importance before training", "The chosen allocations",
+                     "Study: one", "Automatic placement against the rest at the same budget",
+                     "Do the scores predict what training gave?",
+                     "Study: two", "Automatic placement against the rest at the same budget",
+                     "Do the scores predict what training gave?"]

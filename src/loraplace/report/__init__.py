@@ -7,8 +7,10 @@ compared pairwise, others side by side. The steps: :mod:`~loraplace.report.load`
 folders), :mod:`~loraplace.report.analysis` (arms, groups, the significance rule),
 :mod:`~loraplace.report.stats`, :mod:`~loraplace.report.pareto`, :mod:`~loraplace.report.tables`,
 :mod:`~loraplace.report.figures`, :mod:`~loraplace.report.recommend`,
-:mod:`~loraplace.report.perplexity`, :mod:`~loraplace.report.doc` (Markdown/HTML/LaTeX) and
-:mod:`~loraplace.report.write` (all of it into one folder). :mod:`~loraplace.report.fmt` formats
+:mod:`~loraplace.report.perplexity`, :mod:`~loraplace.report.doc` (Markdown/HTML/LaTeX),
+:mod:`~loraplace.report.sections` (the report's sections in order, each ``section(ctx) -> Part``
+over one :class:`~loraplace.report.context.ReportContext`; the automatic-placement ones in
+:mod:`~loraplace.report.auto`) and :mod:`~loraplace.report.write` (all of it into one folder). :mod:`~loraplace.report.fmt` formats
 numbers for every table, ``results.md`` included; ``write_report`` loads on first use, so that
 formatting stays light.
 """

@@ -1,6 +1,6 @@
-"""From stored runs to the numbers of the report: arms (one strategy of one study, over its
-seeds) with t intervals, groups of arms whose eval sets are identical (so they can be paired),
-paired comparisons, and Pareto fronts.
+"""From stored runs to the numbers of the report: arms (:class:`ArmResults`: one strategy of one
+study, over its seeds) with t intervals, groups of arms whose eval sets are identical (so they
+can be paired), paired comparisons, and Pareto fronts.
 
 The report's one significance rule lives here (:attr:`Group.family`): within a group, every
 pair of arms is compared by the paired bootstrap, the p-values of all those pairs are
@@ -35,9 +35,10 @@ MEMORY_KINDS = {"rss": "process RSS (CPU)", "cuda_allocated": "CUDA allocated",
 
 
 @dataclass
-class Arm:
-    """One strategy of one study over its seeds (``ok``, non-diverged runs only; failed and
-    diverged ones listed apart and kept out of every statistic)."""
+class ArmResults:
+    """The stored results of one strategy of one study over its seeds (``ok``, non-diverged runs
+    only; failed and diverged ones listed apart and kept out of every statistic). Not
+    :class:`loraplace.placement.arms.Arm`, which names an arm to train (strategy and budget)."""
 
     key: str  # display name: the strategy, or "study/strategy" when several studies are merged
     study: Study
@@ -190,25 +191,25 @@ class Group:
     Comparisons, fronts and recommendations are made within a group."""
 
     name: str
-    arms: list[Arm]
+    arms: list[ArmResults]
     resamples: int = DEFAULT_RESAMPLES
 
     @property
-    def lora_arms(self) -> list[Arm]:
+    def lora_arms(self) -> list[ArmResults]:
         return [a for a in self.arms if a.kind == "lora" and a.n > 0]
 
     @property
-    def base_arm(self) -> Arm | None:
+    def base_arm(self) -> ArmResults | None:
         return next((a for a in self.arms if a.kind == "base" and a.n > 0), None)
 
     @property
-    def reference(self) -> Arm | None:
+    def reference(self) -> ArmResults | None:
         """The baseline of the comparisons: the full-LoRA arm (:data:`REFERENCE_STRATEGY`), else the
         first LoRA arm."""
         lora = self.lora_arms
         return next((a for a in lora if a.strategy == REFERENCE_STRATEGY), lora[0] if lora else None)
 
-    def _bootstrap(self, a: Arm, b: Arm) -> PairedComparison | None:
+    def _bootstrap(self, a: ArmResults, b: ArmResults) -> PairedComparison | None:
         """Paired bootstrap of ``loss(a) - loss(b)`` over the seeds both have (None when they
         share no seed with per-example data)."""
         if a.kind == "base":
@@ -237,7 +238,7 @@ class Group:
         adjusted = holm([c.p_value for c in raw.values()]) if raw else []
         return {k: replace(c, p_adjusted=p, family_size=len(raw)) for (k, c), p in zip(raw.items(), adjusted)}
 
-    def compare(self, a: Arm, b: Arm) -> PairedComparison | None:
+    def compare(self, a: ArmResults, b: ArmResults) -> PairedComparison | None:
         """``loss(a) - loss(b)`` from :attr:`family` (raw and Holm-adjusted p); None when the two
         share no seed with per-example data."""
         if (a.key, b.key) in self.family:
@@ -267,10 +268,10 @@ class Group:
         adjusted = holm(list(raw.values())) if raw else []
         return {k: (p, q) for (k, p), q in zip(raw.items(), adjusted)}
 
-    def time_test(self, a: Arm, b: Arm) -> tuple[float, float] | None:
+    def time_test(self, a: ArmResults, b: ArmResults) -> tuple[float, float] | None:
         return self.time_family.get((a.key, b.key)) or self.time_family.get((b.key, a.key))
 
-    def order(self, a: Arm, b: Arm) -> Order:
+    def order(self, a: ArmResults, b: ArmResults) -> Order:
         """Did ``a`` and ``b`` always run in the same relative order? Runs of the same seed are
         paired (every run against every run when the arms share no seed)."""
         pos_a = {r.result.seed: r.result.position for r in a.runs}
@@ -331,12 +332,12 @@ class Group:
     def knee(self, cost: str = "params") -> Knee | None:
         return knee(self.front(cost), log_cost=cost == "params")
 
-    def arm(self, key: str) -> Arm:
+    def arm(self, key: str) -> ArmResults:
         return next(a for a in self.arms if a.key == key)
 
 
-def build_arms(studies: list[Study]) -> list[Arm]:
-    arms: list[Arm] = []
+def build_arms(studies: list[Study]) -> list[ArmResults]:
+    arms: list[ArmResults] = []
     several = len(studies) > 1
     for study in studies:
         order: dict[str, list[RunData]] = {}
@@ -344,7 +345,7 @@ def build_arms(studies: list[Study]) -> list[Arm]:
             order.setdefault(run.result.strategy, []).append(run)
         for strategy, runs in order.items():
             kind = runs[0].result.kind
-            arms.append(Arm(
+            arms.append(ArmResults(
                 key=f"{study.label}/{strategy}" if several else strategy, study=study, strategy=strategy,
                 kind=kind, runs=sorted([r for r in runs if r.usable], key=lambda r: r.result.seed),
                 failed=[r for r in runs if not r.ok and not r.diverged],
@@ -353,7 +354,7 @@ def build_arms(studies: list[Study]) -> list[Arm]:
     return arms
 
 
-def build_groups(studies: list[Study], arms: list[Arm], resamples: int = DEFAULT_RESAMPLES) -> list[Group]:
+def build_groups(studies: list[Study], arms: list[ArmResults], resamples: int = DEFAULT_RESAMPLES) -> list[Group]:
     """Studies with the same eval signature share a group; others get their own."""
     by_sig: dict[object, list[Study]] = {}
     for s in studies:

@@ -1,7 +1,8 @@
-"""The report's automatic-placement section: where adapters matter, before and after training.
+"""The report's automatic-placement sections: where adapters matter, before training
+(:func:`before_training_section`: parts 1-2) and after it (:func:`after_training_section`: 3-5).
 
-It reads what ``loraplace importance`` and the automatic arms leave in a study folder (all
-optional; :mod:`~loraplace.report.load` reads them) and shows, per study that has any:
+They read what ``loraplace importance`` and the automatic arms leave in a study folder (all
+optional; :mod:`~loraplace.report.load` reads them) and show, per study that has any:
 
 1. the importance scores before training (``importance/<score>.json``: per slot a curve over
    rank, ``curve[k-1]`` = predicted gain of a rank-k adapter) as layer x role heatmaps of the gain
@@ -19,9 +20,7 @@ optional; :mod:`~loraplace.report.load` reads them) and shows, per study that ha
 
 from __future__ import annotations
 
-import math
 import re
-import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import cached_property
@@ -29,15 +28,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import stats as sps
 
 from loraplace.placement.matrix import rank_rows
 from loraplace.placement.roles import ALL_ROLES, group_of
 from loraplace.report import figures, fmt
-from loraplace.report.analysis import Arm, Group
+from loraplace.report.analysis import ArmResults, Group
+from loraplace.report.context import Part, ReportContext
 from loraplace.report.doc import Block, Bullets, Heading, Para, Table
 from loraplace.report.load import Study
-from loraplace.report.stats import ALPHA, PairedComparison, fmt_p
+from loraplace.report.stats import ALPHA, PairedComparison, fmt_p, spearman
 
 TITLE = "Where adapters matter: automatic placement"
 SAME_BUDGET = 0.02  # arms whose trainable parameters lie within 2% of an automatic arm's share its budget
@@ -83,18 +82,6 @@ def _pct(share: float) -> str:
     """A share as a percentage with two significant digits below 10% (``0.031`` -> ``3.1%``)."""
     pct = 100.0 * share
     return f"{pct:.0f}%" if pct >= 10 else f"{pct:.2g}%"
-
-
-def spearman(x: list[float], y: list[float]) -> tuple[float | None, float | None]:
-    """Spearman rank correlation ``(rho, two-sided p)``; None for fewer than three pairs or a
-    constant side (undefined)."""
-    if len(x) < 3:
-        return None, None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        res = sps.spearmanr(x, y)
-    rho, p = float(res.statistic), float(res.pvalue)
-    return (rho, p) if math.isfinite(rho) else (None, None)
 
 
 def _rho_text(rho: float | None, p: float | None, n: int) -> str:
@@ -179,6 +166,7 @@ def _stack_layers(cells: set[tuple], stored: dict[Any, int]) -> dict[Any, int]:
 
 def _module_params(m: dict[str, Any]) -> int:
     """A module's adapter parameters: stored, else ``r * (in + out)``."""
+    # not placement.params.lora_param_count: that module imports torch, which `loraplace report` must not
     return int(m["params"]) if m.get("params") is not None else int(m["r"]) * (int(m["in_features"])
                                                                                + int(m["out_features"]))
 
@@ -196,7 +184,7 @@ class StudyView:
     level: int  # heading level of the subsections
 
     @cached_property
-    def arms(self) -> list[Arm]:
+    def arms(self) -> list[ArmResults]:
         """The study's successful LoRA arms."""
         return [a for a in self.group.lora_arms if a.study is self.study]
 
@@ -224,11 +212,11 @@ class StudyView:
     def base_loss(self) -> float | None:
         return next((r.result.eval_loss for r in self.study.runs if r.result.kind == "base" and r.usable), None)
 
-    def mode(self, arm: Arm) -> str:
+    def mode(self, arm: ArmResults) -> str:
         alloc = self.study.allocations.get(arm.strategy)
         return str(alloc.get("mode") or "best") if alloc else label_mode(arm.strategy)
 
-    def modules(self, arm: Arm) -> list[dict[str, Any]] | None:
+    def modules(self, arm: ArmResults) -> list[dict[str, Any]] | None:
         """The modules ``arm`` trained, with ranks: its allocation file, else its runs'
         modules.json, else the names and per-role ranks of its results rows; None when unknown."""
         alloc = self.study.allocations.get(arm.strategy)
@@ -239,7 +227,7 @@ class StudyView:
             return stored
         return self._modules_from_row(arm)
 
-    def _modules_from_row(self, arm: Arm) -> list[dict[str, Any]] | None:
+    def _modules_from_row(self, arm: ArmResults) -> list[dict[str, Any]] | None:
         res = arm.runs[0].result
         slots = {k: v for s in self.scores.values() for k, v in s.slots.items()}
         out = []
@@ -252,7 +240,7 @@ class StudyView:
             out.append({"name": name, "role": role, "r": int(r)})
         return out or None
 
-    def norms(self, arm: Arm) -> dict[str, dict[str, Any]]:
+    def norms(self, arm: ArmResults) -> dict[str, dict[str, Any]]:
         """Module name -> ``{role, stack, layer, norm}`` with the norm averaged over the arm's
         seeds that stored adapter_norms.json, and ``seeds``: how many did."""
         per: dict[str, list[float]] = defaultdict(list)
@@ -289,10 +277,10 @@ def _importance_cells(score: Importance, r: int) -> list[tuple[str, Any, Any, fl
     return [(s["role"], s.get("stack"), s.get("layer"), vals[n] / scale) for n, s in score.slots.items()]
 
 
-def importance_part(v: StudyView) -> tuple[list[Block], list[Table]]:
+def importance_part(v: StudyView) -> Part:
     """Heatmap and scoring cost per importance file."""
     if not v.scores:
-        return [], []
+        return Part()
     clamped = [s.score for s in v.scores.values() if s.max_rank < v.rank]
     blocks: list[Block] = [Heading(v.level, "Importance before training"), Para(
         f"Each score predicts, per slot (a linear module an adapter can go on), the gain of a rank-k adapter "
@@ -325,7 +313,7 @@ def importance_part(v: StudyView) -> tuple[list[Block], list[Table]]:
                   "training time of one LoRA run of the study.",
                   ["score", "seconds", "tokens", "share of one arm's training", "slots", "max rank", "approximation"],
                   rows, records, align="lrrrrrl")
-    return blocks + [table], [table]
+    return Part(blocks + [table], [table])
 
 
 # --------------------------------------------------------------------------- 2. the allocations
@@ -372,10 +360,10 @@ def role_totals_table(v: StudyView, alloc: dict[str, Any]) -> Table:
                  rows, records)
 
 
-def allocation_part(v: StudyView) -> tuple[list[Block], list[Table]]:
+def allocation_part(v: StudyView) -> Part:
     """Rank table, budget and per-role totals of every allocation file."""
     if not v.study.allocations:
-        return [], []
+        return Part()
     blocks: list[Block] = [Heading(v.level, "The chosen allocations")]
     tables: list[Table] = []
     for label, alloc in sorted(v.study.allocations.items()):
@@ -389,11 +377,11 @@ def allocation_part(v: StudyView) -> tuple[list[Block], list[Table]]:
             + ("" if gain is None else f" Predicted gain under its own score: {gain:.4g}.")))
         tables += [rank_table(v, alloc), role_totals_table(v, alloc)]
         blocks += tables[-2:]
-    return blocks, tables
+    return Part(blocks, tables)
 
 
 # --------------------------------------------------------------- 3. auto vs the rest, same budget
-def same_budget(arm: Arm, others: list[Arm]) -> list[Arm]:
+def same_budget(arm: ArmResults, others: list[ArmResults]) -> list[ArmResults]:
     """The other arms whose trainable parameters lie within :data:`SAME_BUDGET` of ``arm``'s."""
     ref = arm.budget_params
     return [o for o in others if o is not arm and ref and abs(o.budget_params - ref) <= SAME_BUDGET * ref]
@@ -405,7 +393,7 @@ def _auto_verdict(c: PairedComparison) -> str:
     return "auto better" if c.diff < 0 else "auto worse"
 
 
-def versus_table(v: StudyView, auto: Arm, peers: list[Arm]) -> Table:
+def versus_table(v: StudyView, auto: ArmResults, peers: list[ArmResults]) -> Table:
     """``auto`` minus each peer in eval loss: the group's paired comparison and Holm p."""
     rows, records = [], []
     for o in peers:
@@ -428,7 +416,7 @@ def versus_table(v: StudyView, auto: Arm, peers: list[Arm]) -> Table:
                   "Holm p", "verdict"], rows, records, align="lrrrlrl")
 
 
-def _beats(v: StudyView, auto: Arm, other: Arm | None, what: str, note: str = "") -> str:
+def _beats(v: StudyView, auto: ArmResults, other: ArmResults | None, what: str, note: str = "") -> str:
     """One clause: does ``auto`` beat ``other`` (``what`` names it)? With the group's paired
     comparison (:func:`~loraplace.report.fmt.comparison`) and "not significantly" when its Holm p
     does not reach the report's threshold."""
@@ -445,11 +433,11 @@ def _beats(v: StudyView, auto: Arm, other: Arm | None, what: str, note: str = ""
     return f"{head} {what}, `{other.key}`: {fmt.comparison(c)}{ci}{note}"
 
 
-def _best(arms: list[Arm]) -> Arm | None:
+def _best(arms: list[ArmResults]) -> ArmResults | None:
     return min(arms, key=lambda a: a.loss.mean, default=None)
 
 
-def _method_arm(v: StudyView, auto: Arm, peers: list[Arm], prefix: str) -> tuple[Arm | None, str]:
+def _method_arm(v: StudyView, auto: ArmResults, peers: list[ArmResults], prefix: str) -> tuple[ArmResults | None, str]:
     """The best arm labelled ``prefix`` (eva, adalora) at auto's budget, else at any budget with
     a note saying so."""
     same = [a for a in peers if a.strategy.startswith(prefix)]
@@ -462,7 +450,7 @@ def _method_arm(v: StudyView, auto: Arm, peers: list[Arm], prefix: str) -> tuple
                    f"{fmt.params(auto.budget_params)} parameters)")
 
 
-def verdict_sentence(v: StudyView, auto: Arm, peers: list[Arm]) -> str:
+def verdict_sentence(v: StudyView, auto: ArmResults, peers: list[ArmResults]) -> str:
     """Does ``auto`` beat the best hand-picked arm at its budget, and EVA and AdaLoRA?"""
     hand = _best([a for a in peers if is_hand_picked(a.strategy)])
     parts = [_beats(v, auto, hand, "the best hand-picked arm at this budget")]
@@ -473,11 +461,11 @@ def verdict_sentence(v: StudyView, auto: Arm, peers: list[Arm]) -> str:
     return f"**`{auto.key}`**: " + "; ".join(parts) + "."
 
 
-def versus_part(v: StudyView) -> tuple[list[Block], list[Table]]:
+def versus_part(v: StudyView) -> Part:
     """Per automatic arm (mode best): the same-budget comparison table and its verdict."""
     autos = [a for a in v.arms if a.strategy.startswith(AUTO_PREFIX) and v.mode(a) == "best"]
     if not autos:
-        return [], []
+        return Part()
     blocks: list[Block] = [Heading(v.level, "Automatic placement against the rest at the same budget"), Para(
         "Each automatic arm against every other LoRA arm whose trainable parameters lie within "
         f"{SAME_BUDGET:.0%} of its own, read from the pairwise comparisons above (paired bootstrap, Holm-adjusted "
@@ -492,11 +480,11 @@ def versus_part(v: StudyView) -> tuple[list[Block], list[Table]]:
             continue
         tables.append(versus_table(v, auto, peers))
         blocks += [tables[-1], Para(verdict_sentence(v, auto, peers))]
-    return blocks, tables
+    return Part(blocks, tables)
 
 
 # -------------------------------------------------------------------------- 4. post-hoc importance
-def _full_arms(v: StudyView, normed: dict[str, dict]) -> list[Arm]:
+def _full_arms(v: StudyView, normed: dict[str, dict]) -> list[ArmResults]:
     """Arms with norms that trained every slot: ``full`` or ``full~...`` by label, else any whose
     norms cover every scored slot."""
     slots = {n for s in v.scores.values() for n in s.slots}
@@ -528,7 +516,7 @@ def norms_tables(v: StudyView, normed: dict[str, dict]) -> tuple[Table, Table]:
     return shown, full
 
 
-def posthoc_spearman(v: StudyView, arm: Arm, norms: dict[str, dict]) -> list[dict[str, Any]]:
+def posthoc_spearman(v: StudyView, arm: ArmResults, norms: dict[str, dict]) -> list[dict[str, Any]]:
     """Per score: Spearman correlation over ``arm``'s modules of the score's gain per parameter
     at the study rank and the trained norm."""
     out = []
@@ -539,11 +527,11 @@ def posthoc_spearman(v: StudyView, arm: Arm, norms: dict[str, dict]) -> list[dic
     return out
 
 
-def posthoc_part(v: StudyView) -> tuple[list[Block], list[Table]]:
+def posthoc_part(v: StudyView) -> Part:
     """Trained norms per arm, their agreement with each score, and a heatmap of the full arm's."""
     normed = {a.key: n for a in v.arms if (n := v.norms(a))}
     if not normed:
-        return [], []
+        return Part()
     shown, per_module = norms_tables(v, normed)
     blocks: list[Block] = [Heading(v.level, "Post-hoc importance: what training changed"), shown]
     tables = [shown, per_module]
@@ -565,7 +553,7 @@ def posthoc_part(v: StudyView) -> tuple[list[Block], list[Table]]:
             f"Trained update norms of {arm.key}", "‖ΔW‖ (Frobenius), mean over seeds",
             f"Post-hoc importance: Frobenius norm of each trained update of `{arm.key}`, per layer and role, mean "
             "over seeds.")
-    return blocks, tables
+    return Part(blocks, tables)
 
 
 # ------------------------------------------------------------------------------ 5. score validity
@@ -630,11 +618,11 @@ def reading(rec: dict[str, Any]) -> str:
     return text[0].upper() + text[1:] + "."
 
 
-def validity_part(v: StudyView) -> tuple[list[Block], list[Table]]:
+def validity_part(v: StudyView) -> Part:
     """Predicted against measured gain per arm, and the rank agreement per score."""
     recs = validity_records(v) if v.scores else []
     if not recs:
-        return [], []
+        return Part()
     scores = list(v.scores)
     gain = "base eval loss minus the arm's" if v.base_loss is not None else "minus the arm's eval loss (no base run)"
     rows = [[r["arm"], fmt.params(r["budget_params"]), r["role_group"] or "mixed", fmt.num(r["measured_gain"])]
@@ -658,40 +646,51 @@ def validity_part(v: StudyView) -> tuple[list[Block], list[Table]]:
                            Bullets([reading(r) for r in summary])]
     if note:
         blocks.insert(1, Para(note.strip()))
-    return blocks, [per_arm, table]
+    return Part(blocks, [per_arm, table])
 
 
-# ------------------------------------------------------------------------------------ the section
-PARTS = (importance_part, allocation_part, versus_part, posthoc_part, validity_part)
+# ---------------------------------------------------------------------------------- the sections
+BEFORE_TRAINING = (importance_part, allocation_part)
+AFTER_TRAINING = (versus_part, posthoc_part, validity_part)
 
 
-def auto_section(studies: list[Study], groups: list[Group], fig_dir: Path) -> tuple[list[Block], list[Table]]:
-    """The automatic-placement section of the report, for the studies that hold importance or
-    allocation files (none: no section, nothing returned).
+def study_views(ctx: ReportContext) -> list[StudyView]:
+    """One view per study that holds importance or allocation files, in its comparison group."""
+    several = len(ctx.studies) > 1
+    return [StudyView(s, next(g for g in ctx.groups if any(a.study is s for a in g.arms)), ctx.fig_dir,
+                      prefix=f"{slug(s.label)}-" if several else "", level=4 if several else 3)
+            for s in ctx.auto_studies]
 
-    Args:
-        studies: the report's studies; groups: their comparison groups (every study in one).
-        fig_dir: where figures go.
 
-    Returns:
-        ``(blocks, tables)``: the section's blocks, and every table to write to ``tables/``
-        (those shown and the per-module norms).
-    """
-    chosen = [s for s in studies if s.importance or s.allocations]
-    if not chosen:
-        return [], []
-    blocks: list[Block] = [Heading(2, TITLE, "auto"), Para(
+def _study_part(v: StudyView, parts: tuple, heading: bool) -> Part:
+    out = Part()
+    for part in parts:
+        out += part(v)
+    if heading and out.blocks:
+        out.blocks.insert(0, Heading(3, f"Study: {v.study.label}"))
+    return out
+
+
+def before_training_section(ctx: ReportContext) -> Part:
+    """The automatic-placement section's title and, per study with importance or allocation
+    files (none: no section), the importance scores and the chosen allocations."""
+    views = study_views(ctx)
+    if not views:
+        return Part()
+    out = Part([Heading(2, TITLE, "auto"), Para(
         "Which modules matter, predicted before training by importance scores and measured after it, and whether "
-        "placing adapters by those predictions beats placing them by hand at the same parameter budget.")]
-    tables: list[Table] = []
-    several = len(studies) > 1
-    for s in chosen:
-        group = next(g for g in groups if any(a.study is s for a in g.arms))
-        if several:
-            blocks.append(Heading(3, f"Study: {s.label}"))
-        view = StudyView(s, group, fig_dir, prefix=f"{slug(s.label)}-" if several else "", level=4 if several else 3)
-        for part in PARTS:
-            b, t = part(view)
-            blocks += b
-            tables += t
-    return blocks, tables
+        "placing adapters by those predictions beats placing them by hand at the same parameter budget.")])
+    for v in views:
+        out += _study_part(v, BEFORE_TRAINING, heading=len(ctx.studies) > 1)
+    return out
+
+
+def after_training_section(ctx: ReportContext) -> Part:
+    """Per study with importance or allocation files: each automatic arm against the arms of its
+    budget, the post-hoc norms, and whether the scores predicted what training gave. With several
+    such studies each is headed again; with one, its heading of the part before training stands."""
+    views = study_views(ctx)
+    out = Part()
+    for v in views:
+        out += _study_part(v, AFTER_TRAINING, heading=len(views) > 1)
+    return out

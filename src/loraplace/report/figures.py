@@ -16,7 +16,7 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 from loraplace.placement.roles import ALL_ROLES  # noqa: E402
 from loraplace.report import fmt  # noqa: E402
-from loraplace.report.analysis import Arm, Group  # noqa: E402
+from loraplace.report.analysis import ArmResults, Group  # noqa: E402
 from loraplace.report.doc import Figure  # noqa: E402
 from loraplace.report.stats import Interval  # noqa: E402
 
@@ -37,16 +37,16 @@ _STYLE = {
 class Palette:
     """Stable colours per strategy and markers per study across all figures of a report."""
 
-    def __init__(self, arms: list[Arm]):
+    def __init__(self, arms: list[ArmResults]):
         strategies = list(dict.fromkeys(a.strategy for a in arms if a.kind == "lora"))
         self.colors = {s: OKABE_ITO[i % len(OKABE_ITO)] for i, s in enumerate(strategies)}
         studies = list(dict.fromkeys(a.study.label for a in arms))
         self.markers = {s: MARKERS[i % len(MARKERS)] for i, s in enumerate(studies)}
 
-    def color(self, arm: Arm) -> str:
+    def color(self, arm: ArmResults) -> str:
         return self.colors.get(arm.strategy, "#555555")
 
-    def marker(self, arm: Arm) -> str:
+    def marker(self, arm: ArmResults) -> str:
         return self.markers.get(arm.study.label, "o")
 
 
@@ -63,7 +63,7 @@ def _err(iv: Interval | None) -> float:
     return iv.half_width if iv is not None and iv.half_width is not None else 0.0
 
 
-def _n_note(arms: list[Arm]) -> str:
+def _n_note(arms: list[ArmResults]) -> str:
     ns = sorted({a.n for a in arms})
     if ns == [1]:
         return "One seed per strategy: no error bars (a seed-level CI needs at least two seeds)."
@@ -202,7 +202,7 @@ def time_throughput(groups: list[Group], pal: Palette, out_dir: Path, time_note:
                    + (f" {time_note}" if time_note else ""), png, svg, alt="Training time and throughput per strategy")]
 
 
-def _curve(arm: Arm, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+def _curve(arm: ArmResults, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """(steps, mean, sd) of a logged quantity over the arm's seeds, on the steps all seeds logged."""
     per_seed = []
     for r in arm.runs:
@@ -250,7 +250,7 @@ def loss_curves(groups: list[Group], pal: Palette, out_dir: Path) -> list[Figure
                    png, svg, alt="Training and eval loss curves")]
 
 
-def placement(arms: list[Arm], out_dir: Path) -> list[Figure]:
+def placement(arms: list[ArmResults], out_dir: Path) -> list[Figure]:
     """Layer x role matrix of each LoRA arm: cell colour = LoRA rank (blank: no adapter)."""
     items = []
     for a in arms:
@@ -353,7 +353,7 @@ def layer_role_heatmap(cells: list[tuple[str, str | None, int | None, float]], o
     return [Figure(name, caption, png, svg, alt=title)]
 
 
-def all_figures(groups: list[Group], arms: list[Arm], out_dir: Path, time_note: str = "") -> list[Figure]:
+def all_figures(groups: list[Group], arms: list[ArmResults], out_dir: Path, time_note: str = "") -> list[Figure]:
     """``time_note``: what the run order means for the time comparisons (captions of the time figures)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     pal = Palette(arms)

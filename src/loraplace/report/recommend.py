@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loraplace.report import fmt
-from loraplace.report.analysis import Arm, Group
+from loraplace.report.analysis import ArmResults, Group
 from loraplace.report.stats import ALPHA, fmt_p
 
 
@@ -23,11 +23,11 @@ class Recommendation:
     numbers: dict[str, Any] = field(default_factory=dict)
 
 
-def _loss(a: Arm) -> str:
+def _loss(a: ArmResults) -> str:
     return fmt.interval(a.loss, sd=False)
 
 
-def _arm(a: Arm) -> str:
+def _arm(a: ArmResults) -> str:
     return f"**{a.key}** ({fmt.params(a.trainable_params)} trainable parameters)" if a.kind == "lora" else f"**{a.key}**"
 
 
@@ -43,7 +43,7 @@ def significance_rule(resamples: int | None = None) -> str:
             "separate the two options, and more seeds or a larger eval set would be needed to tell them apart.")
 
 
-def _separable(g: Group, a: Arm, b: Arm):
+def _separable(g: Group, a: ArmResults, b: ArmResults):
     """(comparison a-b, True/False/None: significant / not / untested), by the Holm-adjusted p
     of the group's family (:attr:`Group.family`)."""
     c = g.compare(a, b)

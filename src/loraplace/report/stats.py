@@ -1,6 +1,6 @@
 """Statistics behind the report: seed-level t confidence intervals, and paired bootstrap
 comparisons of two arms on the shared eval set (over eval examples, and over seeds when there
-are several).
+are several), Welch and Holm p-values, and Spearman rank correlations.
 
 Conventions:
 
@@ -18,6 +18,7 @@ Conventions:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -192,6 +193,18 @@ def welch_p(a: Sequence[float | None], b: Sequence[float | None]) -> float | Non
         return None
     p = float(sps.ttest_ind(x, y, equal_var=False).pvalue)
     return p if math.isfinite(p) else None
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> tuple[float | None, float | None]:
+    """Spearman rank correlation ``(rho, two-sided p)``; None for fewer than three pairs or a
+    constant side (undefined)."""
+    if len(x) < 3:
+        return None, None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = sps.spearmanr(x, y)
+    rho, p = float(res.statistic), float(res.pvalue)
+    return (rho, p) if math.isfinite(rho) else (None, None)
 
 
 def holm(p_values: Sequence[float]) -> list[float]:

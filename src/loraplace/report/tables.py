@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from loraplace.placement.arms import REFERENCE_STRATEGY
 from loraplace.report import fmt
-from loraplace.report.analysis import Arm, Group, memory_measure, run_label, worse_than_base
+from loraplace.report.analysis import ArmResults, Group, memory_measure, run_label, worse_than_base
 from loraplace.report.doc import Table
 from loraplace.report.load import Study
 from loraplace.report.perplexity import aggregations
@@ -14,7 +14,7 @@ from loraplace.report.stats import ALPHA, PairedComparison, fmt_p
 PROCESS_PEAK = "†"  # marks a process-wide peak (studies stored before the run-start memory was recorded)
 
 
-def _full_params(arm: Arm, arms: list[Arm]) -> int | None:
+def _full_params(arm: ArmResults, arms: list[ArmResults]) -> int | None:
     full = next((a for a in arms if a.study is arm.study and a.strategy == REFERENCE_STRATEGY and a.n), None)
     return full.trainable_params if full else None
 
@@ -32,7 +32,7 @@ def _memory_short(kinds: set[str]) -> str:
     return {"rss": "RSS", "cuda_allocated": "CUDA alloc.", "cuda_max_allocated": "CUDA alloc."}.get(kind, kind)
 
 
-def memory_note(arms: list[Arm]) -> str:
+def memory_note(arms: list[ArmResults]) -> str:
     """What the memory columns measure (the summary table's notes and the methods)."""
     kinds = {k for a in arms for k in a.memory_kinds}
     lora = [a for a in arms if a.n]
@@ -50,18 +50,18 @@ def memory_note(arms: list[Arm]) -> str:
     return " ".join(parts)
 
 
-def _seeds_cell(a: Arm) -> str:
+def _seeds_cell(a: ArmResults) -> str:
     extra = [f"+{len(a.failed)} failed"] if a.failed else []
     extra += [f"+{len(a.diverged)} **diverged**"] if a.diverged else []
     return f"{a.n}" + (f" ({', '.join(extra)})" if extra else "")
 
 
-def _key_cell(a: Arm) -> str:
+def _key_cell(a: ArmResults) -> str:
     worse = a.worse_than_base
     return a.key + (f" (**worse than base**: {len(worse)}/{a.n})" if worse else "")
 
 
-def summary_table(arms: list[Arm], order_note: str = "") -> Table:
+def summary_table(arms: list[ArmResults], order_note: str = "") -> Table:
     kinds = {k for a in arms for k in a.memory_kinds}
     short = _memory_short(kinds)
     headers = ["strategy", "seeds", "trainable params", f"% of {REFERENCE_STRATEGY}", "eval loss", "sd", "95% CI",
@@ -165,7 +165,7 @@ def pairwise_table(g: Group, several_groups: bool) -> Table | None:
                  "every verdict of the report reads).", headers, rows, records, align="llrlrrl")
 
 
-def perplexity_table(study: Study, arms: list[Arm]) -> tuple[Table, list] | None:
+def perplexity_table(study: Study, arms: list[ArmResults]) -> tuple[Table, list] | None:
     """Aggregations on the first seed's run of each arm of ``study``."""
     runs = []
     for a in arms:
