@@ -303,7 +303,6 @@ class AdaLoraMethod(Method):
     parameter budget; ranks pruned during training by :class:`AdaLoraCallback`."""
 
     name = "adalora"
-    title = "AdaLoRA"
 
     def check(self, skeleton: nn.Module, arm: Arm, config: StudyConfig) -> None:
         adalora_schedule(config.train.max_steps)  # a run too short for AdaLoRA's phases fails here

@@ -133,7 +133,6 @@ class AutoMethod(Method):
     """``auto[...]``: ranks allocated once per study from an importance score (:func:`auto_placement`)."""
 
     name = "auto"
-    title = "automatic placement"
     allocated_per_study = True
 
     def check(self, skeleton: nn.Module, arm: Arm, config: StudyConfig) -> None:

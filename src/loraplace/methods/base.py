@@ -31,7 +31,7 @@ from loraplace.errors import LoraplaceError
 from loraplace.placement.arms import REFERENCE_STRATEGY, Arm
 from loraplace.placement.budget import resolve_matched
 from loraplace.placement.resolve import Placement, resolve_placement
-from loraplace.placement.strategies import Strategy, parse_strategy
+from loraplace.placement.strategies import METHOD_TITLES, Strategy, parse_strategy
 from loraplace.records import RunSpec
 from loraplace.registry import Registry
 
@@ -40,7 +40,11 @@ class Method:
     """Plain LoRA at the arm's placement; subclasses override what their method does differently."""
 
     name = "lora"
-    title = "LoRA"
+
+    @property
+    def title(self) -> str:
+        """How reports and messages call the method (the grammar's :data:`METHOD_TITLES`)."""
+        return METHOD_TITLES[self.name]
     allocated_per_study = False
     """True when the method chooses its ranks from data once per study (stored in ``allocations/``)."""
     state_suffix: str | None = None

@@ -302,7 +302,6 @@ class EvaMethod(Method):
     """``eva``: ranks and initial A matrices from EVA's SVD of the module inputs, once per study."""
 
     name = "eva"
-    title = "EVA"
     allocated_per_study = True
     state_suffix = "eva"
 

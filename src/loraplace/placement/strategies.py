@@ -156,6 +156,9 @@ class Term:
 
 
 AUTO = "auto"
+METHOD_TITLES = {"lora": "LoRA", AUTO: "automatic placement", "eva": "EVA", "adalora": "AdaLoRA"}
+"""The adapter methods a strategy can name (:attr:`Strategy.method_name`) and how reports call
+them; each one's behaviour is its module in :mod:`loraplace.methods`."""
 AUTO_SCORES = ("gradient", "activation", "weight", "random")
 AUTO_MODES = ("best", "worst", "uniform")
 

@@ -29,8 +29,11 @@ from typing import Any
 
 import numpy as np
 
+from loraplace.errors import LoraplaceError
+from loraplace.placement.arms import Arm
 from loraplace.placement.matrix import rank_rows
 from loraplace.placement.roles import ALL_ROLES, group_of
+from loraplace.placement.strategies import AUTO, METHOD_TITLES, Strategy, parse_strategy
 from loraplace.report import figures, fmt
 from loraplace.report.analysis import ArmResults, Group
 from loraplace.report.context import Part, ReportContext
@@ -40,7 +43,6 @@ from loraplace.report.stats import ALPHA, PairedComparison, fmt_p, spearman
 
 TITLE = "Where adapters matter: automatic placement"
 SAME_BUDGET = 0.02  # arms whose trainable parameters lie within 2% of an automatic arm's share its budget
-AUTO_PREFIX = "auto"
 AUTO_METHOD = (
     "Automatic placement: an importance score gives each slot a curve of predicted gain over rank (curve[k] for a "
     "rank-k adapter). An arm's predicted gain is the sum over its modules of the curve at the module's rank (capped "
@@ -49,7 +51,6 @@ AUTO_METHOD = (
     "comparisons and their Holm p (the report's one rule). Post-hoc importance is the Frobenius norm of each trained "
     "update ΔW = (alpha / r) · B A, mean over seeds. Agreement between rankings: Spearman's rho with its two-sided p "
     "(scipy), undefined below three pairs.")
-NOT_HAND_PICKED = ("auto", "eva", "adalora")  # labels of arms whose placement an algorithm chose
 
 
 # ----------------------------------------------------------------------------------- small pieces
@@ -63,19 +64,35 @@ def _role_key(role: str) -> tuple[int, str]:
     return (ALL_ROLES.index(role) if role in ALL_ROLES else len(ALL_ROLES), role)
 
 
+def _strategy(label: str) -> Strategy | None:
+    """The parsed strategy of an arm label (the strategy grammar is torch-free), or None for a label
+    this version cannot parse (a study written by another version)."""
+    try:
+        return parse_strategy(Arm.parse(label).strategy)
+    except LoraplaceError:
+        return None
+
+
+def method_name(label: str) -> str:
+    """The adapter method of an arm label (``lora``, ``auto``, ``eva``, ``adalora``; the grammar's
+    :attr:`~loraplace.placement.strategies.Strategy.method_name`)."""
+    strategy = _strategy(label)
+    return strategy.method_name if strategy is not None else "lora"
+
+
 def label_mode(label: str) -> str:
     """The allocation mode an automatic arm's label names: ``auto[mode=worst]~...`` -> ``worst``,
     ``auto[score=random,...]`` -> ``random``, plain ``auto~...`` -> ``best``."""
-    m = re.match(r"^auto\[([^\]]*)\]", label)
-    opts = dict(p.split("=", 1) for p in m.group(1).split(",") if "=" in p) if m else {}
-    if "mode" in opts:
-        return opts["mode"].strip()
-    return "random" if opts.get("score", "").strip() == "random" else "best"
+    strategy = _strategy(label)
+    options = strategy.auto if strategy is not None else None
+    if options is None:
+        return "best"
+    return "random" if options.score == "random" and options.mode == "best" else options.mode
 
 
 def is_hand_picked(label: str) -> bool:
-    """A strategy chosen by hand (a role set), not by an algorithm (auto, EVA, AdaLoRA)."""
-    return not label.startswith(NOT_HAND_PICKED)
+    """A strategy chosen by hand (roles, layers, ranks), not by an algorithm (any other method)."""
+    return method_name(label) == "lora"
 
 
 def _pct(share: float) -> str:
@@ -437,13 +454,12 @@ def _best(arms: list[ArmResults]) -> ArmResults | None:
     return min(arms, key=lambda a: a.loss.mean, default=None)
 
 
-def _method_arm(v: StudyView, auto: ArmResults, peers: list[ArmResults], prefix: str) -> tuple[ArmResults | None, str]:
-    """The best arm labelled ``prefix`` (eva, adalora) at auto's budget, else at any budget with
-    a note saying so."""
-    same = [a for a in peers if a.strategy.startswith(prefix)]
+def _method_arm(v: StudyView, auto: ArmResults, peers: list[ArmResults], method: str) -> tuple[ArmResults | None, str]:
+    """The best arm of ``method`` at auto's budget, else at any budget with a note saying so."""
+    same = [a for a in peers if method_name(a.strategy) == method]
     if same:
         return _best(same), ""
-    other = _best([a for a in v.arms if a.strategy.startswith(prefix)])
+    other = _best([a for a in v.arms if method_name(a.strategy) == method])
     if other is None:
         return None, ""
     return other, (f" (not the same budget: {fmt.params(other.budget_params)} vs "
@@ -451,11 +467,14 @@ def _method_arm(v: StudyView, auto: ArmResults, peers: list[ArmResults], prefix:
 
 
 def verdict_sentence(v: StudyView, auto: ArmResults, peers: list[ArmResults]) -> str:
-    """Does ``auto`` beat the best hand-picked arm at its budget, and EVA and AdaLoRA?"""
+    """Does ``auto`` beat the best hand-picked arm at its budget, and the best arm of every other
+    method in the study (EVA, AdaLoRA, ...)?"""
     hand = _best([a for a in peers if is_hand_picked(a.strategy)])
     parts = [_beats(v, auto, hand, "the best hand-picked arm at this budget")]
-    for prefix, what in (("eva", "EVA"), ("adalora", "AdaLoRA")):
-        arm, note = _method_arm(v, auto, peers, prefix)
+    others = sorted({method_name(a.strategy) for a in v.arms} - {"lora", AUTO}, key=list(METHOD_TITLES).index)
+    for method in others:
+        what = METHOD_TITLES[method]
+        arm, note = _method_arm(v, auto, peers, method)
         if arm is not None:
             parts.append(_beats(v, auto, arm, what, note))
     return f"**`{auto.key}`**: " + "; ".join(parts) + "."
@@ -463,7 +482,7 @@ def verdict_sentence(v: StudyView, auto: ArmResults, peers: list[ArmResults]) ->
 
 def versus_part(v: StudyView) -> Part:
     """Per automatic arm (mode best): the same-budget comparison table and its verdict."""
-    autos = [a for a in v.arms if a.strategy.startswith(AUTO_PREFIX) and v.mode(a) == "best"]
+    autos = [a for a in v.arms if method_name(a.strategy) == AUTO and v.mode(a) == "best"]
     if not autos:
         return Part()
     blocks: list[Block] = [Heading(v.level, "Automatic placement against the rest at the same budget"), Para(
