@@ -317,3 +317,17 @@ def test_checkpointing_is_decided_once_for_every_arm(tiny_llama_dir, alpaca_file
     run_study(config.model_copy(update={"seeds": [0, 1], "strategies": ["attention"]}), resume=True)
     added = [r for r in json.loads((study_dir / "results.json").read_text())["runs"] if r["seed"] == 1]
     assert added and added[0]["speed_choices"]["gradient_checkpointing"].startswith("on")
+
+
+def test_the_report_shows_the_study_level_checkpointing_decision(tiny_llama_dir, alpaca_file, tmp_path, monkeypatch):
+    from loraplace.study.driver import run_study
+
+    config = _study(tiny_llama_dir, alpaca_file, max_steps=1, batch_size=4, max_length=64, eval_every=0)
+    config = config.model_copy(update={"include_base": False, "output": str(tmp_path / "s"), "strategies": ["qv"],
+                                       "data": config.data.model_copy(update={"eval_size": 8})})
+    monkeypatch.delenv(FREE_MEMORY_ENV, raising=False)
+    monkeypatch.setenv(FREE_MEMORY_ENV, "100000")
+    study_dir = run_study(config)
+    setup = (study_dir / "report" / "tables" / "setup.md").read_text()
+    assert "| gradient checkpointing, decided once for every arm | off for every arm (auto: every arm fits" in setup
+    assert "| gradient checkpointing used | off |" in setup

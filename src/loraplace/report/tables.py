@@ -248,7 +248,9 @@ def setup_table(studies: list[Study]) -> Table:
             ("weight decay", "train.weight_decay"), ("scheduler", "train.scheduler"), ("max length", "train.max_length"),
             ("loss on", "train.loss_on"), ("precision setting", "train.precision"),
             ("eval examples", "data.eval_size"), ("split seed", "data.split_seed"),
-            ("max train examples", "data.max_train_examples"), ("device setting", "device")]
+            ("max train examples", "data.max_train_examples"), ("device setting", "device"),
+            ("gradient checkpointing setting", "train.gradient_checkpointing"),
+            ("gradient checkpointing, decided once for every arm", "decided.gradient_checkpointing_reason")]
     rows = []
     for label, path in keys:
         vals = []
@@ -258,7 +260,8 @@ def setup_table(studies: list[Study]) -> Table:
         rows.append([label] + vals)
     extra = [("base parameters", lambda r: fmt.params(r.base_params)), ("eval tokens", lambda r: fmt.params(r.eval_tokens)),
              ("device", lambda r: r.device or "-"), ("precision used", lambda r: r.precision or "-"),
-             ("memory measure", lambda r: r.memory_kind or "-")]
+             ("memory measure", lambda r: r.memory_kind or "-"),
+             ("gradient checkpointing used", lambda r: str((r.speed_choices or {}).get("gradient_checkpointing", "-")).split(" ")[0])]
     def every(s: Study, f) -> str:  # every distinct value among the study's ok runs (mixed: all of them)
         values = list(dict.fromkeys(f(r.result) for r in s.runs if r.ok)) or [f(first_ok(s))]
         return " / ".join(values) + (" (**mixed**)" if len(values) > 1 else "")
