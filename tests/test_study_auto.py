@@ -138,6 +138,13 @@ def test_eva_and_adalora_arms_train_at_the_budget(tiny_llama_dir, data, tmp_path
     assert len(widths) == len(adalora["final_ranks"]) == 14  # every linear module of full: 2 layers x 7
     assert row["final_params"] == sum(r * (widths[n] + 1) for n, r in adalora["final_ranks"].items())
     assert sum(adalora["final_ranks"].values()) == adalora["budget"]["rank_budget"]
+    # EVA's pass over the data is in the report's cost of what ran before training, as the scores are
+    import csv
+
+    cost = {r["score"]: r for r in csv.DictReader((out / "report" / "tables" / "importance-cost.csv").open())}
+    eva = cost["eva: eva~attention"]
+    assert float(eva["seconds"]) == pytest.approx(stored["budget"]["seconds"]) and float(eva["seconds"]) > 0
+    assert int(eva["forward_passes"]) == stored["budget"]["forward_passes"] > 0
     assert row["budget_target"] == rows["attention-s0"]["trainable_params"]
     # the final ranks, counted independently from the modules' norms file: pruned modules have rank < init_r
     norms = json.loads((out / "runs" / "adalora~attention-s0" / "adapter_norms.json").read_text())["modules"]

@@ -295,8 +295,11 @@ def _importance_cells(score: Importance, r: int) -> list[tuple[str, Any, Any, fl
 
 
 def importance_part(v: StudyView) -> Part:
-    """Heatmap and scoring cost per importance file."""
-    if not v.scores:
+    """Heatmap and scoring cost per importance file, and the cost of the passes a method makes over
+    the data before training (EVA's SVD of the module inputs), from its allocation record."""
+    passes = {label: alloc["budget"] for label, alloc in sorted(v.study.allocations.items())
+              if isinstance(alloc.get("budget"), dict) and alloc["budget"].get("seconds") is not None}
+    if not v.scores and not passes:
         return Part()
     clamped = [s.score for s in v.scores.values() if s.max_rank < v.rank]
     blocks: list[Block] = [Heading(v.level, "Importance before training"), Para(
@@ -326,8 +329,21 @@ def importance_part(v: StudyView) -> Part:
                         "slots": len(s.slots), "max_rank": s.max_rank, "batches": s.data.get("batches"),
                         "peak_memory_mib": s.data.get("peak_memory_mib"), "memory_kind": s.data.get("memory_kind"),
                         "approximation": s.data.get("approximation")})
-    table = Table(v.name("importance-cost"), "What each importance score cost before training, against the mean "
-                  "training time of one LoRA run of the study.",
+    for label, budget in passes.items():
+        seconds = float(budget["seconds"])
+        share = seconds / v.train_time[0] if v.train_time and v.train_time[0] > 0 else None
+        method = str(budget.get("method") or "allocation")
+        blocks.append(Para(f"**`{label}`'s own pass before training** ({method}): {seconds:,.1f} s, "
+                           f"{budget.get('forward_passes', '-')} forward passes"
+                           + ("" if share is None else f" = {_pct(share)} of one arm's training time") + "."))
+        rows.append([f"{method}: {label}", f"{seconds:,.1f}", "-", "-" if share is None else _pct(share),
+                     str(len((v.study.allocations[label].get("placement") or {}).get("modules") or [])), "-",
+                     f"{budget.get('forward_passes', '-')} forward passes"])
+        records.append({"score": f"{method}: {label}", "seconds": seconds, "tokens": None,
+                        "share_of_arm_training_time": share, "mean_train_time_s": v.train_time and v.train_time[0],
+                        "forward_passes": budget.get("forward_passes")})
+    table = Table(v.name("importance-cost"), "What each importance score, and each method's own pass over the data "
+                  "(EVA's SVD), cost before training, against the mean training time of one LoRA run of the study.",
                   ["score", "seconds", "tokens", "share of one arm's training", "slots", "max rank", "approximation"],
                   rows, records, align="lrrrrrl")
     return Part(blocks + [table], [table])
