@@ -49,7 +49,7 @@ CHECKED_LIBRARIES = ("loraplace", "torch", "transformers", "peft")
 def _import_ray():
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # no uv/network lookups for the workers
     try:
-        import ray
+        import ray  # deferred: Ray is optional (the ray extra)
     except ImportError:
         raise LoraplaceError("--executor ray needs Ray: pip install 'loraplace[ray]' (or pip install 'ray>=2.40')") from None
     return ray
@@ -121,7 +121,7 @@ class RunWorkerImpl:
         """
 
         if data_key is not None and data_ref and not self.ctx.has_data(data_key):
-            import ray
+            import ray  # deferred: Ray is optional (the ray extra)
 
             self.ctx.add_data(data_key, ray.get(data_ref[0]))
         tmp = tempfile.mkdtemp(prefix=f"loraplace-{spec.run_id}-")
@@ -152,7 +152,7 @@ def worker_class():
 
 def _get(ray, refs):
     """``ray.get`` that raises a worker's :class:`LoraplaceError` (bad input) as itself, not wrapped."""
-    from ray.exceptions import RayTaskError
+    from ray.exceptions import RayTaskError  # deferred: Ray is optional (the ray extra)
 
     try:
         return ray.get(refs)
@@ -271,7 +271,7 @@ class RayExecutor:
             LoraplaceError: Ray missing or unreachable, no room for a worker, a version mismatch,
                 or workers that resolve device/precision differently.
         """
-        from ray.util.queue import Queue
+        from ray.util.queue import Queue  # deferred: Ray is optional (the ray extra)
 
         self._connect()
         total_gpus = self.ray.cluster_resources().get("GPU", 0.0)
@@ -330,7 +330,7 @@ class RayExecutor:
     def submit(self, specs: Iterable[RunSpec]) -> Iterator[RunResult]:
         """Run the jobs on the workers; yield each result once its files are in its ``run_dir``."""
         ray = self.ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import RayActorError  # deferred: Ray is optional (the ray extra)
 
         # Base rows (an evaluation, no training) last: the long runs start first, and the short
         # ones fill the workers that free up (the order of the results does not change any number).
