@@ -223,13 +223,14 @@ def test_training_loss_in_blocks_keeps_loss_and_gradients(monkeypatch, autocast)
         torch.testing.assert_close(grads[name], grads_one[name], **same, msg=name)
 
 
-@pytest.mark.parametrize("mask_dropout", [False, True])
+@pytest.mark.parametrize("mask_dropout", ["peft", "mask", "shared"])
 def test_blocks_recomputed_with_the_forwards_dropout_masks(monkeypatch, mask_dropout):
     """An adapted lm_head with LoRA dropout: the recomputation in backward uses the forward's masks,
     so the gradients are those of the logged loss, and it leaves the random stream where the
     forward left it (later masks unchanged). The reference runs the same blocks without
     recomputation (a plain call instead of the checkpoint), so it draws the same masks once.
-    With loraplace's own dropout (MaskDropout, torch.rand) as in training, and PEFT's nn.Dropout."""
+    With PEFT's nn.Dropout, loraplace's own (MaskDropout, torch.rand) as in training, and shared masks
+    (lora.dropout_masks=shared, whose cache must not hand the recomputation the forward's output)."""
     from peft import LoraConfig, get_peft_model
 
     import loraplace.run.evaluation as ev
@@ -238,8 +239,8 @@ def test_blocks_recomputed_with_the_forwards_dropout_masks(monkeypatch, mask_dro
     model = get_peft_model(tiny_llama(tie=False), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5,
                                                              target_modules=["lm_head", "q_proj"]))
     model.train()
-    if mask_dropout:
-        assert use_mask_dropout(model) > 0
+    if mask_dropout != "peft":  # loraplace's own dropout, one mask per adapter or shared per input
+        assert use_mask_dropout(model, shared=mask_dropout == "shared") > 0
     batch = PadCollator(PAD)(examples(9, seed=3))
     monkeypatch.setattr(ev, "TRAIN_CHUNK_ELEMENTS", 97 * 16)  # 16 positions per block
     assert int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) > 3 * ev.train_chunk(97)

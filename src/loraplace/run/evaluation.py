@@ -122,7 +122,10 @@ def _nll_recomputed(states: torch.Tensor, head: nn.Module | None, targets: torch
         random = False  # a plain projection draws nothing
     else:
         def part(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return _nll_at(s, head, t)
+            # A new view at each call: shared dropout masks (SharedMasks) match an input by identity,
+            # and the recomputation must draw its mask again as the forward did, not take the
+            # forward's cached output (that saves fewer tensors and fails the checkpoint's check).
+            return _nll_at(s.view_as(s), head, t)
 
         args = ()
         random = True  # an adapted head may draw dropout masks: the recomputation must draw the same ones
