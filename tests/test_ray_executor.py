@@ -341,10 +341,11 @@ def test_cli_runs_a_study_on_ray(ray_cluster, tiny_llama_dir, data_file, tmp_pat
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("address", ["ray://127.0.0.1:1", "ray://127.0.0.1"])
+@pytest.mark.parametrize("address", ["ray://127.0.0.1:1", "ray://127.0.0.1", "127.0.0.1:1"])
 def test_an_unreachable_ray_client_address_gets_one_line(tiny_llama_dir, data_file, tmp_path, address):
-    """A ray:// address where nothing answers is refused in seconds, naming it (Ray Client alone
-    retries for about 30 s). Needs no running Ray; Ray Client comes with the ray extra."""
+    """A ray:// or HOST:PORT address where nothing answers is refused in seconds, naming it (Ray
+    Client alone retries for about 30 s, ray.init for minutes). Needs no running Ray; Ray Client
+    comes with the ray extra."""
     import time
 
     from typer.testing import CliRunner

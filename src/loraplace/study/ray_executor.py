@@ -55,22 +55,26 @@ def _import_ray():
     return ray
 
 
-def _check_client_address(address: str, timeout_s: float = 5.0) -> None:
-    """Fail in seconds, with one line, where a Ray Client address (``ray://HOST:PORT``, port 10001 by
-    default) does not answer: Ray Client itself retries for about 30 s and then warns."""
-    host, _, port = address.removeprefix("ray://").partition(":")
+def _check_address(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, with one line, where a Ray address does not answer: a Ray Client address
+    (``ray://HOST:PORT``, port 10001 by default; Ray Client itself retries for about 30 s) or a head
+    node's ``HOST:PORT`` (``ray.init`` retries for minutes). ``auto`` and ``local`` are Ray's to resolve."""
+    client = address.startswith("ray://")
+    host, _, port = address.removeprefix("ray://").rpartition(":") if ":" in address.removeprefix("ray://") \
+        else (address.removeprefix("ray://"), "", "")
     try:
-        number = int(port or 10001)
+        number = int(port or (10001 if client else 6379))
     except ValueError:
-        raise LoraplaceError(f"--executor ray: {address!r} is not a Ray Client address (ray://HOST:PORT)") from None
+        raise LoraplaceError(f"--executor ray: {address!r} is not a Ray address (auto, HOST:PORT or "
+                             "ray://HOST:PORT)") from None
     try:
         with socket.create_connection((host, number), timeout=timeout_s):
             pass
     except OSError as e:
         raise LoraplaceError(
             f"--executor ray: nothing answers at {address} ({e.strerror or type(e).__name__}); start the head node "
-            f"with `ray start --head` and open its Ray Client port ({number}) to this machine, or use "
-            "--ray-address auto on a node of the cluster") from None
+            f"with `ray start --head` and open its {'Ray Client ' if client else ''}port ({number}) to this machine, "
+            "or use --ray-address auto on a node of the cluster") from None
 
 
 class RunWorkerImpl:
@@ -220,8 +224,8 @@ class RayExecutor:
     def _connect(self) -> None:
         ray = self.ray
         address = self.settings.address
-        if address is not None and address.startswith("ray://"):  # checked even if this process has a Ray
-            _check_client_address(address)
+        if address not in (None, "auto", "local"):  # checked even if this process has a Ray already
+            _check_address(address)
         if ray.is_initialized():
             return
         kwargs: dict[str, Any] = {"include_dashboard": False, "configure_logging": False, "log_to_driver": False}
