@@ -14,8 +14,8 @@ run, Python's own allocations at 9 MiB (tracemalloc), but glibc's heap in use gr
 after the first run to 714 MiB after the fourth (+59 EVA, +41 AdaLoRA, +154 auto) and then stays
 flat; ``full`` peaked at 2,094 MiB as the first run and 2,382 MiB as the last (estimate 1,905).
 The memory that stays is neither a tensor nor a Python object; it grows only with arms that bring
-new per-module ranks (new matmul shapes). Not yet confirmed: oneDNN's primitive cache (keyed by
-shape) is a candidate; ONEDNN_PRIMITIVE_CACHE_CAPACITY=0 made the runs too slow to finish here.
+new per-module ranks (new matmul shapes). Candidates (benchmarks/README.md): glibc's dynamic mmap
+threshold and oneDNN's shape-keyed primitive cache; neither is fixed yet.
 """
 
 from __future__ import annotations
