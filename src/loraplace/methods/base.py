@@ -40,16 +40,16 @@ class Method:
     """Plain LoRA at the arm's placement; subclasses override what their method does differently."""
 
     name = "lora"
-
-    @property
-    def title(self) -> str:
-        """How reports and messages call the method (the grammar's :data:`METHOD_TITLES`)."""
-        return METHOD_TITLES[self.name]
     allocated_per_study = False
     """True when the method chooses its ranks from data once per study (stored in ``allocations/``)."""
     state_suffix: str | None = None
     """File suffix of the initial adapter state a per-study method stores beside its allocation
     (``allocations/<arm>.<suffix>.safetensors``), None for a method without one."""
+
+    @property
+    def title(self) -> str:
+        """How reports and messages call the method (the grammar's :data:`METHOD_TITLES`)."""
+        return METHOD_TITLES[self.name]
 
     # ------------------------------------------------------------------ before anything trains
     def check(self, skeleton: nn.Module, arm: Arm, config: StudyConfig) -> None:
@@ -160,5 +160,5 @@ def stored_ranks(arm: Arm, ranks: dict[str, int] | None) -> dict[str, int]:
     return ranks
 
 
-__all__ = ["METHODS", "Method", "REFERENCE_STRATEGY", "get_method", "method_of", "register", "resolve_arm",
+__all__ = ["METHODS", "Method", "get_method", "method_of", "register", "resolve_arm",
            "full_stand_in", "stored_ranks"]
