@@ -226,8 +226,8 @@ class RunRecipe:
         return outcome
 
     def _save_adapters(self, setup: RunSetup, model) -> None:
-        """``adapter/``: the trained adapter as PEFT saves it, written into a temp folder and renamed,
-        so that a crash leaves the old folder or the new one."""
+        """``adapter/``: the trained adapter as PEFT saves it, written into a temp folder and renamed
+        into place once complete, so that ``adapter/`` never holds a half-written adapter."""
         target = setup.run_dir / "adapter"
         tmp = Path(tempfile.mkdtemp(dir=setup.run_dir, prefix=".adapter."))
         try:
