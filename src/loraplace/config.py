@@ -74,7 +74,11 @@ class TrainSettings(_Strict):
 
 
 class DataSettings(_Strict):
-    eval_size: int = Field(100, ge=1, description="Held-out examples for evaluation (fixed for all runs).")
+    eval_size: int = Field(100, ge=1, description="Held-out examples for evaluation (fixed for all runs); in a "
+                           "study with a validation split, the test split: only reported, never chosen on.")
+    validation_size: int = Field(
+        0, ge=0, description="Examples held out of the training rows as a validation split, on which every choice "
+        "is made (tune.lr); 0: none (two-way split: train and eval). The eval split stays the same rows either way.")
     max_train_examples: int | None = Field(None, ge=1, description="Cap on training examples (after the split).")
     split_seed: int = Field(1234, description="Seed of the train/eval split, fixed across runs and seeds.")
 
@@ -87,6 +91,77 @@ class ImportanceSettings(_Strict):
     batch_size: int = Field(8, ge=1, description="Examples per scoring batch.")
     max_rank: int = Field(64, ge=1, description="Length of each module's score curve: the highest rank "
                           "an automatic strategy can give one module.")
+
+
+class LogGrid(_Strict):
+    """``n`` learning rates from ``min`` to ``max``, evenly spaced on a log scale (both ends included)."""
+
+    min: float = Field(gt=0)
+    max: float = Field(gt=0)
+    n: int = Field(ge=2)
+
+    @model_validator(mode="after")
+    def _check(self) -> "LogGrid":
+        if self.min >= self.max:
+            raise ValueError(f"min ({self.min:g}) must be below max ({self.max:g})")
+        return self
+
+    def values(self) -> list[float]:
+        ratio = (self.max / self.min) ** (1.0 / (self.n - 1))
+        return [float(f"{self.min * ratio ** i:.4g}") for i in range(self.n)]
+
+
+class TuneSettings(_Strict):
+    """Learning-rate tuning per arm (``tune.lr``): each arm trains at every candidate rate, the worse
+    ones stop early by successive halving (:mod:`loraplace.study.tuning`), the rate with the lowest
+    mean validation loss over seeds is the arm's, and the arm is reported by its test (eval) loss at it."""
+
+    lr: list[float] | LogGrid | None = Field(
+        None, description="Candidate learning rates: a list ([1e-4, 4e-4, 1.6e-3]) or a log grid "
+        "({min: 1e-4, max: 3e-3, n: 4}); None: no tuning (every arm at train.lr).")
+    schedule: Literal["halving", "grid"] = Field(
+        "halving", description="halving: successive halving (each rung keeps the best 1/eta of the rates by "
+        "validation loss, the survivors continue from their saved state); grid: every rate trains to the end.")
+    eta: int = Field(3, ge=2, description="Halving rate: each rung keeps ceil(n / eta) rates and trains eta times longer.")
+
+    @field_validator("lr", mode="before")
+    @classmethod
+    def _parse_lr(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [x for x in v.replace("[", "").replace("]", "").split(",") if x.strip()]
+        if isinstance(v, dict):
+            try:
+                return LogGrid.model_validate(v)
+            except ValidationError as e:
+                raise ValueError(f"a log grid {{min, max, n}}: {_describe(e)}") from None
+        if isinstance(v, (list, tuple)):
+            if not v:
+                raise ValueError("is empty; give at least 2 learning rates, e.g. [1e-4, 4e-4, 1.6e-3]")
+            try:
+                return [float(x) for x in v]
+            except (TypeError, ValueError):
+                raise ValueError(f"{list(v)} holds a value that is not a number") from None
+        return v
+
+    @field_validator("lr", mode="after")
+    @classmethod
+    def _check_lr(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            bad = [x for x in v if not x > 0 or x != x or x == float("inf")]
+            if bad:
+                raise ValueError(f"learning rates must be positive and finite, got {bad[0]:g}")
+            if len(v) < 2:
+                raise ValueError(f"{v} has one rate; tuning needs at least 2")
+            if len(set(v)) != len(v):
+                raise ValueError(f"{v} repeats a rate")
+            return sorted(v)
+        return v
+
+    def rates(self) -> list[float]:
+        """The candidate rates, ascending ([] without tuning)."""
+        if self.lr is None:
+            return []
+        return self.lr.values() if isinstance(self.lr, LogGrid) else list(self.lr)
 
 
 class ExecutorSettings(_Strict):
@@ -122,6 +197,7 @@ class StudyConfig(_Strict):
     train: TrainSettings = Field(default_factory=TrainSettings)
     data: DataSettings = Field(default_factory=DataSettings)
     importance: ImportanceSettings = Field(default_factory=ImportanceSettings)
+    tune: TuneSettings = Field(default_factory=TuneSettings)
     task: TaskChoice = Field(
         "auto", description="What to train: auto follows the architecture (decoder-only: causal-lm; "
         "encoder-decoder such as T5/BART: seq2seq; encoder-only such as BERT: classification)."
@@ -186,6 +262,9 @@ class StudyConfig(_Strict):
             )
         if len(set(self.seeds)) != len(self.seeds) or not self.seeds:
             raise ValueError(f"seeds must be a non-empty list without repeats, got {self.seeds}")
+        if self.tune.lr is not None and self.data.validation_size == 0:
+            raise ValueError("tune.lr chooses each arm's rate on a validation split, and data.validation_size is 0; "
+                             "set data.validation_size (e.g. 100)")
         if self.train.compile and self.lora.dropout_masks == "shared":
             raise ValueError("lora.dropout_masks=shared cannot be compiled (its mask cache is Python state); "
                              "use train.compile=false or lora.dropout_masks=independent")
@@ -199,7 +278,7 @@ def _describe(error: ValidationError) -> str:
         if err["type"] == "extra_forbidden":
             parts.append(f"unknown key {where!r}")
         else:
-            parts.append(f"{where}: {err['msg']}")
+            parts.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
     return "; ".join(parts)
 
 

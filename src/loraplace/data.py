@@ -260,34 +260,42 @@ def tokenize_example(messages, tokenizer, max_length: int, loss_on: str) -> dict
 
 @dataclass
 class PreparedData:
-    """Tokenized train and eval splits, identical for every run of a study (any task)."""
+    """Tokenized train, validation and eval splits, identical for every run of a study (any task).
+    ``eval`` is what results report (the test split of a study with a validation split);
+    ``validation`` (None without ``data.validation_size``) is what choices are made on."""
 
     train: Any  # datasets.Dataset with input_ids, labels, length
     eval: Any
     dropped: int  # examples with no labelled token left after truncation
     source_rows: int
     labels: list[str] | None = None  # classification: class names, index = label id; None otherwise
+    validation: Any = None
 
 
-def split_rows(rows, *, eval_size: int, split_seed: int, max_train_examples: int | None, dataset: str):
-    """The fixed train/eval split every task's data preparation uses: ``(train_rows, eval_rows)``.
+def split_rows(rows, *, eval_size: int, split_seed: int, max_train_examples: int | None, dataset: str,
+               validation_size: int = 0):
+    """The fixed split every task's data preparation uses: ``(train_rows, validation_rows, eval_rows)``.
 
     ``eval_size`` rows are held out by a seeded shuffle (``split_seed``), before tokenization, so
-    the eval split depends only on the dataset and the seed; the train rows are then cut to the
-    first ``max_train_examples`` when given.
+    the eval split depends only on the dataset and the seed, and is the same rows with or without
+    a validation split. ``validation_size`` rows (None when 0) are then held out of the rest by a
+    second seeded shuffle, and the train rows are cut to the first ``max_train_examples`` when
+    given. The three are disjoint by construction (each split of a ``train_test_split``).
 
     Raises:
-        LoraplaceError: ``eval_size`` leaves no row to train on.
+        LoraplaceError: ``eval_size`` and ``validation_size`` leave no row to train on.
     """
-    if len(rows) <= eval_size:
-        raise LoraplaceError(
-            f"dataset {dataset!r} has {len(rows)} rows; data.eval_size={eval_size} leaves nothing to train on"
-        )
+    if len(rows) <= eval_size + validation_size:
+        held = f"data.eval_size={eval_size}" + (f" and data.validation_size={validation_size}" if validation_size else "")
+        raise LoraplaceError(f"dataset {dataset!r} has {len(rows)} rows; {held} leave nothing to train on")
     split = rows.train_test_split(test_size=eval_size, seed=split_seed, shuffle=True)
-    train = split["train"]
+    train, validation = split["train"], None
+    if validation_size:
+        inner = train.train_test_split(test_size=validation_size, seed=split_seed + 1, shuffle=True)
+        train, validation = inner["train"], inner["test"]
     if max_train_examples is not None and len(train) > max_train_examples:
         train = train.select(range(max_train_examples))
-    return train, split["test"]
+    return train, validation, split["test"]
 
 
 EXAMPLE_COLUMNS = ("input_ids", "labels", "length")  # what every task's tokenized example holds
@@ -310,20 +318,23 @@ def encode_rows(rows, encode: Callable[[dict[str, Any]], dict[str, Any] | None])
 
 def prepare_data(dataset: str, tokenizer, *, eval_size: int, max_length: int, split_seed: int,
                  loss_on: str = "response", max_train_examples: int | None = None,
-                 allow_fetch: bool = True) -> PreparedData:
+                 allow_fetch: bool = True, validation_size: int = 0) -> PreparedData:
     """Causal-LM data: load, split (:func:`split_rows`) and tokenize a dataset; each example's
     ``labels`` are its tokens where ``loss_on`` says (:func:`tokenize_example`)."""
     rows = load_rows(dataset, allow_fetch=allow_fetch)
     check_columns(rows.column_names, dataset)
-    train_rows, eval_rows = split_rows(rows, eval_size=eval_size, split_seed=split_seed,
-                                       max_train_examples=max_train_examples, dataset=dataset)
+    train_rows, validation_rows, eval_rows = split_rows(
+        rows, eval_size=eval_size, split_seed=split_seed, max_train_examples=max_train_examples, dataset=dataset,
+        validation_size=validation_size)
 
     def encode(row):
         ex = tokenize_example(to_messages(row), tokenizer, max_length, loss_on)
         return None if ex is None else {**ex, "length": len(ex["input_ids"])}
 
     (train, dropped_train), (eval_, dropped_eval) = encode_rows(train_rows, encode), encode_rows(eval_rows, encode)
-    return PreparedData(train=train, eval=eval_, dropped=dropped_train + dropped_eval, source_rows=len(rows))
+    validation, dropped_validation = encode_rows(validation_rows, encode) if validation_rows is not None else (None, 0)
+    return PreparedData(train=train, eval=eval_, dropped=dropped_train + dropped_eval + dropped_validation,
+                        source_rows=len(rows), validation=validation)
 
 
 @dataclass

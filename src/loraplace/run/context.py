@@ -75,7 +75,7 @@ class RunContext:
     def data_key(spec: RunSpec, task: Task) -> tuple:
         """What the tokenized data of ``spec`` depends on (runs with the same key share it)."""
         return (spec.model, spec.dataset, task.name, spec.train.max_length, spec.train.loss_on, spec.data.eval_size,
-                spec.data.split_seed, spec.data.max_train_examples)
+                spec.data.split_seed, spec.data.max_train_examples, spec.data.validation_size)
 
     def add_data(self, key: tuple, data: PreparedData) -> None:
         """Use ``data``, prepared elsewhere (the Ray driver), for the runs of ``key``."""
@@ -92,5 +92,6 @@ class RunContext:
             self._data[key] = task.prepare(
                 spec.dataset, self.tokenizer(spec.model), eval_size=spec.data.eval_size,
                 max_length=spec.train.max_length, split_seed=spec.data.split_seed, loss_on=spec.train.loss_on,
-                max_train_examples=spec.data.max_train_examples, allow_fetch=self.allow_fetch)
+                max_train_examples=spec.data.max_train_examples, allow_fetch=self.allow_fetch,
+                validation_size=spec.data.validation_size)
         return self._data[key]

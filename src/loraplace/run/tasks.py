@@ -66,14 +66,15 @@ def seq2seq_pair(messages: list[dict[str, str]]) -> tuple[str, str]:
 
 def prepare_seq2seq_data(dataset: str, tokenizer, *, eval_size: int, max_length: int, split_seed: int,
                          loss_on: str = "response", max_train_examples: int | None = None,
-                         allow_fetch: bool = True) -> PreparedData:
+                         allow_fetch: bool = True, validation_size: int = 0) -> PreparedData:
     """Tokenized source/target pairs: ``input_ids`` (source), ``labels`` (target ids, the
     tokenizer's end-of-sequence token included), ``length``; both truncated to ``max_length``.
     ``loss_on`` is accepted for the common signature only: the loss is on the target by design."""
     rows = load_rows(dataset, allow_fetch=allow_fetch)
     check_columns(rows.column_names, dataset)
-    train_rows, eval_rows = split_rows(rows, eval_size=eval_size, split_seed=split_seed,
-                                       max_train_examples=max_train_examples, dataset=dataset)
+    train_rows, validation_rows, eval_rows = split_rows(
+        rows, eval_size=eval_size, split_seed=split_seed, max_train_examples=max_train_examples, dataset=dataset,
+        validation_size=validation_size)
 
     def encode(row):
         source, target = seq2seq_pair(to_messages(row))
@@ -82,7 +83,8 @@ def prepare_seq2seq_data(dataset: str, tokenizer, *, eval_size: int, max_length:
                 "length": len(enc["input_ids"]) + len(enc["labels"])}
 
     return PreparedData(train=encode_rows(train_rows, encode)[0], eval=encode_rows(eval_rows, encode)[0],
-                        dropped=0, source_rows=len(rows))
+                        dropped=0, source_rows=len(rows),
+                        validation=encode_rows(validation_rows, encode)[0] if validation_rows is not None else None)
 
 
 @dataclass
@@ -153,15 +155,16 @@ def label_names(rows) -> list[str]:
 
 def prepare_classification_data(dataset: str, tokenizer, *, eval_size: int, max_length: int, split_seed: int,
                                 loss_on: str = "response", max_train_examples: int | None = None,
-                                allow_fetch: bool = True) -> PreparedData:
+                                allow_fetch: bool = True, validation_size: int = 0) -> PreparedData:
     """Tokenized text (or text pairs) with integer class ``labels``; the class names are kept in
     :attr:`PreparedData.labels`. ``loss_on`` is accepted for the common signature only."""
     rows = load_rows(dataset, allow_fetch=allow_fetch)
     columns = text_columns(rows.column_names, dataset)
     names = label_names(rows)
     index = {name: i for i, name in enumerate(names)}
-    train_rows, eval_rows = split_rows(rows, eval_size=eval_size, split_seed=split_seed,
-                                       max_train_examples=max_train_examples, dataset=dataset)
+    train_rows, validation_rows, eval_rows = split_rows(
+        rows, eval_size=eval_size, split_seed=split_seed, max_train_examples=max_train_examples, dataset=dataset,
+        validation_size=validation_size)
 
     def encode(split):  # the whole split at once: batched tokenization is much faster
         texts = [list(split[c]) for c in columns]
@@ -171,7 +174,7 @@ def prepare_classification_data(dataset: str, tokenizer, *, eval_size: int, max_
                                            "length": [len(x) for x in enc["input_ids"]]})
 
     return PreparedData(train=encode(train_rows), eval=encode(eval_rows), dropped=0, source_rows=len(rows),
-                        labels=names)
+                        labels=names, validation=encode(validation_rows) if validation_rows is not None else None)
 
 
 @dataclass
@@ -208,7 +211,7 @@ class Task:
     """Everything that differs between the tasks a study can train.
 
     ``prepare(dataset, tokenizer, *, eval_size, max_length, split_seed, loss_on, max_train_examples,
-    allow_fetch) -> PreparedData``; ``collator(pad_token_id)`` batches its examples; ``nll(model,
+    allow_fetch, validation_size) -> PreparedData``; ``collator(pad_token_id)`` batches its examples; ``nll(model,
     batch) -> (nll_sum (B,), n_tokens (B,)[, correct (B,)])`` is its per-example loss, used by both
     training and evaluation; ``check_columns(column_names, dataset)`` raises
     :class:`LoraplaceError` when a dataset lacks what ``prepare`` needs.

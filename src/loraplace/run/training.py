@@ -282,6 +282,31 @@ def target_counter(nll_fn: Callable, model: nn.Module) -> Callable[[dict], torch
     return count
 
 
+class EpochOrder(torch.utils.data.Sampler):
+    """A shuffling sampler whose epoch ``e`` order is the ``e``-th draw of a generator seeded with
+    ``seed``, whatever iterated before: :meth:`set_epoch` (the Trainer calls it, through
+    accelerate, before every epoch, also after resuming) reseeds and skips the earlier epochs'
+    draws. Straight through, the orders are those of one generator drawn epoch after epoch."""
+
+    def __init__(self, sampler, seed: int):
+        self.sampler, self.seed = sampler, seed
+        sampler.generator = torch.Generator().manual_seed(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.generator.manual_seed(self.seed)
+        for _ in range(epoch):
+            for _ in self.sampler:  # each full pass draws one epoch's permutation
+                pass
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
 class PlacementTrainer(Trainer):
     """Trainer whose loss is the token-weighted mean NLL over labelled tokens (selective logits).
 
@@ -316,11 +341,13 @@ class PlacementTrainer(Trainer):
         permutation from the global torch RNG, which LoRA dropout and adapter initialisation also
         consume, so from the second epoch on the batches would depend on the strategy.
         (``TrainingArguments.data_seed`` alone does not help: transformers passes it to accelerate,
-        which uses it only to reseed a plain ``RandomSampler``.)"""
+        which uses it only to reseed a plain ``RandomSampler``.) Each epoch's order is a function of
+        the seed and the epoch alone (:class:`EpochOrder`), so a run resumed from a checkpoint in
+        a later epoch sees the batches a run trained straight through sees."""
         sampler = super()._get_train_sampler(*args, **kwargs)
         if sampler is not None and hasattr(sampler, "generator") and sampler.generator is None:
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-            sampler.generator = torch.Generator().manual_seed(int(seed))
+            return EpochOrder(sampler, int(seed))
         return sampler
 
     def get_batch_samples(self, epoch_iterator, num_batches, *args, **kwargs):
@@ -441,6 +468,20 @@ class _PeriodicEval(TrainerCallback):
             state.log_history.append({"step": state.global_step, "eval_loss": self.eval_loss()})
 
 
+class _StopAt(TrainerCallback):
+    """Ends training after optimizer step ``step`` (the learning-rate schedule stays the full
+    run's) and, with ``save``, saves the Trainer's checkpoint there (adapter weights, optimizer,
+    scheduler, random states, trainer state), from which a later call continues."""
+
+    def __init__(self, step: int, save: bool):
+        self.step, self.save = step, save
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+            control.should_save = self.save
+
+
 @dataclass
 class TrainOutcome:
     seconds: float  # training wall time, after the untimed warm-up
@@ -464,7 +505,8 @@ def train_adapters(model: nn.Module, train_dataset, collator, settings: TrainSet
                    eval_loss: Callable[[], float] | None = None,
                    nll_fn: Callable = token_nll, warmup: bool = True,
                    check_selective: bool = True, callbacks: Sequence[TrainerCallback] = (),
-                   dropout_masks: str = "independent") -> TrainOutcome:
+                   dropout_masks: str = "independent", stop_at: int | None = None,
+                   resume_from: Path | None = None) -> TrainOutcome:
     """Train the adapters of a PEFT-wrapped model for ``settings.max_steps`` optimizer steps.
 
     ``nll_fn`` gives the per-example loss sums of a batch: the task's
@@ -485,6 +527,12 @@ def train_adapters(model: nn.Module, train_dataset, collator, settings: TrainSet
     :class:`~loraplace.run.evaluation.SelectiveLossMismatch`); with ``warmup``, one untimed forward and
     backward (:func:`warm_up`) whose time is ``TrainOutcome.warmup_seconds``. Neither changes the
     random state, the gradients or the weights, so the training is the same with or without them.
+
+    ``stop_at`` (a step below ``settings.max_steps``) stops there and saves the Trainer's checkpoint
+    in ``output_dir/checkpoint-<step>``; ``resume_from`` (such a checkpoint) continues from it, with
+    its optimizer, scheduler, random states and place in the data: a run trained in pieces equals
+    one trained straight through (tests/test_tuning.py). ``TrainOutcome`` then counts the steps
+    from the start, and the time and tokens of this call only.
     """
     args = TrainingArguments(
         output_dir=str(output_dir),
@@ -519,6 +567,8 @@ def train_adapters(model: nn.Module, train_dataset, collator, settings: TrainSet
         trainer.add_callback(_PeriodicEval(settings.eval_every, eval_loss))
     for callback in callbacks:  # e.g. AdaLoRA's rank allocator (loraplace.methods.AdaLoraCallback)
         trainer.add_callback(callback)
+    if stop_at is not None and stop_at < settings.max_steps:
+        trainer.add_callback(_StopAt(stop_at, save=True))
     trainer.remove_callback(PrinterCallback)  # progress and the log go through on_step and log_history
     swapped = use_mask_dropout(model, shared=dropout_masks == "shared")
     choices = {"lora_dropout": ("mask, shared by adapters of one input" if dropout_masks == "shared" else "mask")
@@ -548,7 +598,7 @@ def train_adapters(model: nn.Module, train_dataset, collator, settings: TrainSet
                                      device=run_device)
         choices["warmup"] = "1 batch, untimed" if warmup_seconds else "none"
         start = _clock()
-        trainer.train()
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
         seconds = _clock() - start
     return TrainOutcome(
         seconds=seconds,
