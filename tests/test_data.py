@@ -11,6 +11,7 @@ from loraplace.data import (
     load_rows,
     prepare_data,
     render,
+    split_rows,
     to_messages,
     tokenize_example,
 )
@@ -233,3 +234,20 @@ def test_valid_json_files_still_load_every_row(tmp_path, layout):
                     "\n".join(json.dumps(r) for r in rows) + "\n\n")
     loaded = load_rows(str(path))
     assert [dict(r) for r in loaded.select_columns(list(rows[0]))] == rows
+
+
+def test_three_way_split_is_disjoint_and_keeps_the_eval_rows():
+    import datasets
+
+    rows = datasets.Dataset.from_list([{"i": i} for i in range(60)])
+    train2, none, eval2 = split_rows(rows, eval_size=10, split_seed=3, max_train_examples=None, dataset="d")
+    train, validation, test = split_rows(rows, eval_size=10, split_seed=3, max_train_examples=None, dataset="d",
+                                         validation_size=15)
+    assert none is None and len(train2) == 50
+    ids = [set(x["i"] for x in split) for split in (train, validation, test)]
+    assert [len(s) for s in ids] == [35, 15, 10]
+    assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
+    assert ids[0] | ids[1] | ids[2] == set(range(60))
+    assert ids[2] == set(x["i"] for x in eval2)  # the test split is the two-way study's eval split
+    with pytest.raises(LoraplaceError, match="validation_size=55 leaves nothing to train on"):
+        split_rows(rows, eval_size=10, split_seed=3, max_train_examples=None, dataset="d", validation_size=55)

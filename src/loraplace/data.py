@@ -286,8 +286,8 @@ def split_rows(rows, *, eval_size: int, split_seed: int, max_train_examples: int
         LoraplaceError: ``eval_size`` and ``validation_size`` leave no row to train on.
     """
     if len(rows) <= eval_size + validation_size:
-        held = f"data.eval_size={eval_size}" + (f" and data.validation_size={validation_size}" if validation_size else "")
-        raise LoraplaceError(f"dataset {dataset!r} has {len(rows)} rows; {held} leave nothing to train on")
+        held = f"data.eval_size={eval_size}" + (f" with data.validation_size={validation_size}" if validation_size else "")
+        raise LoraplaceError(f"dataset {dataset!r} has {len(rows)} rows; {held} leaves nothing to train on")
     split = rows.train_test_split(test_size=eval_size, seed=split_seed, shuffle=True)
     train, validation = split["train"], None
     if validation_size:
