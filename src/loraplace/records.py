@@ -14,11 +14,26 @@ RUN_FILES = ("config.json", "modules.json", "train_log.json", "adapter_norms.jso
              "result.json")
 
 
+class TunePoint(BaseModel):
+    """Where a learning-rate tuning run (``kind='tune'``) stands: its candidate rate, the rung it
+    trains now (0 = first), the step it stops at (the study's ``train.max_steps`` at the last rung)
+    and the step of the checkpoint it continues from (None: from the start), with the time, tokens
+    and validation losses of its earlier rungs (see :mod:`loraplace.study.tuning`)."""
+
+    lr: float
+    rung: int = 0
+    stop_at: int
+    resume_step: int | None = None
+    before: dict[str, Any] = Field(default_factory=dict, description="train_time_s, train_real_tokens, "
+                                   "train_label_tokens and validation_losses of the rungs before this one")
+
+
 class RunSpec(BaseModel):
-    """Everything one run needs. ``kind='base'`` evaluates the model without adapters."""
+    """Everything one run needs. ``kind='base'`` evaluates the model without adapters; ``kind='tune'``
+    trains an arm at one candidate learning rate up to a rung of steps (``tune``)."""
 
     run_id: str
-    kind: Literal["lora", "base"] = "lora"
+    kind: Literal["lora", "base", "tune"] = "lora"
     strategy: str
     seed: int = 0
     model: str
@@ -39,13 +54,18 @@ class RunSpec(BaseModel):
         None, exclude=True, repr=False,
         description="arms whose method stores an initial adapter state once per study (EVA's A matrices): "
                     "its safetensors bytes, carried to the worker")
+    tune: TunePoint | None = Field(None, description="kind='tune': the candidate rate and the rung")
+    resume_files: dict[str, bytes] | None = Field(
+        None, exclude=True, repr=False,
+        description="kind='tune' after the first rung: the files of the checkpoint it continues from "
+                    "(path relative to the checkpoint folder -> bytes), carried to the worker")
 
 
 class RunResult(BaseModel):
     """One row of the results table. Counts are exact; times in seconds; memory in MiB."""
 
     run_id: str
-    kind: Literal["lora", "base"]
+    kind: Literal["lora", "base", "tune"]
     strategy: str
     seed: int
     status: Literal["ok", "failed"]
@@ -115,3 +135,10 @@ class RunResult(BaseModel):
         default_factory=dict, description="how training ran: attention implementation, dropout, frozen-weight dtype")
     versions: dict[str, str] = Field(default_factory=dict)
     finished_at: str | None = None
+    # Learning-rate tuning (kind='tune'; loraplace.study.tuning). eval_loss is the test split's, set
+    # only once the run reached the study's last step; every choice reads validation_losses.
+    tune_lr: float | None = Field(None, description="the candidate learning rate this tuning run trains at")
+    tune_rung: int | None = Field(None, description="the last rung it finished (0 = first)")
+    validation_loss: float | None = Field(None, description="loss on the validation split after its last rung")
+    validation_losses: dict[str, float] = Field(
+        default_factory=dict, description="step -> validation loss at the end of each rung it finished")

@@ -303,6 +303,7 @@ class AdaLoraMethod(Method):
     parameter budget; ranks pruned during training by :class:`AdaLoraCallback`."""
 
     name = "adalora"
+    resumable = False  # its rank allocator's sensitivity averages live in the callback, not the checkpoint
 
     def check(self, skeleton: nn.Module, arm: Arm, config: StudyConfig) -> None:
         adalora_schedule(config.train.max_steps)  # a run too short for AdaLoRA's phases fails here

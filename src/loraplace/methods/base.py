@@ -45,6 +45,10 @@ class Method:
     state_suffix: str | None = None
     """File suffix of the initial adapter state a per-study method stores beside its allocation
     (``allocations/<arm>.<suffix>.safetensors``), None for a method without one."""
+    resumable = True
+    """True when a run stopped at a step and continued from the Trainer's checkpoint trains as one run
+    straight through (learning-rate tuning by halving needs it): all the method's training state is
+    in the adapter weights, the optimizer, the scheduler and the random states."""
 
     @property
     def title(self) -> str:

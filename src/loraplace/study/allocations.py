@@ -107,7 +107,7 @@ def resolve_allocations(config: StudyConfig, study_dir: Path, specs: list[RunSpe
     Raises:
         LoraplaceError: unreadable stored files, or an allocation the budget cannot meet.
     """
-    labels = list(dict.fromkeys(s.strategy for s in specs if s.kind == "lora" and allocated_per_study(s.strategy)))
+    labels = list(dict.fromkeys(s.strategy for s in specs if s.kind in ("lora", "tune") and allocated_per_study(s.strategy)))
     if not labels:
         return specs
     stored = {label: _read(allocation_path(study_dir, label)) for label in labels

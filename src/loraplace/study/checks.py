@@ -26,7 +26,12 @@ def check_study(config: StudyConfig, allow_fetch: bool = True) -> dict[str, Any]
     skeleton = meta_model(model_config)
     # Every arm the study will run, budget-matched ones included, resolved as execute_run does.
     for arm in study_arms(config.strategies, config.match_budget):
-        method_of(arm).check(skeleton, arm, config)
+        method = method_of(arm)
+        method.check(skeleton, arm, config)
+        if config.tune.lr is not None and config.tune.schedule == "halving" and not method.resumable:
+            raise LoraplaceError(f"arm {arm.label!r}: the {method.title} method cannot be tuned by halving (a run "
+                                 "continued from a checkpoint would not train as one run straight through); "
+                                 "use tune.schedule=grid or leave the arm out")
     rows = load_rows(config.dataset, allow_fetch=allow_fetch)
     task = config.task if config.task != "auto" else task_of(model_config)
     check_task_columns(task, rows.column_names, config.dataset)

@@ -9,11 +9,12 @@ elsewhere; benchmarks and tests pass nothing, or their own).
 from __future__ import annotations
 
 import contextlib
+import shutil
 import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from loraplace.config import StudyConfig
 from loraplace.errors import LoraplaceError
@@ -26,8 +27,9 @@ from loraplace.study.allocations import resolve_allocations
 from loraplace.study.checks import check_study
 from loraplace.study.executor import LocalExecutor
 from loraplace.study.progress import StudyInterrupted, StudyProgress
-from loraplace.study.specs import default_output_dir, run_identity, run_specs
+from loraplace.study.specs import default_output_dir, run_identity, run_specs, tuning_specs
 from loraplace.study.store import StudyStore
+from loraplace.tuning import alive_rates, choose, rung_steps
 
 
 def resolve_environment(config: StudyConfig) -> dict[str, Any]:
@@ -95,6 +97,7 @@ def run_study(config: StudyConfig, resume: bool = False, allow_mixed: bool = Fal
         study = store.record_decided(decided)
         # The plan: this command's runs, in the order (and with the positions) of the whole study.
         wanted = {run_identity(s) for s in run_specs(config, study_dir)}
+        wanted_tuning = {run_identity(s) for s in tuning_specs(config, study_dir)}
         specs = [s for s in run_specs(study, study_dir) if run_identity(s) in wanted]
         finished = store.finished_for(specs)
         if store.mixed_note:
@@ -116,15 +119,23 @@ def run_study(config: StudyConfig, resume: bool = False, allow_mixed: bool = Fal
             progress.run_started(spec, place[spec.run_id])
 
         executor.on_step, executor.on_start = progress.run_step, on_start
+
+        def run_all(jobs: list[RunSpec]) -> None:
+            for result in executor.submit(jobs):
+                if result.position is None:
+                    result = result.model_copy(update={"position": positions.get(result.run_id)})
+                store.record(result)
+                progress.run_ended(result, place.get(result.run_id, 0),
+                                   time.monotonic() - started.get(result.run_id, time.monotonic()))
+
         try:
             progress.runs_starting(len(specs), len(finished))
             try:
-                for result in executor.submit(todo):
-                    if result.position is None:
-                        result = result.model_copy(update={"position": positions.get(result.run_id)})
-                    store.record(result)
-                    progress.run_ended(result, place.get(result.run_id, 0),
-                                       time.monotonic() - started.get(result.run_id, time.monotonic()))
+                run_all(todo)
+                tuning = [s for s in tuning_specs(study, study_dir) if run_identity(s) in wanted_tuning]
+                if tuning:
+                    run_tuning(study, study_dir, store, tuning, run_all, executor.allocate, progress, place,
+                               positions, first_place=len(finished) + len(todo) + 1)
             finally:
                 progress.runs_stopped()
         except KeyboardInterrupt:
@@ -139,3 +150,66 @@ def run_study(config: StudyConfig, resume: bool = False, allow_mixed: bool = Fal
     except Exception as e:  # noqa: BLE001
         progress.report_failed(study_dir, e)
     return study_dir
+
+
+def run_tuning(study: StudyConfig, study_dir: Path, store: StudyStore, specs: list[RunSpec],
+               run_all: Callable[[list[RunSpec]], None], allocate: Callable, progress: StudyProgress,
+               place: dict[str, int], positions: dict[str, int], first_place: int) -> None:
+    """Tune every arm's learning rate by synchronous successive halving (:mod:`loraplace.tuning`),
+    rung by rung: the rates alive in a rung (from the stored validation losses of the rung
+    before) train from their previous rung's checkpoint to its last step; each rung's results are
+    stored before the next starts, so a resumed study loses no finished rung and redoes none.
+    A rate's checkpoints are deleted once it is out or has trained to the end."""
+    rates, eta = study.tune.rates(), study.tune.eta
+    steps = rung_steps(study.train.max_steps, len(rates), eta, study.tune.schedule)
+    arms = list(dict.fromkeys(s.strategy for s in specs))
+    for rung, stop_at in enumerate(steps):
+        jobs = []
+        for arm in arms:
+            alive = set(alive_rates(store.rows, arm, rates, steps, rung, eta))
+            for spec in specs:
+                if spec.strategy != arm or spec.tune.lr not in alive:
+                    continue
+                row = next((r for r in store.rows if r.run_id == spec.run_id), None)
+                done = row.validation_losses if row is not None else {}
+                if str(stop_at) in done:
+                    continue  # this rung is stored (a resumed study)
+                resume = steps[rung - 1] if rung else None
+                jobs.append(_rung_spec(spec, rung, stop_at, resume, row))
+        if not jobs:
+            continue
+        progress.note(f"tuning the learning rate: rung {rung + 1} of {len(steps)}, {len(jobs)} runs to step "
+                      f"{stop_at} ({', '.join(f'{lr:g}' for lr in rates)}; keeps the best 1/{eta})")
+        for i, job in enumerate(jobs):
+            place[job.run_id] = first_place + i
+            positions[job.run_id] = job.position
+        jobs = resolve_allocations(study, study_dir, jobs, allocate, note=progress.note)
+        run_all(jobs)
+        first_place += len(jobs)
+    for arm in arms:
+        choice = choose(store.rows, arm, rates, steps, eta)
+        _drop_checkpoints([s for s in specs if s.strategy == arm])
+        progress.note(f"tuned {arm}: lr {choice.lr:g}" + (f" (at the {choice.edge} end of the grid: widen it)"
+                                                         if choice.edge else "")
+                      if choice.lr is not None else f"tuned {arm}: every learning rate failed")
+
+
+def _rung_spec(spec: RunSpec, rung: int, stop_at: int, resume: int | None, row) -> RunSpec:
+    """``spec`` set to train rung ``rung`` (to step ``stop_at``), continuing from the checkpoint at
+    step ``resume`` with the totals of its stored row."""
+    before: dict[str, Any] = {}
+    files = None
+    if resume is not None and row is not None:
+        before = {"train_time_s": row.train_time_s, "train_real_tokens": row.train_real_tokens,
+                  "train_label_tokens": row.train_label_tokens, "validation_losses": dict(row.validation_losses)}
+        folder = Path(spec.run_dir) / "trainer" / f"checkpoint-{resume}"
+        if folder.is_dir():
+            files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    tune = spec.tune.model_copy(update={"rung": rung, "stop_at": stop_at, "resume_step": resume, "before": before})
+    return spec.model_copy(update={"tune": tune, "resume_files": files})
+
+
+def _drop_checkpoints(specs: list[RunSpec]) -> None:
+    """Delete the tuning checkpoints of ``specs`` (an arm whose choice is made)."""
+    for spec in specs:
+        shutil.rmtree(Path(spec.run_dir) / "trainer", ignore_errors=True)

@@ -137,6 +137,7 @@ class RunRecipe:
     def __init__(self, spec: RunSpec, ctx: RunContext,
                  on_step: Callable[[int, int, float | None], None] | None = None):
         self.spec, self.ctx, self.on_step = spec, ctx, on_step
+        self.validation_loss: float | None = None  # a tuning run's, after its rung (evaluate)
 
     def prepare(self) -> RunSetup:
         run_dir = Path(self.spec.run_dir)
@@ -209,12 +210,15 @@ class RunRecipe:
                                   lora_dropout=spec.lora.dropout, quantization=getattr(spec, "quantization", "none"),
                                   dropout_masks=spec.lora.dropout_masks)
         settings = spec.train.model_copy(update={"gradient_checkpointing": plan.enabled})
+        # The learning curve reads the validation split where the study has one (choices are made there).
+        curve_split = setup.data.validation if setup.data.validation is not None else setup.data.eval
         outcome = train_adapters(
             model, setup.data.train, setup.collator, settings, seed=spec.seed, precision=setup.precision,
             device=setup.device, output_dir=setup.run_dir / "trainer", on_step=self.on_step, nll_fn=setup.task.nll,
             check_selective=setup.task.selective_logits,
-            eval_loss=lambda: self._evaluate(setup, model, by_length=True).loss, callbacks=adapters.callbacks,
-            dropout_masks=spec.lora.dropout_masks,
+            eval_loss=lambda: self._evaluate(setup, model, split=curve_split, by_length=True).loss,
+            callbacks=adapters.callbacks, dropout_masks=spec.lora.dropout_masks,
+            **self._rung(setup),
         )
         outcome.memory_plan = plan.record()
         atomic_write_json(setup.run_dir / "train_log.json", outcome.log_history)
@@ -224,6 +228,26 @@ class RunRecipe:
         norms = adapters.method.update_norms(model, adapters.placement)
         atomic_write_json(setup.run_dir / "adapter_norms.json", {"modules": norms})
         return outcome
+
+    def _rung(self, setup: RunSetup) -> dict[str, Any]:
+        """A tuning run's ``stop_at`` and ``resume_from`` (:func:`train_adapters`): the checkpoint of
+        its previous rung, written from ``spec.resume_files`` where this folder lacks it (a worker's)."""
+        tune = self.spec.tune
+        if self.spec.kind != "tune" or tune is None:
+            return {}
+        out: dict[str, Any] = {"stop_at": tune.stop_at}
+        if tune.resume_step is not None:
+            checkpoint = setup.run_dir / "trainer" / f"checkpoint-{tune.resume_step}"
+            if not (checkpoint / "trainer_state.json").is_file():
+                if not self.spec.resume_files:
+                    raise LoraplaceError(f"tuning run {self.spec.run_id}: its checkpoint at step {tune.resume_step} "
+                                         f"is missing ({checkpoint}); delete runs/{self.spec.run_id} to retrain it")
+                for rel, data in self.spec.resume_files.items():
+                    target = checkpoint / rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(data)
+            out["resume_from"] = checkpoint
+        return out
 
     def _save_adapters(self, setup: RunSetup, model) -> None:
         """``adapter/``: the trained adapter as PEFT saves it, written into a temp folder and renamed
@@ -238,8 +262,19 @@ class RunRecipe:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def evaluate(self, setup: RunSetup, model) -> EvalResult:
-        """The final evaluation on the held-out split, with the all-token sums where the task has them."""
+    def evaluate(self, setup: RunSetup, model) -> EvalResult | None:
+        """The final evaluation on the held-out (eval, or test) split, with the all-token sums where
+        the task has them. A tuning run is evaluated on the validation split after every rung
+        (:attr:`validation_loss`), and on the test split only at the last rung, after the choices
+        that read validation losses (None before)."""
+        spec = self.spec
+        if spec.kind == "tune" and spec.tune is not None:
+            if setup.data.validation is None:
+                raise LoraplaceError(f"tuning run {spec.run_id}: the study has no validation split "
+                                     "(data.validation_size is 0)")
+            self.validation_loss = self._evaluate(setup, model, split=setup.data.validation).loss
+            if spec.tune.stop_at < spec.train.max_steps:
+                return None
         ev = self._evaluate(setup, model, all_tokens=setup.task.all_token_sums)
         examples = {"nll_sum": ev.nll_sums, "n_tokens": ev.n_tokens, "batch": ev.batch_of}
         optional = {"nll_sum_all_tokens": ev.nll_sums_all, "n_tokens_all": ev.n_tokens_all,
@@ -248,9 +283,10 @@ class RunRecipe:
         atomic_write_json(setup.run_dir / "eval_examples.json", examples)
         return ev
 
-    def _evaluate(self, setup: RunSetup, model, **kwargs) -> EvalResult:
-
-        return evaluate_nll(model, setup.data.eval, setup.collator, batch_size=self.spec.train.eval_batch_size,
+    def _evaluate(self, setup: RunSetup, model, split=None, **kwargs) -> EvalResult:
+        """Evaluate on ``split`` (default: the eval split)."""
+        split = setup.data.eval if split is None else split
+        return evaluate_nll(model, split, setup.collator, batch_size=self.spec.train.eval_batch_size,
                             device=setup.device, autocast_dtype=setup.autocast_dtype, nll_fn=setup.task.nll, **kwargs)
 
     def record(self, setup: RunSetup, memory: PeakMemory, *, adapters: Adapters | None,
@@ -299,8 +335,28 @@ class RunRecipe:
             memory_estimate_mib=outcome.memory_plan.get("estimate_mib") if outcome else None,
             memory_plan=outcome.memory_plan if outcome else {},
         )
+        if spec.kind == "tune" and spec.tune is not None:
+            result = self._tune_fields(result, failed=error is not None)
         atomic_write_json(setup.run_dir / "result.json", result.model_dump())
         return result
+
+    def _tune_fields(self, result: RunResult, failed: bool) -> RunResult:
+        """A tuning run's rate, rung and validation losses, with the time and tokens of its earlier
+        rungs added (``train_steps`` already counts from the start: the Trainer resumed there)."""
+        tune = self.spec.tune
+        before = tune.before
+        losses = dict(before.get("validation_losses", {}))
+        if not failed and self.validation_loss is not None:
+            losses[str(tune.stop_at)] = self.validation_loss
+        update: dict[str, Any] = {
+            "tune_lr": tune.lr, "tune_rung": tune.rung if not failed else (tune.rung - 1 if tune.rung else None),
+            "validation_losses": losses, "validation_loss": losses[max(losses, key=int)] if losses else None}
+        for key in ("train_time_s", "train_real_tokens", "train_label_tokens"):
+            if getattr(result, key) is not None and before.get(key) is not None:
+                update[key] = getattr(result, key) + before[key]
+        if update.get("train_time_s"):
+            update["train_tokens_per_s"] = (update.get("train_real_tokens") or 0) / update["train_time_s"]
+        return result.model_copy(update=update)
 
 
 def execute_run(spec: RunSpec, ctx: RunContext,

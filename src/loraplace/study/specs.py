@@ -15,7 +15,7 @@ from pathlib import Path
 from loraplace.config import StudyConfig
 from loraplace.errors import LoraplaceError
 from loraplace.placement.arms import study_arms
-from loraplace.records import RunSpec
+from loraplace.records import RunSpec, TunePoint
 
 
 def default_output_dir(config: StudyConfig) -> Path:
@@ -90,7 +90,42 @@ def run_specs(config: StudyConfig, study_dir: Path) -> list[RunSpec]:
     return [s.model_copy(update={"position": i}) for i, s in enumerate(specs)]
 
 
+def tune_run_id(arm: str, seed: int, lr: float) -> str:
+    """The id of the tuning run of ``arm`` at ``lr`` (``tune-full-lr0.0004-s0``)."""
+    base = run_id_for(arm, seed)
+    return f"tune-{base[: -len(f'-s{seed}')]}-lr{lr:g}-s{seed}"
+
+
+def tuning_specs(config: StudyConfig, study_dir: Path) -> list[RunSpec]:
+    """The learning-rate tuning runs of a study with ``tune.lr``: every arm at every candidate rate
+    and seed, as ``kind='tune'`` specs without a rung yet (the driver sets :class:`TunePoint`
+    rung by rung: :mod:`loraplace.study.tuning`). Same settings as the arm's own runs but the
+    learning rate. Positions follow the study's own runs. [] without tuning."""
+    rates = config.tune.rates()
+    if not rates:
+        return []
+    plain = [s for s in run_specs(config, study_dir) if s.kind == "lora"]
+    first = len(plain) + int(config.include_base)
+    specs = []
+    for arm in arm_labels(config):
+        for seed in config.seeds:
+            template = next(s for s in plain if s.strategy == arm and s.seed == seed)
+            for lr in rates:
+                run_id = tune_run_id(arm, seed, lr)
+                specs.append(template.model_copy(update={
+                    "run_id": run_id, "kind": "tune", "run_dir": str(study_dir / "runs" / run_id),
+                    "train": template.train.model_copy(update={"lr": lr}),
+                    "tune": TunePoint(lr=lr, stop_at=config.train.max_steps), "position": first + len(specs)}))
+    return specs
+
+
 def run_identity(run) -> tuple:
     """What makes a run (a :class:`RunSpec` or a stored :class:`~loraplace.records.RunResult`)
-    the same run: kind, exact arm label and seed (the base row does not depend on the seed)."""
-    return ("base",) if run.kind == "base" else (run.kind, run.strategy, run.seed)
+    the same run: kind, exact arm label and seed (the base row does not depend on the seed), and a
+    tuning run's learning rate."""
+    if run.kind == "base":
+        return ("base",)
+    if run.kind == "tune":
+        lr = run.tune.lr if isinstance(run, RunSpec) else run.tune_lr
+        return (run.kind, run.strategy, run.seed, lr)
+    return (run.kind, run.strategy, run.seed)

@@ -57,6 +57,7 @@ CSV_COLUMNS = [
     "params_vs_full_pct", "eval_loss", "perplexity", "delta_eval_loss", "delta_eval_loss_pct", "worse_than_base",
     "eval_tokens", "train_time_s", "train_steps", "train_real_tokens", "train_tokens_per_s", "eval_time_s",
     "peak_memory_mib", "memory_kind", "position", "device", "precision", "quantization", "error",
+    "kind", "tune_lr", "tune_rung", "validation_loss",
 ]
 
 # Library versions whose change may change a run's numbers: a resume must match them.
@@ -442,11 +443,15 @@ class StudyStore:
 
     def record(self, result: RunResult) -> None:
         """Add (or replace: a rerun of a failed run) one result and rewrite the results files.
-        A stored ok row is never replaced or dropped."""
+        A stored ok row is never replaced or dropped, except by the same tuning run after a later
+        rung (more steps trained)."""
         for i, row in enumerate(self.rows):
             if row.run_id == result.run_id or (row.kind == result.kind and row.strategy == result.strategy
-                                               and row.seed == result.seed and row.status != "ok"):
-                if row.status == "ok":
+                                               and row.seed == result.seed and row.status != "ok"
+                                               and row.tune_lr == result.tune_lr):
+                advanced = (row.kind == result.kind == "tune" and row.run_id == result.run_id
+                            and (result.tune_rung or 0) > (row.tune_rung or 0))
+                if row.status == "ok" and not advanced:
                     raise LoraplaceError(f"internal error: run {result.run_id} finished twice")
                 self.rows[i] = result
                 break
@@ -502,10 +507,13 @@ def ordered_rows(config: StudyConfig | None, rows: list[RunResult]) -> list[RunR
     def key(item: tuple[int, RunResult]) -> tuple:
         i, r = item
         if r.kind == "base":
-            return (0, 0, 0, i)
+            return (0, 0, 0, 0, i)
         if r.seed in config.seeds and r.strategy in arms:
-            return (1, config.seeds.index(r.seed), arms.index(r.strategy), i)
-        return (2, 0, 0, i)
+            # tuning runs after the arms' own rows, by arm, seed and rate
+            if r.kind == "tune":
+                return (2, arms.index(r.strategy), config.seeds.index(r.seed), r.tune_lr or 0.0, i)
+            return (1, config.seeds.index(r.seed), arms.index(r.strategy), 0, i)
+        return (3, 0, 0, 0, i)
 
     return [r for _, r in sorted(enumerate(rows), key=key)]
 
@@ -515,7 +523,7 @@ def with_baseline_fields(results: list[RunResult]) -> list[RunResult]:
     strategy (:data:`~loraplace.placement.arms.REFERENCE_STRATEGY`, the full-LoRA baseline) of the
     same seed, and ``worse_than_base`` of every ok LoRA run against the ok base-model row (None
     without one)."""
-    full = {r.seed: r for r in results if r.strategy == REFERENCE_STRATEGY and r.status == "ok"}
+    full = {r.seed: r for r in results if r.strategy == REFERENCE_STRATEGY and r.kind == "lora" and r.status == "ok"}
     base = next((r for r in results if r.kind == "base" and r.status == "ok" and r.eval_loss is not None), None)
     out = []
     for r in results:
@@ -524,7 +532,7 @@ def with_baseline_fields(results: list[RunResult]) -> list[RunResult]:
         if ref is not None and r.kind == "lora" and r.trainable_params is not None:
             update["full_lora_params"] = ref.trainable_params
             update["params_vs_full_pct"] = 100.0 * r.trainable_params / ref.trainable_params
-        if ref is not None and r.eval_loss is not None and ref.eval_loss is not None:
+        if ref is not None and r.kind == "lora" and r.eval_loss is not None and ref.eval_loss is not None:
             update["delta_eval_loss"] = r.eval_loss - ref.eval_loss
             update["delta_eval_loss_pct"] = 100.0 * (r.eval_loss - ref.eval_loss) / ref.eval_loss
         if r.kind == "lora":
