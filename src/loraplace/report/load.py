@@ -50,6 +50,7 @@ class Study:
     runs: list[RunData]
     label: str = ""
     importance: dict[str, dict[str, Any]] = field(default_factory=dict)  # score -> importance/<score>.json
+    tuning: list[RunData] = field(default_factory=list)  # learning-rate tuning runs (kind 'tune'), not in runs
     allocations: dict[str, dict[str, Any]] = field(default_factory=dict)  # arm label -> allocations/*.json
 
     @property
@@ -154,9 +155,11 @@ def load_study(study_dir: Path) -> Study:
             modules=_read_json(run_dir / "modules.json"),
             adapter_norms=_load_norms(run_dir / "adapter_norms.json"),
         ))
+    tuning = [r for r in runs if r.result.kind == "tune"]
+    runs = [r for r in runs if r.result.kind != "tune"]
     if not runs:
         raise LoraplaceError(f"{study_dir / 'results.json'} lists no runs; run the study first")
-    return Study(dir=study_dir, config=data.get("study") or {}, runs=runs,
+    return Study(dir=study_dir, config=data.get("study") or {}, runs=runs, tuning=tuning,
                  importance=_load_importance(study_dir), allocations=_load_allocations(study_dir))
 
 

@@ -18,6 +18,7 @@ from loraplace.report.context import Part, ReportContext
 from loraplace.report.doc import Bullets, Heading, Para
 from loraplace.report.perplexity import OPTIONAL_FIELDS, diagnose, explain
 from loraplace.report.recommend import recommendations, significance_rule
+from loraplace.report.tuning import tuning_section
 
 
 def _names(labels: list[str], limit: int = 8) -> str:
@@ -226,6 +227,7 @@ SECTIONS = (
     recommendations_section,
     results_section,
     comparisons_section,
+    tuning_section,  # learning-rate tuning: chosen rates, tuned comparisons, robustness of the verdicts
     figures_section,
     before_training_section,  # automatic placement: importance scores, allocations
     after_training_section,  # automatic placement: auto vs same-budget arms, post-hoc norms, score validity
