@@ -366,3 +366,27 @@ def test_an_unreachable_ray_client_address_gets_one_line(tiny_llama_dir, data_fi
     message = " ".join(result.output.split())
     assert f"nothing answers at {address}" in message and "Traceback" not in message
     assert time.monotonic() - start < 30
+
+
+def test_halving_on_ray_equals_halving_locally(ray_cluster, tiny_llama_dir, data_file, tmp_path):
+    """A tuned study (3 rates, halving to one) on Ray chooses and measures what it does locally at
+    equal threads: the continued rung starts on a worker from the checkpoint the driver carries."""
+    import torch
+
+    tuned = {"strategies": "attention", "include_base": False, "train.max_steps": 4, "train.eval_every": 0,
+             "data.validation_size": 8, "tune.lr": [1e-4, 1e-3, 1e-2]}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        local = study(tiny_llama_dir, data_file, tmp_path / "local", **tuned)
+    finally:
+        torch.set_num_threads(threads)
+    remote = study(tiny_llama_dir, data_file, tmp_path / "ray", **tuned, **RAY)
+    a, b = rows(local), rows(remote)
+    assert sorted(a) == sorted(b) and len([r for r in a if r.startswith("tune-")]) == 3
+    for run_id, r in a.items():
+        assert b[run_id]["status"] == "ok"
+        assert b[run_id]["validation_losses"] == r["validation_losses"], run_id
+        assert b[run_id]["eval_loss"] == r["eval_loss"], run_id
+    finals = [r for r in b.values() if r["kind"] == "tune" and r["eval_loss"] is not None]
+    assert len(finals) == 1 and sorted(finals[0]["validation_losses"], key=int) == ["1", "4"]

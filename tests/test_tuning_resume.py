@@ -4,8 +4,8 @@ dropout, gradient accumulation and a data order that reshuffles every epoch (the
 later epoch). Tiny random-init Llama models from a config: a few seconds."""
 
 import torch
-from test_training_fairness import dataset, peft_model
 from test_evaluation_nll import PAD, examples
+from test_training_fairness import dataset, peft_model
 
 from loraplace.config import TrainSettings
 from loraplace.data import PadCollator

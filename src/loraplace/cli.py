@@ -25,7 +25,7 @@ from loraplace.placement.arms import REFERENCE_STRATEGY
 from loraplace.placement.strategies import split_strategy_list
 from loraplace.report.fmt import num
 from loraplace.report.write import write_report
-from loraplace.study.progress import StudyInterrupted, StudyProgress
+from loraplace.study.progress import StudyInterrupted, StudyProgress, describe_choices
 from loraplace.study.store import StudyStore
 
 # The commands that train, score or resolve placements import torch, transformers and PEFT (seconds)
@@ -283,8 +283,13 @@ class _ConsoleProgress(StudyProgress):
         console.print(f"study [bold]{study.name}[/]: {total} runs ({finished} already finished) -> {study_dir}"
                       + (f"; {kept} other stored runs are kept" if kept > 0 else ""), highlight=False)
 
+    def tuned(self, choices) -> None:
+        self.choices = choices
+
     def results_saved(self, study_dir: Path) -> None:
         print_results(study_dir)
+        if getattr(self, "choices", None):
+            console.print(describe_choices(self.choices), highlight=False, soft_wrap=True)
 
     def report_written(self, html_path: Path) -> None:
         console.print(f"report: {html_path} and {html_path.with_name('report.md')}")

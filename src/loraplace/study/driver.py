@@ -186,12 +186,14 @@ def run_tuning(study: StudyConfig, study_dir: Path, store: StudyStore, specs: li
         jobs = resolve_allocations(study, study_dir, jobs, allocate, note=progress.note)
         run_all(jobs)
         first_place += len(jobs)
+    choices = []
     for arm in arms:
-        choice = choose(store.rows, arm, rates, steps, eta)
-        _drop_checkpoints([s for s in specs if s.strategy == arm])
-        progress.note(f"tuned {arm}: lr {choice.lr:g}" + (f" (at the {choice.edge} end of the grid: widen it)"
-                                                         if choice.edge else "")
-                      if choice.lr is not None else f"tuned {arm}: every learning rate failed")
+        choices.append(choose(store.rows, arm, rates, steps, eta))
+        mine = [s for s in specs if s.strategy == arm]
+        ids = {s.run_id for s in mine}
+        if all(r.status == "ok" for r in store.rows if r.run_id in ids):  # a failed rate may be retried on resume
+            _drop_checkpoints(mine)
+    progress.tuned(choices)
 
 
 def _rung_spec(spec: RunSpec, rung: int, stop_at: int, resume: int | None, row) -> RunSpec:

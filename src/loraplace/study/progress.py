@@ -9,6 +9,18 @@ from pathlib import Path
 
 from loraplace.config import StudyConfig
 from loraplace.records import RunResult, RunSpec
+from loraplace.tuning import Choice
+
+
+def describe_choices(choices: list[Choice]) -> str:
+    """``tuned learning rates: full 0.001, attention 0.01 (highest of the grid: widen it)``."""
+    parts = []
+    for c in choices:
+        if c.lr is None:
+            parts.append(f"{c.arm} none (every rate failed)")
+        else:
+            parts.append(f"{c.arm} {c.lr:g}" + (f" ({c.edge}est of the grid: widen it)" if c.edge else ""))
+    return "tuned learning rates (chosen on the validation split): " + ", ".join(parts)
 
 
 class StudyProgress:
@@ -38,6 +50,10 @@ class StudyProgress:
 
     def runs_stopped(self) -> None:
         """Called once when the runs stop: all done, or an error or interrupt ended them."""
+
+    def tuned(self, choices: list[Choice]) -> None:
+        """The learning rate each arm's tuning chose (:class:`~loraplace.tuning.Choice`: the rate, or None
+        where every rate failed, and whether it lies at an end of the grid)."""
 
     def results_saved(self, study_dir: Path) -> None:
         """Every run of the plan ended; the results files in ``study_dir`` are final."""
