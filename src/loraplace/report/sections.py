@@ -185,6 +185,21 @@ def runs_section(ctx: ReportContext) -> Part:
     return part
 
 
+def _learning_rate_note(ctx: ReportContext) -> str:
+    """Whether the comparisons are taken at one learning rate (untuned) or at each arm's tuned rate."""
+    untuned = [s for s in ctx.studies if not s.tuning]
+    rates = sorted({float((s.config.get("train") or {}).get("lr", 0)) for s in untuned} - {0.0})
+    text = ("Learning rate: " + (f"**untuned**: every arm trained at one learning rate "
+                                 f"({', '.join(f'{lr:g}' for lr in rates) or 'train.lr'}), so a difference between arms "
+                                 "may be a step-size effect (their best rates differ); `tune.lr` compares each arm at "
+                                 "its own rate, chosen on a validation split (see the README)" if untuned else ""))
+    if len(untuned) < len(ctx.studies):
+        text += ("; " if untuned else "") + ("the *Learning-rate tuning* section compares the arms at their own "
+                                             "rates, chosen on the validation split, and reports them on the test "
+                                             "split (the tables above: every arm at train.lr)")
+    return text + "."
+
+
 def methods_section(ctx: ReportContext) -> Part:
     """How every number of the report was computed."""
     time_note = ctx.time_note
@@ -198,6 +213,7 @@ def methods_section(ctx: ReportContext) -> Part:
         "token-weighted eval losses and their difference. CI: 2.5th–97.5th percentile; p: two-sided, from the "
         "bootstrap distribution centred on the null.",
         "Significance, one rule for the whole report. " + significance_rule(),
+        _learning_rate_note(ctx),
         "Memory: for each run, its peak minus the memory in use when it started (the loaded base model and data), "
         "i.e. the increase over the loaded model, what the run itself needed, shown beside the run's peak and start. "
         "The measure is the process RSS on CPU and CUDA max allocated memory on a GPU; the table headers name it. "
