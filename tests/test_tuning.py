@@ -155,3 +155,11 @@ def test_killed_tuned_study_resumes_without_losing_a_rung(tiny_llama_dir, alpaca
     assert not any((tmp_path / "killed" / "runs" / r / "trainer").exists() for r in b if r.startswith("tune-"))
     report = (tmp_path / "killed" / "report" / "report.md").read_text()
     assert "## Learning-rate tuning" in report
+
+
+def test_rung_sizes():
+    from loraplace.tuning import rung_sizes
+
+    assert rung_sizes(90, 4, 3) == [4, 2, 1]
+    assert rung_sizes(40, 5, 2) == [5, 3, 2, 1]
+    assert rung_sizes(40, 4, 3, "grid") == [4]

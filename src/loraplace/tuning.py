@@ -63,6 +63,14 @@ def rung_steps(max_steps: int, n_rates: int, eta: int, schedule: str = "halving"
     return steps
 
 
+def rung_sizes(max_steps: int, n_rates: int, eta: int, schedule: str = "halving") -> list[int]:
+    """How many rates train in each rung of :func:`rung_steps` (``n``, ``ceil(n / eta)``, ..., 1)."""
+    sizes = [n_rates]
+    for _ in rung_steps(max_steps, n_rates, eta, schedule)[1:]:
+        sizes.append(survivors_count(sizes[-1], eta))
+    return sizes
+
+
 def _mean(values: Sequence[float | None]) -> float:
     """Mean over the seeds; a missing or non-finite loss (a failed run) makes it +inf."""
     if not values or any(v is None or not math.isfinite(v) for v in values):

@@ -27,9 +27,9 @@ from loraplace.study.allocations import resolve_allocations
 from loraplace.study.checks import check_study
 from loraplace.study.executor import LocalExecutor
 from loraplace.study.progress import StudyInterrupted, StudyProgress
-from loraplace.study.specs import default_output_dir, run_identity, run_specs, tuning_specs
+from loraplace.study.specs import arm_labels, default_output_dir, run_identity, run_specs, tuning_specs
 from loraplace.study.store import StudyStore
-from loraplace.tuning import alive_rates, choose, rung_steps
+from loraplace.tuning import alive_rates, choose, rung_sizes, rung_steps
 
 
 def resolve_environment(config: StudyConfig) -> dict[str, Any]:
@@ -105,7 +105,9 @@ def run_study(config: StudyConfig, resume: bool = False, allow_mixed: bool = Fal
         todo = [s for s in specs if s.run_id not in finished]
         planned = {run_identity(s) for s in specs}
         kept = sum(run_identity(r) not in planned for r in store.rows) if resume else 0
-        progress.planned(study, study_dir, len(specs), len(finished), kept)
+        tuning_runs = len(arm_labels(study)) * len(study.seeds) * sum(rung_sizes(
+            study.train.max_steps, len(study.tune.rates()), study.tune.eta, study.tune.schedule)) if wanted_tuning else 0
+        progress.planned(study, study_dir, len(specs) + tuning_runs, len(finished), kept)
         # Automatic arms: scored and allocated once per study (stored, so a resume trains the same ranks).
 
         todo = resolve_allocations(study, study_dir, todo, executor.allocate, note=progress.note)
