@@ -285,23 +285,30 @@ def target_counter(nll_fn: Callable, model: nn.Module) -> Callable[[dict], torch
 class EpochOrder(torch.utils.data.Sampler):
     """A shuffling sampler whose epoch ``e`` order is the ``e``-th draw of a generator seeded with
     ``seed``, whatever iterated before: :meth:`set_epoch` (the Trainer calls it, through
-    accelerate, before every epoch, also after resuming) reseeds and skips the earlier epochs'
-    draws. Straight through, the orders are those of one generator drawn epoch after epoch."""
+    accelerate, before every epoch, also after resuming) restores the generator's state at the
+    start of that epoch (kept from the iteration before, else reseeded and the earlier epochs'
+    draws repeated). Straight through, the orders are those of one generator drawn epoch after epoch."""
 
     def __init__(self, sampler, seed: int):
         self.sampler, self.seed = sampler, seed
         sampler.generator = torch.Generator().manual_seed(seed)
         self.epoch = 0
+        self._states = {0: sampler.generator.get_state()}  # epoch -> generator state at its start
 
     def set_epoch(self, epoch: int) -> None:
-        self.sampler.generator.manual_seed(self.seed)
-        for _ in range(epoch):
-            for _ in self.sampler:  # each full pass draws one epoch's permutation
-                pass
+        if epoch not in self._states:
+            self.sampler.generator.manual_seed(self.seed)
+            for _ in range(epoch):
+                list(self.sampler)  # draws one epoch's permutation
+        else:
+            self.sampler.generator.set_state(self._states[epoch])
         self.epoch = epoch
 
     def __iter__(self):
-        return iter(self.sampler)
+        order = list(self.sampler)  # the whole epoch's draw, so the state after it is known now
+        self._states[self.epoch + 1] = self.sampler.generator.get_state()
+        self.epoch += 1  # where set_epoch is not called (a plain DataLoader), the next epoch follows
+        return iter(order)
 
     def __len__(self) -> int:
         return len(self.sampler)
