@@ -170,6 +170,8 @@ def run_tuning(study: StudyConfig, study_dir: Path, store: StudyStore, specs: li
         for arm in arms:
             alive = set(alive_rates(store.rows, arm, rates, steps, rung, eta))
             for spec in specs:
+                if spec.strategy == arm and rung and spec.tune.lr not in alive and _ok(store, spec, steps[rung - 1]):
+                    _drop_checkpoints([spec])  # out of the halving: its state is not needed again
                 if spec.strategy != arm or spec.tune.lr not in alive:
                     continue
                 row = next((r for r in store.rows if r.run_id == spec.run_id), None)
@@ -188,6 +190,9 @@ def run_tuning(study: StudyConfig, study_dir: Path, store: StudyStore, specs: li
         jobs = resolve_allocations(study, study_dir, jobs, allocate, note=progress.note)
         run_all(jobs)
         first_place += len(jobs)
+        for job in jobs:  # a rung stored: the checkpoint it continued from is not needed again
+            if job.tune.resume_step is not None and _ok(store, job, stop_at):
+                shutil.rmtree(Path(job.run_dir) / "trainer" / f"checkpoint-{job.tune.resume_step}", ignore_errors=True)
     choices = []
     for arm in arms:
         choices.append(choose(store.rows, arm, rates, steps, eta))
@@ -211,6 +216,12 @@ def _rung_spec(spec: RunSpec, rung: int, stop_at: int, resume: int | None, row) 
             files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
     tune = spec.tune.model_copy(update={"rung": rung, "stop_at": stop_at, "resume_step": resume, "before": before})
     return spec.model_copy(update={"tune": tune, "resume_files": files})
+
+
+def _ok(store: StudyStore, spec: RunSpec, step: int) -> bool:
+    """Whether the stored row of ``spec`` finished the rung that ends at ``step``."""
+    row = next((r for r in store.rows if r.run_id == spec.run_id), None)
+    return row is not None and str(step) in row.validation_losses
 
 
 def _drop_checkpoints(specs: list[RunSpec]) -> None:
