@@ -38,7 +38,7 @@ from loraplace.run.context import RunContext
 from loraplace.run.device import pick_device, resolve_precision
 from loraplace.run.measure import library_versions
 from loraplace.study.allocations import Allocated, compute_allocations
-from loraplace.study.runs import execute_run
+from loraplace.study.runs import execute_run, failed_result
 
 StepHook = Callable[[RunSpec, int, int, "float | None"], None]
 
@@ -417,11 +417,3 @@ class _suppress:
 
     def __exit__(self, *exc) -> bool:
         return exc[0] is not None and issubclass(exc[0], Exception)
-
-
-def failed_result(spec: RunSpec, error: str) -> RunResult:
-    """The row of a run that never finished on any worker."""
-
-    return RunResult(run_id=spec.run_id, kind=spec.kind, strategy=spec.strategy, seed=spec.seed, status="failed",
-                     error=error, model=spec.model, dataset=spec.dataset, position=spec.position,
-                     quantization=spec.quantization, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
