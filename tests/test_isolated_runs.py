@@ -19,6 +19,7 @@ from loraplace.records import RunSpec
 from loraplace.run.context import RunContext
 from loraplace.study.driver import run_study
 from loraplace.study.executor import LocalExecutor
+from loraplace.study.progress import StudyProgress
 from loraplace.study.runs import execute_run
 
 
@@ -81,22 +82,25 @@ def test_ctrl_c_stops_the_run_process(tiny_llama_dir, alpaca_file, tmp_path):
     assert multiprocessing.active_children() == []
 
 
-def test_isolated_study_stores_the_numbers_of_one_process(tiny_llama_dir, alpaca_file, tmp_path):
-    """``run_study`` with ``executor.isolate`` (the default; the suite's conftest turns it off) stores
-    the numbers of ``executor.isolate=false``."""
-    def study(name: str, **overrides) -> dict[str, dict]:
-        config = load_study(None, {
-            "model": str(tiny_llama_dir), "dataset": str(alpaca_file), "output": str(tmp_path / name),
-            "strategies": ["attention", "ffn"], "include_base": True, "device": "cpu", "train.max_steps": 2,
-            "train.batch_size": 4, "train.max_length": 64, "train.eval_every": 0, "train.precision": "fp32",
-            "data.eval_size": 8, **overrides})
-        assert config.executor.isolate == overrides["executor.isolate"]
-        out = run_study(config)
-        return {r["run_id"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+def test_isolated_study_stores_its_runs_and_reports_their_steps(tiny_llama_dir, alpaca_file, tmp_path):
+    """``run_study`` with ``executor.isolate`` (the default; the suite's conftest turns it off): the
+    runs' rows are stored and their progress reaches the driver's StudyProgress."""
+    events = []
 
-    isolated, here = study("isolated", **{"executor.isolate": True}), study("here", **{"executor.isolate": False})
-    assert sorted(isolated) == sorted(here) and len(isolated) == 3
-    for run_id, row in isolated.items():
-        assert row["status"] == "ok", row["error"]
-        assert (row["eval_loss"], row["trainable_params"]) == (here[run_id]["eval_loss"], here[run_id]["trainable_params"])
+    class Progress(StudyProgress):
+        def run_started(self, spec, k):
+            events.append(("started", spec.run_id))
+
+        def run_step(self, spec, step, total, loss):
+            events.append(("step", spec.run_id, step, total))
+
+    config = load_study(None, {
+        "model": str(tiny_llama_dir), "dataset": str(alpaca_file), "output": str(tmp_path / "study"),
+        "strategies": ["attention"], "include_base": True, "device": "cpu", "train.max_steps": 2,
+        "train.batch_size": 4, "train.max_length": 64, "train.eval_every": 0, "train.precision": "fp32",
+        "data.eval_size": 8, "executor.isolate": True})
+    rows = json.loads((run_study(config, progress=Progress()) / "results.json").read_text())["runs"]
+    assert sorted(r["run_id"] for r in rows) == ["attention-s0", "base"]
+    assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
+    assert ("started", "attention-s0") in events and ("step", "attention-s0", 2, 2) in events
     assert multiprocessing.active_children() == []
