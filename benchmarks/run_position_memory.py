@@ -26,6 +26,7 @@ import gc
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -78,6 +79,24 @@ class _Watch(StudyProgress):
               f"{result.peak_memory_increase_mib:5.0f} estimate {result.memory_estimate_mib} (MiB)", flush=True)
 
 
+def _study(root: Path, model_dir: Path, data: Path, steps: int, isolate: bool) -> tuple[list[dict], float]:
+    """Run the study with ``executor.isolate``; its rows in execution order and its wall time."""
+    out = root / ("study-isolated" if isolate else "study-in-process")
+    shutil.rmtree(out, ignore_errors=True)
+    config = load_study(None, {
+        "model": str(model_dir), "dataset": str(data), "output": str(out), "include_base": False,
+        "strategies": ["full", "eva~attention", "adalora~attention", "auto~attention", "attention", "full@all"],
+        "train.max_steps": steps, "train.batch_size": 4, "train.max_length": 128, "train.eval_every": 2,
+        "train.precision": "bf16", "data.eval_size": 16, "device": "cpu", "importance.batches": 4,
+        "importance.batch_size": 4, "lora.dropout": 0.1, "executor.isolate": isolate})
+    start = time.monotonic()
+    # in this process, the probes after each run say what it keeps; an isolated run's process is gone by then
+    run_study(config, progress=StudyProgress() if isolate else _Watch())
+    seconds = time.monotonic() - start
+    rows = json.loads((out / "results.json").read_text())["runs"]
+    return sorted(rows, key=lambda r: r["position"]), seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="/tmp/loraplace-run-position")
@@ -94,15 +113,18 @@ def main() -> None:
         Gemma3ForCausalLM(config).save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
     data.write_text(json.dumps(alpaca_rows(64)))
-    out = root / "study"
-    shutil.rmtree(out, ignore_errors=True)
-    config = load_study(None, {
-        "model": str(model_dir), "dataset": str(data), "output": str(out), "include_base": False,
-        "strategies": ["full", "eva~attention", "adalora~attention", "auto~attention", "attention", "full@all"],
-        "train.max_steps": args.steps, "train.batch_size": 4, "train.max_length": 128, "train.eval_every": 2,
-        "train.precision": "bf16", "data.eval_size": 16, "device": "cpu", "importance.batches": 4,
-        "importance.batch_size": 4, "lora.dropout": 0.1})
-    run_study(config, progress=_Watch())
+    for isolate in (True, False):
+        mode = "isolated (executor.isolate=true)" if isolate else "in one process (executor.isolate=false)"
+        print(f"\n== {mode}", flush=True)
+        rows, seconds = _study(root, model_dir, data, args.steps, isolate)
+        print(f"{'position':>8s} {'run':22s} {'start':>7s} {'peak':>7s} {'increase':>8s} {'estimate':>8s}  (MiB)")
+        for r in rows:
+            print(f"{r['position']:8d} {r['strategy']:22s} {r['memory_start_mib']:7.0f} {r['peak_memory_mib']:7.0f} "
+                  f"{r['peak_memory_increase_mib']:8.0f} {r['memory_estimate_mib'] or 0:8.0f}")
+        first, last = rows[0], rows[-1]
+        print(f"full first: peak {first['peak_memory_mib']:.0f} MiB; full@all last: peak {last['peak_memory_mib']:.0f} "
+              f"MiB ({last['peak_memory_mib'] / first['peak_memory_mib']:.3f}x); estimate "
+              f"{last['memory_estimate_mib']:.0f}; study wall time {seconds:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
