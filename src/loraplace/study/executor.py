@@ -56,12 +56,14 @@ class LocalExecutor:
 
     Without ``isolate``, the runs share this process and its :class:`RunContext` (the base model
     is loaded once): faster to start, but memory that one run leaves to the allocators (glibc,
-    oneDNN) is there for the next (benchmarks/README.md, ``run_position_memory.py``).
+    oneDNN) is there for the next (benchmarks/README.md, ``run_position_memory.py``). ``isolate``
+    is off unless given; :func:`~loraplace.study.driver.run_study` passes ``executor.isolate``
+    (default true).
     """
 
-    run_job: RunJob = staticmethod(execute_run)
-    """What each run calls: :func:`execute_run`. In a run's own process it is found by its module
-    and name, so a replacement must be a module-level function."""
+    run_job: RunJob | None = None
+    """What each run calls; None: :func:`execute_run`. A subclass may set another (``staticmethod``);
+    in a run's own process it is found by its module and name, so it must be a module-level function."""
 
     def __init__(self, on_step: StepHook | None = None, on_start: Callable[[RunSpec], None] | None = None,
                  allow_fetch: bool = True, isolate: bool = False):
@@ -89,13 +91,16 @@ class LocalExecutor:
                 yield self._run_isolated(spec)
                 continue
             hook = (lambda step, total, loss, _s=spec: self.on_step(_s, step, total, loss)) if self.on_step else None
-            yield self.run_job(spec, self.ctx, on_step=hook)
+            yield self._job()(spec, self.ctx, on_step=hook)
+
+    def _job(self) -> RunJob:
+        return type(self).run_job or execute_run
 
     def _run_isolated(self, spec: RunSpec) -> RunResult:
         """Run ``spec`` in a new process; its result, or a failed result where the process died."""
         mp = multiprocessing.get_context("spawn")
         reader, writer = mp.Pipe(duplex=False)
-        process = mp.Process(target=_run_in_child, args=(type(self).run_job, spec, self.allow_fetch,
+        process = mp.Process(target=_run_in_child, args=(self._job(), spec, self.allow_fetch,
                                                          _parent_settings(), writer),
                              name=f"loraplace-run-{spec.run_id}")
         process.start()
