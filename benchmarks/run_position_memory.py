@@ -2,20 +2,20 @@
 
 Runs one study on a random-init Gemma-3-style model with a 262k vocabulary (hidden 640, 6 layers,
 bf16 on CPU), arms ``full, eva~attention, adalora~attention, auto~attention, attention, full@all``
-(``full@all`` is ``full`` under another label: the same placement, last instead of first), and
-after every run prints the process RSS, the bytes of every live CPU tensor reachable from Python,
-glibc's heap in use and free (``mallinfo2``), and the run's start, peak and increase as the study
-recorded them, beside the memory plan's estimate.
+(``full@all`` is ``full`` under another label: the same placement, last instead of first), twice:
+each run in its own process (``executor.isolate=true``, the default), then all in this process
+(``executor.isolate=false``, which after every run also prints the process RSS, the bytes of every
+live CPU tensor reachable from Python and glibc's heap in use and free, ``mallinfo2``). For each,
+it prints every run's start, peak and increase as the study recorded them, beside the memory
+plan's estimate, and ``full`` first against ``full@all`` last.
 
     python benchmarks/run_position_memory.py [--out DIR] [--steps 4]
 
-Measured on this 2-core CPU (2026-12-04): live tensors stay at 768 MiB (the model) after every
-run, Python's own allocations at 9 MiB (tracemalloc), but glibc's heap in use grows from 460 MiB
-after the first run to 714 MiB after the fourth (+59 EVA, +41 AdaLoRA, +154 auto) and then stays
-flat; ``full`` peaked at 2,094 MiB as the first run and 2,382 MiB as the last (estimate 1,905).
-The memory that stays is neither a tensor nor a Python object; it grows only with arms that bring
-new per-module ranks (new matmul shapes). Candidates (benchmarks/README.md): glibc's dynamic mmap
-threshold and oneDNN's shape-keyed primitive cache; neither is fixed yet.
+Measured on this 2-core CPU (2026-12-04, benchmarks/README.md): in one process glibc's heap in
+use grows over the first four runs (memory that is neither a tensor nor a Python object, with arms
+that bring new matmul shapes) and ``full`` peaked at 2,113 MiB first and 2,446 MiB last (1.16x);
+isolated, every run starts at 729 MiB and ``full`` peaked at 2,104 and 2,232 MiB (1.06x, within
+the 2,072-2,274 MiB of the same run repeated in fresh processes). Estimate: 1,905 MiB.
 """
 
 from __future__ import annotations
