@@ -2,20 +2,20 @@
 
 Runs one study on a random-init Gemma-3-style model with a 262k vocabulary (hidden 640, 6 layers,
 bf16 on CPU), arms ``full, eva~attention, adalora~attention, auto~attention, attention, full@all``
-(``full@all`` is ``full`` under another label: the same placement, last instead of first), and
-after every run prints the process RSS, the bytes of every live CPU tensor reachable from Python,
-glibc's heap in use and free (``mallinfo2``), and the run's start, peak and increase as the study
-recorded them, beside the memory plan's estimate.
+(``full@all`` is ``full`` under another label: the same placement, last instead of first), twice:
+each run in its own process (``executor.isolate=true``, the default), then all in this process
+(``executor.isolate=false``, which after every run also prints the process RSS, the bytes of every
+live CPU tensor reachable from Python and glibc's heap in use and free, ``mallinfo2``). For each,
+it prints every run's start, peak and increase as the study recorded them, beside the memory
+plan's estimate, and ``full`` first against ``full@all`` last.
 
     python benchmarks/run_position_memory.py [--out DIR] [--steps 4]
 
-Measured on this 2-core CPU (2026-12-04): live tensors stay at 768 MiB (the model) after every
-run, Python's own allocations at 9 MiB (tracemalloc), but glibc's heap in use grows from 460 MiB
-after the first run to 714 MiB after the fourth (+59 EVA, +41 AdaLoRA, +154 auto) and then stays
-flat; ``full`` peaked at 2,094 MiB as the first run and 2,382 MiB as the last (estimate 1,905).
-The memory that stays is neither a tensor nor a Python object; it grows only with arms that bring
-new per-module ranks (new matmul shapes). Candidates (benchmarks/README.md): glibc's dynamic mmap
-threshold and oneDNN's shape-keyed primitive cache; neither is fixed yet.
+Measured on this 2-core CPU (2026-12-04, benchmarks/README.md): in one process glibc's heap in
+use grows over the first four runs (memory that is neither a tensor nor a Python object, with arms
+that bring new matmul shapes) and ``full`` peaked at 2,113 MiB first and 2,446 MiB last (1.16x);
+isolated, every run starts at 729 MiB and ``full`` peaked at 2,104 and 2,232 MiB (1.06x, within
+the 2,072-2,274 MiB of the same run repeated in fresh processes). Estimate: 1,905 MiB.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import gc
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -78,6 +79,24 @@ class _Watch(StudyProgress):
               f"{result.peak_memory_increase_mib:5.0f} estimate {result.memory_estimate_mib} (MiB)", flush=True)
 
 
+def _study(root: Path, model_dir: Path, data: Path, steps: int, isolate: bool) -> tuple[list[dict], float]:
+    """Run the study with ``executor.isolate``; its rows in execution order and its wall time."""
+    out = root / ("study-isolated" if isolate else "study-in-process")
+    shutil.rmtree(out, ignore_errors=True)
+    config = load_study(None, {
+        "model": str(model_dir), "dataset": str(data), "output": str(out), "include_base": False,
+        "strategies": ["full", "eva~attention", "adalora~attention", "auto~attention", "attention", "full@all"],
+        "train.max_steps": steps, "train.batch_size": 4, "train.max_length": 128, "train.eval_every": 2,
+        "train.precision": "bf16", "data.eval_size": 16, "device": "cpu", "importance.batches": 4,
+        "importance.batch_size": 4, "lora.dropout": 0.1, "executor.isolate": isolate})
+    start = time.monotonic()
+    # in this process, the probes after each run say what it keeps; an isolated run's process is gone by then
+    run_study(config, progress=StudyProgress() if isolate else _Watch())
+    seconds = time.monotonic() - start
+    rows = json.loads((out / "results.json").read_text())["runs"]
+    return sorted(rows, key=lambda r: r["position"]), seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="/tmp/loraplace-run-position")
@@ -94,15 +113,18 @@ def main() -> None:
         Gemma3ForCausalLM(config).save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
     data.write_text(json.dumps(alpaca_rows(64)))
-    out = root / "study"
-    shutil.rmtree(out, ignore_errors=True)
-    config = load_study(None, {
-        "model": str(model_dir), "dataset": str(data), "output": str(out), "include_base": False,
-        "strategies": ["full", "eva~attention", "adalora~attention", "auto~attention", "attention", "full@all"],
-        "train.max_steps": args.steps, "train.batch_size": 4, "train.max_length": 128, "train.eval_every": 2,
-        "train.precision": "bf16", "data.eval_size": 16, "device": "cpu", "importance.batches": 4,
-        "importance.batch_size": 4, "lora.dropout": 0.1})
-    run_study(config, progress=_Watch())
+    for isolate in (True, False):
+        mode = "isolated (executor.isolate=true)" if isolate else "in one process (executor.isolate=false)"
+        print(f"\n== {mode}", flush=True)
+        rows, seconds = _study(root, model_dir, data, args.steps, isolate)
+        print(f"{'position':>8s} {'run':22s} {'start':>7s} {'peak':>7s} {'increase':>8s} {'estimate':>8s}  (MiB)")
+        for r in rows:
+            print(f"{r['position']:8d} {r['strategy']:22s} {r['memory_start_mib']:7.0f} {r['peak_memory_mib']:7.0f} "
+                  f"{r['peak_memory_increase_mib']:8.0f} {r['memory_estimate_mib'] or 0:8.0f}")
+        first, last = rows[0], rows[-1]
+        print(f"full first: peak {first['peak_memory_mib']:.0f} MiB; full@all last: peak {last['peak_memory_mib']:.0f} "
+              f"MiB ({last['peak_memory_mib'] / first['peak_memory_mib']:.3f}x); estimate "
+              f"{last['memory_estimate_mib']:.0f}; study wall time {seconds:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

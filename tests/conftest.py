@@ -87,3 +87,20 @@ def alpaca_file(tmp_path) -> Path:
     path = tmp_path / "alpaca.json"
     path.write_text(json.dumps(alpaca_rows()))
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _runs_in_this_process_by_default():
+    """The suite's studies run in-process (``executor.isolate`` defaults to false here): a fresh
+    process per run costs seconds of imports, ~100 runs over the suite. tests/test_isolated_runs.py
+    sets ``executor.isolate`` (or ``LocalExecutor(isolate=True)``) explicitly."""
+    from loraplace.config import ExecutorSettings, StudyConfig
+
+    field = ExecutorSettings.model_fields["isolate"]
+    default, field.default = field.default, False
+    ExecutorSettings.model_rebuild(force=True)
+    StudyConfig.model_rebuild(force=True)
+    yield
+    field.default = default
+    ExecutorSettings.model_rebuild(force=True)
+    StudyConfig.model_rebuild(force=True)

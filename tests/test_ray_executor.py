@@ -239,6 +239,19 @@ def test_killed_worker_is_replaced_and_its_run_retried(ray_cluster, tiny_llama_d
                                 if not (r == "base" and name in ("train_log.json", "adapter_norms.json")))
 
 
+def test_isolated_ray_runs_each_get_a_new_worker_process(ray_cluster, tiny_llama_dir, data_file, tmp_path,
+                                                         monkeypatch):
+    """``executor.isolate``: a worker is replaced after each run, so no two runs share a process."""
+    executors = recording_executors(monkeypatch)
+    out = study(tiny_llama_dir, data_file, tmp_path / "s", strategies=["attention", "ffn"],
+                **{**RAY, "executor.isolate": True, "train.eval_every": 0})
+    runs = rows(out)
+    assert all(r["status"] == "ok" for r in runs.values()), {k: r["error"] for k, r in runs.items()}
+    pids = executors[0].running
+    assert sorted(pids) == sorted(runs) == ["attention-s0", "base", "ffn-s0"]
+    assert len(set(pids.values())) == 3
+
+
 def test_run_failed_after_max_retries(ray_cluster, tiny_llama_dir, data_file, tmp_path, monkeypatch):
     """A run whose worker dies every time is recorded as failed with the reason; the rest goes on."""
     executors = recording_executors(monkeypatch)

@@ -181,6 +181,9 @@ class ExecutorSettings(_Strict):
         None, ge=1, description="Most workers at once; None: as many as the cluster's free resources fit.")
     max_retries: int = Field(
         2, ge=0, description="Times a run is retried on a new worker when its worker process dies (then it is failed).")
+    isolate: bool = Field(
+        True, description="Each run in a fresh process, so that its memory and speed do not depend on the runs "
+        "before it and a run killed by the OS (out of memory) is recorded as failed while the study goes on.")
 
 
 class StudyConfig(_Strict):

@@ -71,6 +71,10 @@ class RunContext:
             self._models[key] = loaded
         return self._models[key]
 
+    def drop_models(self) -> None:
+        """Forget the loaded base model (its memory goes once nothing else holds it)."""
+        self._models.clear()
+
     @staticmethod
     def data_key(spec: RunSpec, task: Task) -> tuple:
         """What the tokenized data of ``spec`` depends on (runs with the same key share it)."""

@@ -81,7 +81,7 @@ def run_study(config: StudyConfig, resume: bool = False, allow_mixed: bool = Fal
             stack.callback(executor.close)  # also on Ctrl-C and errors: stops the remote runs
             environment = executor.start(config.device, config.train.precision, len(run_specs(config, study_dir)))
         else:
-            executor = LocalExecutor()
+            executor = LocalExecutor(isolate=config.executor.isolate)
         if threading.current_thread() is threading.main_thread():
             # `kill PID` (SIGTERM) ends the study like Ctrl-C: finished runs saved, lock released.
             def _terminate(signum, frame):

@@ -9,6 +9,9 @@ of the cluster. A worker runs :func:`execute_run` into a worker-local temp folde
 ``STUDY_DIR/runs/<run_id>/`` (the driver is the only writer of the study folder, no shared
 filesystem is assumed), so a Ray study has the layout and the report of a local one.
 
+With ``executor.isolate`` (the default), a worker is replaced by a new one (a new process) after
+each run and after the allocations, so that no run inherits the memory of an earlier one.
+
 Faults: a worker process that dies mid-run (``RayActorError``) is replaced by a new worker and
 the run is submitted again, up to ``max_retries`` times; then the run is recorded as failed with
 the reason and the study goes on. Ctrl-C kills the workers (and shuts Ray down if this command
@@ -38,7 +41,7 @@ from loraplace.run.context import RunContext
 from loraplace.run.device import pick_device, resolve_precision
 from loraplace.run.measure import library_versions
 from loraplace.study.allocations import Allocated, compute_allocations
-from loraplace.study.runs import execute_run
+from loraplace.study.runs import execute_run, failed_result
 
 StepHook = Callable[[RunSpec, int, int, "float | None"], None]
 
@@ -329,7 +332,10 @@ class RayExecutor:
         """
         note(f"allocating {', '.join(labels)} on a Ray worker ({self.infos[0].get('device')}, "
              f"{self.infos[0].get('precision')})")
-        return _get(self.ray, self.workers[0].allocate.remote(config, template, labels, known))
+        allocated = _get(self.ray, self.workers[0].allocate.remote(config, template, labels, known))
+        if self.settings.isolate:  # the runs must not start on the worker that scored the model
+            self._replace(self.workers[0])
+        return allocated
 
     def submit(self, specs: Iterable[RunSpec]) -> Iterator[RunResult]:
         """Run the jobs on the workers; yield each result once its files are in its ``run_dir``."""
@@ -356,7 +362,8 @@ class RayExecutor:
                 except RayActorError as e:
                     yield from self._worker_died(worker, spec, e, todo, idle)
                     continue
-                idle.append(worker)
+                # isolate: a fresh worker process for the next run (no memory of this one's)
+                idle.append(self._replace(worker) if self.settings.isolate else worker)
                 self._drain(by_id)  # the run's last steps before its end
                 write_run_files(Path(spec.run_dir), files, worker_dir)
                 yield result
@@ -371,11 +378,7 @@ class RayExecutor:
 
     def _worker_died(self, worker, spec: RunSpec, error: Exception, todo: deque, idle: list) -> Iterator[RunResult]:
         """Replace the dead worker; resubmit ``spec`` (first in line) or, after ``max_retries``, fail it."""
-        with _suppress():
-            self.ray.kill(worker, no_restart=True)
-        replacement = self._new_worker()
-        self.workers = [replacement if w is worker else w for w in self.workers]
-        idle.append(replacement)
+        idle.append(self._replace(worker))
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         tries = self.retries.get(spec.run_id, 0)
         if tries < self.settings.max_retries:
@@ -388,6 +391,14 @@ class RayExecutor:
         message = f"worker died {tries + 1} times ({type(error).__name__}: {reason})"
         write_run_files(Path(spec.run_dir), {"error.txt": (str(error) + "\n").encode()}, "")
         yield failed_result(spec, message)
+
+    def _replace(self, worker):
+        """Kill ``worker`` and start a new one in its place; returns the new one."""
+        with _suppress():
+            self.ray.kill(worker, no_restart=True)
+        replacement = self._new_worker()
+        self.workers = [replacement if w is worker else w for w in self.workers]
+        return replacement
 
     def worker_pids(self) -> list[int]:
         return self.ray.get([w.pid.remote() for w in self.workers])
@@ -417,11 +428,3 @@ class _suppress:
 
     def __exit__(self, *exc) -> bool:
         return exc[0] is not None and issubclass(exc[0], Exception)
-
-
-def failed_result(spec: RunSpec, error: str) -> RunResult:
-    """The row of a run that never finished on any worker."""
-
-    return RunResult(run_id=spec.run_id, kind=spec.kind, strategy=spec.strategy, seed=spec.seed, status="failed",
-                     error=error, model=spec.model, dataset=spec.dataset, position=spec.position,
-                     quantization=spec.quantization, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))

@@ -399,3 +399,11 @@ def execute_run(spec: RunSpec, ctx: RunContext,
             # restores the base modules (and a classifier's untrained head) for the next run
             unload_adapters(adapters.peft_model)
     return recipe.record(setup, memory, adapters=adapters, outcome=outcome, ev=ev, error=error)
+
+
+def failed_result(spec: RunSpec, error: str) -> RunResult:
+    """The row of a run that never returned a result of its own (its process or worker died)."""
+
+    return RunResult(run_id=spec.run_id, kind=spec.kind, strategy=spec.strategy, seed=spec.seed, status="failed",
+                     error=error, model=spec.model, dataset=spec.dataset, position=spec.position,
+                     quantization=spec.quantization, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
