@@ -4,7 +4,9 @@ Runs the default study's three arms (full, attention, ffn) twice on the embedded
 tuned over the same learning rates: once with ``tune.schedule=halving`` (eta 3) and once with
 ``tune.schedule=grid`` (every rate to the last step). Prints the arm-steps each schedule trained,
 their ratio, each arm's chosen rate under both and each rate's validation loss at the last step
-(grid), and the tuned studies' cost as a multiple of the untuned runs'.
+(grid), and the tuned studies' cost as a multiple of the untuned runs'. Both run in one process
+(``executor.isolate=false``): the comparison is of arm-steps, and a process per rung would add the
+same start-up to every job of both.
 
     python benchmarks/tuning_halving.py [--out DIR] [--steps 40] [--max-length 256] [--eval 100]
         [--validation 50] [--lr 1e-4,3e-4,1e-3,3e-3]
@@ -46,7 +48,7 @@ def main() -> None:
             "strategies": ["full", "attention", "ffn"], "include_base": False, "output": str(folder),
             "train.max_steps": args.steps, "train.max_length": args.max_length, "train.eval_every": 0,
             "data.eval_size": args.eval, "data.validation_size": args.validation,
-            "tune.lr": rates, "tune.schedule": schedule})
+            "tune.lr": rates, "tune.schedule": schedule, "executor.isolate": False})
         start = time.perf_counter()
         run_study(config)
         wall = time.perf_counter() - start
