@@ -131,7 +131,7 @@ def run_study(config: StudyConfig, resume: bool = False, allow_mixed: bool = Fal
                                    time.monotonic() - started.get(result.run_id, time.monotonic()))
 
         try:
-            progress.runs_starting(len(specs), len(finished))
+            progress.runs_starting(len(specs) + tuning_runs, len(finished))
             try:
                 run_all(todo)
                 tuning = [s for s in tuning_specs(study, study_dir) if run_identity(s) in wanted_tuning]
