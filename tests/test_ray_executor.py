@@ -45,6 +45,20 @@ def study(model, data, out, progress=None, resume=False, **values):
     return run_study(config, resume=resume, progress=progress)
 
 
+def local_then_ray(model, data, tmp_path, **values):
+    """The same study locally at one torch thread (as a single-CPU worker: bit-equal float reductions),
+    then on Ray: both folders."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        local = study(model, data, tmp_path / "local", **values)
+    finally:
+        torch.set_num_threads(threads)
+    return local, study(model, data, tmp_path / "ray", **RAY, **values)
+
+
 def rows(out):
     return {r["run_id"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
 
@@ -174,8 +188,6 @@ def test_automatic_and_eva_arms_train_the_studys_allocation_on_ray(ray_cluster, 
     run's spec: on Ray the workers train the same ranks and reach the same numbers as the local
     executor, and the driver never loads the model. (EVA's incremental SVD needs more scoring
     tokens to converge.)"""
-    import torch
-
     import loraplace.study.ray_executor as rx
 
     driver_models = []
@@ -189,13 +201,7 @@ def test_automatic_and_eva_arms_train_the_studys_allocation_on_ray(ray_cluster, 
 
     values = {"strategies": [arm], "seeds": [0, 1], "include_base": False, "lora.r": 4, "lora.alpha": 8.0,
               "importance.batches": batches[0], "importance.batch_size": batches[1], "importance.max_rank": 16}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        local = study(tiny_llama_dir, data_file, tmp_path / "local", **values)
-    finally:
-        torch.set_num_threads(threads)
-    remote = study(tiny_llama_dir, data_file, tmp_path / "ray", **RAY, **values)
+    local, remote = local_then_ray(tiny_llama_dir, data_file, tmp_path, **values)
     a, b = rows(local), rows(remote)
     assert sorted(a) == sorted(b) and len(a) == 2
     for run_id in a:
@@ -384,17 +390,9 @@ def test_an_unreachable_ray_client_address_gets_one_line(tiny_llama_dir, data_fi
 def test_halving_on_ray_equals_halving_locally(ray_cluster, tiny_llama_dir, data_file, tmp_path):
     """A tuned study (3 rates, halving to one) on Ray chooses and measures what it does locally at
     equal threads: the continued rung starts on a worker from the checkpoint the driver carries."""
-    import torch
-
     tuned = {"strategies": "attention", "include_base": False, "train.max_steps": 4, "train.eval_every": 0,
              "data.validation_size": 8, "tune.lr": [1e-4, 1e-3, 1e-2]}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        local = study(tiny_llama_dir, data_file, tmp_path / "local", **tuned)
-    finally:
-        torch.set_num_threads(threads)
-    remote = study(tiny_llama_dir, data_file, tmp_path / "ray", **tuned, **RAY)
+    local, remote = local_then_ray(tiny_llama_dir, data_file, tmp_path, **tuned)
     a, b = rows(local), rows(remote)
     assert sorted(a) == sorted(b) and len([r for r in a if r.startswith("tune-")]) == 3
     for run_id, r in a.items():

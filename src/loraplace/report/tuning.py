@@ -30,14 +30,11 @@ def tune_settings(study: Study) -> TuneSettings | None:
     return settings if settings is not None and settings.lr is not None and study.tuning else None
 
 
-def study_choices(study: Study, settings: TuneSettings) -> list[Choice]:
-    """Each arm's :class:`~loraplace.tuning.Choice`, in the order the arms appear."""
+def study_choices(study: Study, settings: TuneSettings, steps: list[int]) -> list[Choice]:
+    """Each arm's :class:`~loraplace.tuning.Choice` over the rungs ending at ``steps``, in the order the arms appear."""
     rows = [r.result for r in study.tuning]
-    rates = settings.rates()
-    steps = rung_steps(int((study.config.get("train") or {}).get("max_steps", 0)) or
-                       max(r.train_steps or 0 for r in rows), len(rates), settings.eta, settings.schedule)
     arms = list(dict.fromkeys(r.strategy for r in rows))
-    return [choose(rows, arm, rates, steps, settings.eta) for arm in arms]
+    return [choose(rows, arm, settings.rates(), steps, settings.eta) for arm in arms]
 
 
 def tuned_study(study: Study, choices: list[Choice]) -> Study:
@@ -182,7 +179,7 @@ def _study_part(ctx: ReportContext, study: Study, settings: TuneSettings) -> Par
     rates = settings.rates()
     max_steps = int(train.get("max_steps", 0))
     steps = rung_steps(max_steps, len(rates), settings.eta, settings.schedule)
-    choices = study_choices(study, settings)
+    choices = study_choices(study, settings, steps)
     rows = [r.result for r in study.tuning]
     tuned_cost = arm_steps(rows)
     arm_runs = [r.result for r in study.runs if r.result.kind == "lora"]
