@@ -32,6 +32,7 @@ from loraplace.methods.adalora import (
 from loraplace.methods.eva import apply_eva, eva_batches, eva_ranks
 from loraplace.placement.params import trainable_params
 from loraplace.placement.resolve import explicit_placement, resolve_placement
+from loraplace.placement.scale import apply_scale
 from loraplace.placement.strategies import parse_strategy
 from loraplace.run import training
 
@@ -323,7 +324,8 @@ def test_apply_eva_puts_the_planned_ranks_and_vectors_into_the_wrapped_model():
     batches = one_batch()
     placement = full(model)
     ranks, state, info = eva_ranks(model, placement, LORA, batches, target_params=4096)
-    planned = explicit_placement(model, "eva", {n: k for n, k in ranks.items() if k > 0}, info["r"], LORA.alpha)
+    planned = apply_scale(explicit_placement(model, "eva", {n: k for n, k in ranks.items() if k > 0}, LORA.alpha),
+                          "fixed", info["r"])
     peft_model = get_peft_model(model, lora_config_for(planned, LORA))
     layers = {n: m for n, m in peft_model.get_base_model().named_modules() if n in ranks and hasattr(m, "lora_A")}
     default_init = {n: m.lora_A["default"].weight.clone() for n, m in layers.items()}
@@ -339,7 +341,7 @@ def test_apply_eva_puts_the_planned_ranks_and_vectors_into_the_wrapped_model():
         assert wrapped[name][0] == ranks[name] == a.shape[0]
         assert torch.equal(a, state[name].float())
         assert not torch.equal(a, default_init[name])
-        # EVA's adjust_scaling_factors: every module keeps the update scale alpha / r
+        # the planned scale (rule fixed: alpha / the rank EVA ran at) survives EVA's re-created layers
         assert layer.scaling["default"] == pytest.approx(LORA.alpha / info["r"])
     assert peft_model.peft_config["default"].rank_pattern == patterns  # loraplace's exact keys kept
     with torch.no_grad():  # B is still 0: the model computes what the base model does
@@ -352,17 +354,23 @@ def test_apply_eva_puts_the_planned_ranks_and_vectors_into_the_wrapped_model():
         apply_eva(other, state)
 
 
-def test_placement_of_eva_ranks_scales_alpha_with_the_rank():
+def test_placement_of_eva_ranks_gives_every_module_the_scale_of_a_uniform_arm():
     """EVA's placement (explicit_placement of its ranks, rank-0 modules left out, as
-    eva_allocation makes it): each module at its rank with alpha * r_i / r (adjust_scaling_factors)."""
+    eva_allocation makes it): each module at its rank, all at the update scale of a uniform arm of
+    the budget on the kept modules (rule alpha_over_r: alpha / that uniform rank)."""
     model = tiny_llama()
     placement = full(model)
     ranks = {m.name: 4 for m in placement.modules}
     dropped = placement.modules[-1].name
     ranks[dropped], ranks[placement.modules[0].name] = 0, 8
-    planned = explicit_placement(model, "eva", {n: k for n, k in ranks.items() if k > 0}, 4, LORA.alpha)
+    kept_size = sum(m.in_features + m.out_features for m in placement.modules if m.name != dropped)
+    target = 6 * kept_size + kept_size // 3  # a uniform arm of this budget on the kept modules has rank 6
+    planned = apply_scale(explicit_placement(model, "eva", {n: k for n, k in ranks.items() if k > 0}, LORA.alpha,
+                                             target=target), "alpha_over_r", LORA.r)
     assert dropped not in planned.module_names and len(planned.modules) == len(placement.modules) - 1
-    assert planned.modules[0].r == 8 and planned.modules[0].alpha == 2 * LORA.alpha
+    uniform = 6
+    assert planned.modules[0].r == 8 and planned.modules[0].alpha == pytest.approx(8 * LORA.alpha / uniform)
+    assert {round(m.alpha / m.r, 9) for m in planned.modules} == {round(LORA.alpha / uniform, 9)}
     assert planned.lora_params == sum(ranks[m.name] * (m.in_features + m.out_features) for m in placement.modules)
 
 

@@ -138,10 +138,13 @@ def test_auto_placement_meets_the_reference_budget_with_constant_update_scale(sk
     by_name = {m.name: m for m in placement.modules}
     down = by_name["model.layers.2.mlp.down_proj"]
     assert down.r == 32  # the one slot that matters gets the most rank the study allows (4 x 8)
-    assert all(m.alpha == pytest.approx(16.0 * m.r / 8) for m in placement.modules)
+    # One update scale for every module: alpha over the rank a uniform arm of attention's budget on the
+    # chosen slots has (the default rule alpha_over_r), computed here from the shapes.
+    uniform = max(1, round(attention / sum(m.in_features + m.out_features for m in placement.modules)))
+    assert all(m.alpha / m.r == pytest.approx(16.0 / uniform) for m in placement.modules)
     assert placement.budget["target"] == attention and placement.budget["reference"] == "attention"
     with pytest.raises(LoraplaceError, match="does not have"):
-        explicit_placement(skeleton, "auto", {"model.layers.9.mlp.up_proj": 4}, 8, 16.0)
+        explicit_placement(skeleton, "auto", {"model.layers.9.mlp.up_proj": 4}, 16.0)
 
 
 def test_peft_trains_exactly_the_explicit_placement(tiny_llama_dir):
@@ -152,11 +155,12 @@ def test_peft_trains_exactly_the_explicit_placement(tiny_llama_dir):
     from loraplace.config import LoraSettings
     from loraplace.placement.params import trainable_params
     from loraplace.placement.resolve import explicit_placement
+    from loraplace.placement.scale import apply_scale
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     ranks = {"model.layers.0.self_attn.q_proj": 2, "model.layers.1.mlp.down_proj": 6,
              "model.layers.1.self_attn.v_proj": 4}
-    placement = explicit_placement(model, "auto", ranks, 4, 8.0)
+    placement = apply_scale(explicit_placement(model, "auto", ranks, 8.0), "fixed", 4)
     peft_model = get_peft_model(model, lora_config_for(placement, LoraSettings(r=4, alpha=8.0, dropout=0.0)))
     check_wrapped(peft_model, placement, trainable_params(peft_model))
     expected = {name: (r, 8.0 * r / 4) for name, r in ranks.items()}  # alpha / r stays 2 on every module

@@ -73,7 +73,7 @@ def test_dialogpt_medium_matched_to_full(dialogpt_medium):
     budget = arms["ffn"].budget
     assert budget == {"reference": "full", "target": 6_291_456, "achieved": 6_292_480,
                       "deviation_pct": pytest.approx(100 * 1024 / 6_291_456), "ranks": arms["ffn"].ranks(),
-                      "method": "uniform+1"}
+                      "method": "uniform+1", "scale_rank": 26}  # 6,291,456 / 245,760 = 25.6 rounds to 26
     assert arms["full"].budget["method"] == "uniform" and arms["full"].ranks()["attn.qkv"] == [16]
 
 

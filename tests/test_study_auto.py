@@ -31,6 +31,12 @@ def _ranks(run_dir):
     return {m["name"]: (m["r"], m["alpha"]) for m in modules}
 
 
+def _mlp_sizes(run_dir) -> dict[str, int]:
+    """in + out of each feed-forward module, from the tiny model's config (hidden 32, intermediate 64)."""
+    modules = json.loads((run_dir / "modules.json").read_text())["modules"]
+    return {m["name"]: 32 + 64 for m in modules if m["name"].split(".")[-1] in ("gate_proj", "up_proj", "down_proj")}
+
+
 def _rows(out):
     return {r["run_id"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
 
@@ -60,7 +66,12 @@ def test_every_seed_trains_the_stored_allocation(auto_study):
     for label in (AUTO, RANDOM):
         stored = json.loads(allocation_path(auto_study, label).read_text())
         assert stored["arm"] == label
-        expected = {name: (r, 8.0 * r / 4) for name, r in stored["ranks"].items()}  # alpha / r stays 2
+        # one update scale: alpha over the rank of a uniform arm of attention's budget on the chosen slots
+        shapes = {m["name"]: m["in_features"] + m["out_features"]
+                  for m in json.loads((auto_study / "runs" / "attention-s0" / "modules.json").read_text())["modules"]}
+        shapes.update(_mlp_sizes(auto_study / "runs" / run_id_for(label, 0)))
+        uniform = round(attention / sum(shapes[name] for name in stored["ranks"]))
+        expected = {name: (r, pytest.approx(8.0 * r / uniform)) for name, r in stored["ranks"].items()}
         for seed in (0, 1):
             run_id = run_id_for(label, seed)
             assert _ranks(auto_study / "runs" / run_id) == expected

@@ -27,7 +27,7 @@ The command line (:mod:`loraplace.cli`) wires these together: ``loraplace plan``
 
 import logging as _logging
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # bitsandbytes' CPU backend warns at import (PEFT and transformers import it whenever it is
 # installed) about an optional kernel for a CPU inference layout that loraplace switches off

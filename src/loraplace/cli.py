@@ -22,6 +22,7 @@ from rich.table import Table
 from loraplace.config import load_study, parse_override
 from loraplace.errors import LoraplaceError
 from loraplace.placement.arms import REFERENCE_STRATEGY
+from loraplace.placement.scale import scale_description
 from loraplace.placement.strategies import split_strategy_list
 from loraplace.report.fmt import num
 from loraplace.report.write import write_report
@@ -94,6 +95,8 @@ def plan(
     ),
     r: int = typer.Option(16, "--r", min=1, help="LoRA rank."),
     alpha: float = typer.Option(32.0, "--alpha", help="LoRA alpha."),
+    scale: str = typer.Option("alpha_over_r", "--scale", help="Update-scale rule: alpha_over_r (alpha / r), "
+                              "rslora (alpha / sqrt(r)) or fixed (alpha / --r for every module)."),
     match_budget: Optional[str] = typer.Option(
         None, "--match-budget", help="Also show each strategy with ranks chosen to train as many parameters as "
         "this reference strategy (e.g. full) or count (e.g. 6291456, 6.3M).",
@@ -131,7 +134,7 @@ def plan(
             raise LoraplaceError(f"--precision {precision!r}: use auto, fp32, bf16 or fp16")
         result = build_plan(model, split_strategy_list(strategies), r, alpha, match_budget, scores=loaded,
                             score_for=score_for, batch_size=batch_size, max_length=max_length, precision=precision,
-                            device=device)
+                            device=device, scale=scale)
     except LoraplaceError as e:
         _fail(str(e))
     if as_json:
@@ -139,7 +142,7 @@ def plan(
         return
     console.print(
         f"[bold]{model}[/] ({result['model_type']}, config from {result['config_source']}): "
-        f"{result['base_params']:,} base parameters; LoRA r={r}, alpha={alpha:g}"
+        f"{result['base_params']:,} base parameters; LoRA r={r}, alpha={alpha:g}, scale rule {scale}"
         + (f"; budget-matched to {result['match_budget']} = {result['budget_target']:,} parameters"
            if result["match_budget"] is not None else ""),
         highlight=False, soft_wrap=True,
@@ -153,8 +156,9 @@ def plan(
         roles = "\n".join(f"{role}: {layers}" for role, layers in row["by_role"].items())
         ranks = "\n".join(f"{role}: {'/'.join(map(str, rs))}" for role, rs in row["ranks"].items())
         budget = row["budget"]
+        scales = "/".join(f"{x:.3g}" for x in row["scale"]["scales"])
         table.add_row(
-            row["strategy"], roles, ranks, str(len(row["modules"])), f"{row['trainable_params']:,}",
+            f"{row['strategy']}\nscale {scales}", roles, ranks, str(len(row["modules"])), f"{row['trainable_params']:,}",
             f"{row['trainable_pct_of_total']:.2f}%", f"{row['trainable_pct_of_base']:.2f}%",
             f"{row['params_vs_full_pct']:.1f}%",
             f"{budget['deviation_pct']:+.2f}%" if budget else "-",
@@ -165,7 +169,8 @@ def plan(
     console.print(
         "% of total = trainable / (base + adapter) parameters (PEFT's convention); % of base = trainable / base "
         f"parameters; vs full-LoRA = trainable / the '{REFERENCE_STRATEGY}' strategy's trainable parameters; "
-        "vs budget = (trainable - budget) / budget for budget-matched rows.", style="dim"
+        "vs budget = (trainable - budget) / budget for budget-matched rows; scale = the update scale of each "
+        f"module (PEFT's alpha / r), by the rule {scale}: {scale_description(scale)}.", style="dim"
     )
     mem = result["memory"]
     free = f"{mem['free_mib']:,.0f} MiB free" if mem["free_mib"] is not None else "free memory unknown"

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from loraplace.errors import LoraplaceError
 from loraplace.placement.arms import ARM_SEPARATOR, parse_arm, parse_budget_reference
+from loraplace.placement.scale import DEFAULT_SCALE, ScaleRule
 from loraplace.placement.strategies import parse_strategies, parse_strategy, split_strategy_list
 
 TaskChoice = Literal["auto", "causal-lm", "seq2seq", "classification"]
@@ -27,7 +28,13 @@ class _Strict(BaseModel):
 
 class LoraSettings(_Strict):
     r: int = Field(16, ge=1, description="LoRA rank r: adapters add r * (in + out) parameters per module.")
-    alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha, the numerator of the update scale (see scale).")
+    scale: ScaleRule = Field(
+        DEFAULT_SCALE, description="The update-scale rule every arm shares (loraplace.placement.scale): "
+        "alpha_over_r: alpha / r (PEFT's default); rslora: alpha / sqrt(r) (PEFT's use_rslora); fixed: alpha / "
+        "lora.r whatever a module's rank. A module whose rank was chosen for a budget (matched, automatic, EVA "
+        "arms) uses the rank of a uniform arm of that budget on the same modules, so each such arm has one scale."
+    )
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the adapter's input.")
     dropout_masks: Literal["independent", "shared"] = Field(
         "independent", description="independent: one dropout mask per adapter (PEFT's). shared: adapters that "

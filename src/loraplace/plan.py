@@ -12,6 +12,7 @@ from loraplace.placement.arms import ARM_SEPARATOR, REFERENCE_STRATEGY, parse_ar
 from loraplace.placement.budget import budget_target
 from loraplace.placement.params import total_params
 from loraplace.placement.resolve import resolve_placement
+from loraplace.placement.scale import DEFAULT_SCALE, SCALE_RULES
 from loraplace.placement.strategies import layer_ranges, parse_strategies, parse_strategy
 from loraplace.run.device import pick_device, resolve_precision
 from loraplace.run.memory_plan import device_free_mib, estimate_memory
@@ -21,7 +22,7 @@ from loraplace.run.models import load_config, meta_model
 def build_plan(model: str, strategies: list[str], r: int, alpha: float,
                match_budget: str | int | None = None, scores: dict[str, Any] | None = None,
                score_for: Any = None, batch_size: int = 8, max_length: int = 256, precision: str = "auto",
-               device: str = "auto") -> dict[str, Any]:
+               device: str = "auto", scale: str = DEFAULT_SCALE) -> dict[str, Any]:
     """Placements of every strategy on ``model`` from its config alone (meta device, no weights).
 
     Args:
@@ -36,6 +37,7 @@ def build_plan(model: str, strategies: list[str], r: int, alpha: float,
             (computing it needs the model's weights and data); None: such a strategy is an error.
         batch_size, max_length, precision, device: the training settings the memory estimate of
             each row is for (:func:`loraplace.run.memory_plan.estimate_memory`; the study defaults).
+        scale: the update-scale rule (:mod:`loraplace.placement.scale`) the rows' alphas follow.
 
     Returns:
         ``{"model", "config_source", "model_type", "base_params", "full_lora_params", "r", "alpha",
@@ -44,6 +46,8 @@ def build_plan(model: str, strategies: list[str], r: int, alpha: float,
         (estimated peak MiB without and with gradient checkpointing, and the components); ``memory``
         says which device, how much of its memory is free (None: unknown) and which settings.
     """
+    if scale not in SCALE_RULES:
+        raise LoraplaceError(f"unknown update-scale rule {scale!r}; known: {', '.join(SCALE_RULES)}")
     for spec in strategies:  # unknown strategies and references fail here, naming them
         parse_arm(spec)
     if [s for s in strategies if ARM_SEPARATOR not in s]:
@@ -62,7 +66,7 @@ def build_plan(model: str, strategies: list[str], r: int, alpha: float,
             if score_for is None:
                 raise LoraplaceError(f"{arm.label!r} needs {score} importance scores: give --scores")
             scores[score] = score_for(score)
-        placement = method.plan_placement(skeleton, arm, r, alpha, scores)
+        placement = method.plan_placement(skeleton, arm, r, alpha, scores, scale)
         if arm.reference is not None:
             placement.strategy = arm.label
         placements.append((parse_strategy(arm.strategy), placement))
@@ -85,7 +89,7 @@ def build_plan(model: str, strategies: list[str], r: int, alpha: float,
             "memory": _plan_memory(config, skeleton, p, memory, dev),
         })
     return {"model": model, "config_source": source, "model_type": config.model_type, "base_params": base,
-            "full_lora_params": full, "r": r, "alpha": alpha, "match_budget": reference, "budget_target": target,
+            "full_lora_params": full, "r": r, "alpha": alpha, "scale": scale, "match_budget": reference, "budget_target": target,
             "memory": memory, "strategies": rows}
 
 

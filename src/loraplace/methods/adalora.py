@@ -35,6 +35,7 @@ from loraplace.methods.base import Method, full_stand_in, register
 from loraplace.placement.arms import REFERENCE_STRATEGY, Arm
 from loraplace.placement.budget import budget_target
 from loraplace.placement.resolve import Placement, module_slots, slot_placement
+from loraplace.placement.scale import DEFAULT_SCALE, update_scale
 from loraplace.records import RunSpec
 
 # ------------------------------------------------------------------------------------- AdaLoRA
@@ -94,8 +95,10 @@ def adalora_config(placement: Placement, lora: LoraSettings, *, total_steps: int
     its final parameter count ``sum r_i * (in_i + out_i + 1)`` depends on which modules keep
     rank. ``target_r = round(target_params / S)`` with ``S = sum (in + out + 1)`` over the
     modules (the count if every module kept ``target_r``), ``init_r = ceil(1.5 * target_r)``
-    (:data:`INIT_RANK_RATIO`), the schedule from :func:`adalora_schedule`, ``lora_alpha =
-    lora.alpha`` (PEFT scales the update by ``alpha / init_r``), ``lora_dropout = lora.dropout``,
+    (:data:`INIT_RANK_RATIO`), the schedule from :func:`adalora_schedule`, ``lora_alpha = s * init_r``
+    with ``s`` the study's update scale (``lora.scale``) at rank ``target_r``, the scale of a uniform
+    arm of the budget (PEFT scales AdaLoRA's update by ``lora_alpha / init_r``, so every module trains
+    at ``s``), ``lora_dropout = lora.dropout``,
     and PEFT's defaults for the rest (beta1 = beta2 = 0.85, orth_reg_weight = 0.5).
 
     Mixture-of-experts parameters (``placement.parameter_names``) are left out: PEFT's AdaLoRA
@@ -103,7 +106,7 @@ def adalora_config(placement: Placement, lora: LoraSettings, *, total_steps: int
 
     Args:
         placement: the modules to adapt (the ``full`` strategy's, resolved at any rank).
-        lora: ``alpha`` and ``dropout`` (``r`` is not used).
+        lora: ``alpha``, ``scale`` and ``dropout`` (``r`` only for ``scale=fixed``).
         total_steps: the run's optimizer steps (PEFT's ``total_step``).
         target_params: the parameter budget of the final allocation.
         task_type: PEFT task type (``CAUSAL_LM``, ``SEQ_CLS``, ...).
@@ -140,7 +143,8 @@ def adalora_config(placement: Placement, lora: LoraSettings, *, total_steps: int
                      "PEFT's AdaLoRA adapts modules only")
     config = AdaLoraConfig(
         init_r=init_r, target_r=target_r, tinit=tinit, tfinal=tfinal, deltaT=delta_t, total_step=total_steps,
-        lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=[m.name for m in modules],
+        lora_alpha=update_scale(lora.scale, lora.alpha, target_r, lora.r) * init_r, lora_dropout=lora.dropout,
+        target_modules=[m.name for m in modules],
         task_type=task_type,
     )
     pruning_steps = range(tinit + 1, total_steps - tfinal)
@@ -312,7 +316,7 @@ class AdaLoraMethod(Method):
         return full_stand_in(skeleton, config)
 
     def placement(self, model: nn.Module, arm: Arm, r: int, alpha: float, ranks: dict[str, int] | None = None,
-                  budget: dict | None = None) -> Placement:
+                  budget: dict | None = None, scale: str = DEFAULT_SCALE) -> Placement:
         raise LoraplaceError(f"arm {arm.label!r}: AdaLoRA places its ranks during training "
                              "(see loraplace.methods.adalora)")
 

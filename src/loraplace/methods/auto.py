@@ -6,11 +6,13 @@ and allocates rank under the arm's budget (:mod:`loraplace.placement.allocate`).
 this once and stores the ranks (``allocations/*.json``); every seed then trains exactly that
 placement through :func:`explicit_placement`, whatever executor runs it.
 
-Scaling: every module of an automatic arm gets ``alpha_m = alpha * r_m / r`` (``r``, ``alpha``:
-the study's rank and alpha), so its update is scaled by ``alpha / r`` whatever rank it got, as PEFT's
-EVA does with ``adjust_scaling_factors``. With alpha fixed instead, a rank-2 slot would train at 8x
-the update scale of a rank-16 one, and the allocation would change the learning rate as well as the
-capacity of each slot.
+Scaling: every module of an automatic arm trains at one update scale, the scale that a uniform arm
+of the same budget on the same slots has under the study's rule (``lora.scale``,
+:mod:`loraplace.placement.scale`), whatever rank it got. With alpha fixed per module instead, a rank-2
+slot would train at 8x the update scale of a rank-16 one, and the allocation would change the
+learning rate as well as the capacity of each slot; with the study's ``alpha / r`` for every module
+(before ``lora.scale``), automatic arms trained at another scale than the matched arms they were
+compared with.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from loraplace.placement.allocate import SlotCurve, allocate, predicted_gain, ra
 from loraplace.placement.arms import REFERENCE_STRATEGY, Arm
 from loraplace.placement.budget import budget_target, match_placement
 from loraplace.placement.resolve import Placement, explicit_placement, slot_placement
+from loraplace.placement.scale import DEFAULT_SCALE, apply_scale
 from loraplace.placement.strategies import AutoOptions, Strategy, parse_strategy
 
 DEFAULT_STEP = 2
@@ -71,7 +74,8 @@ def slot_curves(slots: Placement, scores: Any | None, max_r: int) -> list[SlotCu
     return out
 
 
-def auto_placement(model: nn.Module, arm: Arm, r: int, alpha: float, scores: Any | None) -> Placement:
+def auto_placement(model: nn.Module, arm: Arm, r: int, alpha: float, scores: Any | None,
+                   scale: str = DEFAULT_SCALE) -> Placement:
     """The placement of an automatic arm: its slots scored, rank allocated under its budget.
 
     Args:
@@ -79,6 +83,7 @@ def auto_placement(model: nn.Module, arm: Arm, r: int, alpha: float, scores: Any
         arm: the arm (``auto[...]``, with a budget reference or none: then ``full`` at rank ``r``).
         r, alpha: the study's rank and alpha.
         scores: the importance result of the arm's score (None for ``score=random``).
+        scale: the study's update-scale rule.
 
     Returns:
         The placement at explicit ranks; its ``budget`` holds reference, target, achieved,
@@ -102,7 +107,7 @@ def auto_placement(model: nn.Module, arm: Arm, r: int, alpha: float, scores: Any
     if options.mode == "uniform":
         chosen = match_placement(chosen, target, reference)
         ranks = {m.name: m.r for m in chosen.modules}
-    placement = explicit_placement(model, arm.label, ranks, r, arm_alpha)
+    placement = apply_scale(explicit_placement(model, arm.label, ranks, arm_alpha, target=target), scale, r)
     placement.warnings = list(chosen.warnings)
     placement.budget = {
         "reference": reference, "target": target, "achieved": placement.lora_params,
@@ -153,17 +158,18 @@ class AutoMethod(Method):
         return set() if score == "random" else {score}
 
     def plan_placement(self, skeleton: nn.Module, arm: Arm, r: int, alpha: float,
-                       scores: dict[str, Any]) -> Placement:
-        return auto_placement(skeleton, arm, r, alpha, scores.get(_options(arm).score))
+                       scores: dict[str, Any], scale: str = DEFAULT_SCALE) -> Placement:
+        return auto_placement(skeleton, arm, r, alpha, scores.get(_options(arm).score), scale)
 
     def allocate(self, setup: Any, arm: Arm, config: StudyConfig, batches: Any,
                  scores: dict[str, Any]) -> tuple[Placement, dict | None]:
-        return self.plan_placement(setup.base, arm, config.lora.r, config.lora.alpha, scores), None
+        return self.plan_placement(setup.base, arm, config.lora.r, config.lora.alpha, scores, config.lora.scale), None
 
     def placement(self, model: nn.Module, arm: Arm, r: int, alpha: float, ranks: dict[str, int] | None = None,
-                  budget: dict | None = None) -> Placement:
-        # every module keeps the update scale alpha / r of the study's rank (see the module docstring)
-        return explicit_placement(model, arm.label, stored_ranks(arm, ranks), r, _options(arm).alpha or alpha, budget)
+                  budget: dict | None = None, scale: str = DEFAULT_SCALE) -> Placement:
+        # every module at the scale of a uniform arm of the budget on the chosen slots (module docstring)
+        return apply_scale(explicit_placement(model, arm.label, stored_ranks(arm, ranks), _options(arm).alpha or alpha,
+                                              budget), scale, r)
 
 
 def _options(arm: Arm) -> AutoOptions:

@@ -31,6 +31,7 @@ from loraplace.errors import LoraplaceError
 from loraplace.placement.arms import REFERENCE_STRATEGY, Arm
 from loraplace.placement.budget import resolve_matched
 from loraplace.placement.resolve import Placement, resolve_placement
+from loraplace.placement.scale import DEFAULT_SCALE, apply_scale
 from loraplace.placement.strategies import METHOD_TITLES, Strategy, parse_strategy
 from loraplace.records import RunSpec
 from loraplace.registry import Registry
@@ -58,12 +59,12 @@ class Method:
     # ------------------------------------------------------------------ before anything trains
     def check(self, skeleton: nn.Module, arm: Arm, config: StudyConfig) -> None:
         """Fail with one line if ``arm`` cannot run in ``config`` on ``skeleton`` (meta weights)."""
-        self.placement(skeleton, arm, config.lora.r, config.lora.alpha)
+        self.placement(skeleton, arm, config.lora.r, config.lora.alpha, scale=config.lora.scale)
 
     def stand_in(self, skeleton: nn.Module, arm: Arm, config: StudyConfig) -> Placement:
         """The placement the memory check estimates for ``arm``: its own, or, for a method that
         places from data, every module it may choose from at the study's rank."""
-        return self.placement(skeleton, arm, config.lora.r, config.lora.alpha)
+        return self.placement(skeleton, arm, config.lora.r, config.lora.alpha, scale=config.lora.scale)
 
     # --------------------------------------------------------------------- once per study
     def scores(self, arm: Arm) -> set[str]:
@@ -78,25 +79,27 @@ class Method:
         raise LoraplaceError(f"arm {arm.label!r}: the {self.title} method allocates nothing per study")
 
     def plan_placement(self, skeleton: nn.Module, arm: Arm, r: int, alpha: float,
-                       scores: dict[str, Any]) -> Placement:
+                       scores: dict[str, Any], scale: str = DEFAULT_SCALE) -> Placement:
         """The arm's placement for ``loraplace plan`` (shapes only: ``skeleton`` has meta weights),
-        with the importance results by score name that :meth:`scores` asked for."""
-        return self.placement(skeleton, arm, r, alpha)
+        with the importance results by score name that :meth:`scores` asked for, its alphas at the
+        update-scale rule ``scale``."""
+        return self.placement(skeleton, arm, r, alpha, scale=scale)
 
     # ---------------------------------------------------------------------------- each run
     def placement(self, model: nn.Module, arm: Arm, r: int, alpha: float, ranks: dict[str, int] | None = None,
-                  budget: dict | None = None) -> Placement:
+                  budget: dict | None = None, scale: str = DEFAULT_SCALE) -> Placement:
         """The arm's exact placement on ``model``: the strategy at rank ``r``, or, for a matched arm,
-        with ranks matched to its reference's budget (:mod:`loraplace.placement.budget`)."""
+        with ranks matched to its reference's budget (:mod:`loraplace.placement.budget`); its alphas
+        give every module the update scale of the rule ``scale`` (:mod:`loraplace.placement.scale`)."""
         strategy = parse_strategy(arm.strategy)
         if arm.reference is None:
-            return resolve_placement(model, strategy, r, alpha)
-        return resolve_matched(model, strategy, r, alpha, arm.reference)
+            return apply_scale(resolve_placement(model, strategy, r, alpha), scale, r)
+        return apply_scale(resolve_matched(model, strategy, r, alpha, arm.reference), scale, r)
 
     def adapters(self, model: nn.Module, spec: RunSpec, task_type: str) -> tuple[Placement, Any, list]:
         """``(placement, PEFT config, Trainer callbacks)`` of the run ``spec`` on ``model``."""
         placement = self.placement(model, Arm.parse(spec.strategy), spec.lora.r, spec.lora.alpha, ranks=spec.ranks,
-                                   budget=spec.budget)
+                                   budget=spec.budget, scale=spec.lora.scale)
         return placement, lora_config_for(placement, spec.lora, task_type=task_type), []
 
     def initialise(self, peft_model: Any, spec: RunSpec) -> None:
@@ -117,7 +120,8 @@ class Method:
 def full_stand_in(skeleton: nn.Module, config: StudyConfig) -> Placement:
     """Every module of ``full`` at the study's rank: what a method that places rank from data (on
     the modules of ``full``) may at most adapt, for the memory check."""
-    return resolve_placement(skeleton, parse_strategy(REFERENCE_STRATEGY), config.lora.r, config.lora.alpha)
+    return apply_scale(resolve_placement(skeleton, parse_strategy(REFERENCE_STRATEGY), config.lora.r, config.lora.alpha),
+                       config.lora.scale, config.lora.r)
 
 
 METHODS: Registry[Method] = Registry("adapter method")
@@ -143,16 +147,17 @@ def method_of(arm: Arm | Strategy | str) -> Method:
 
 
 def resolve_arm(model: nn.Module, arm: Arm | str, r: int, alpha: float, ranks: dict[str, int] | None = None,
-                budget: dict | None = None) -> Placement:
-    """The placement of a study arm on ``model``, as its method places it (:meth:`Method.placement`).
-    A ``str`` is a stored label (a :class:`~loraplace.records.RunSpec`'s ``strategy``).
+                budget: dict | None = None, scale: str = DEFAULT_SCALE) -> Placement:
+    """The placement of a study arm on ``model``, as its method places it (:meth:`Method.placement`),
+    at the update-scale rule ``scale``. A ``str`` is a stored label (a
+    :class:`~loraplace.records.RunSpec`'s ``strategy``).
 
     Raises:
         LoraplaceError: an arm placed from data whose stored allocation is missing, or any resolution
             error.
     """
     arm = Arm.parse(arm) if isinstance(arm, str) else arm
-    return method_of(arm).placement(model, arm, r, alpha, ranks=ranks, budget=budget)
+    return method_of(arm).placement(model, arm, r, alpha, ranks=ranks, budget=budget, scale=scale)
 
 
 def stored_ranks(arm: Arm, ranks: dict[str, int] | None) -> dict[str, int]:

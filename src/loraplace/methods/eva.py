@@ -34,6 +34,7 @@ from loraplace.methods.base import Method, full_stand_in, register, stored_ranks
 from loraplace.placement.arms import REFERENCE_STRATEGY, Arm
 from loraplace.placement.budget import budget_target
 from loraplace.placement.resolve import Placement, explicit_placement, module_slots, slot_placement
+from loraplace.placement.scale import DEFAULT_SCALE, apply_scale
 from loraplace.records import RunSpec
 
 PEFT_PREFIX = "base_model.model."
@@ -279,8 +280,9 @@ def eva_allocation(setup, arm: Arm, lora, batches: list[dict], eva_r: int | None
 
     Returns:
         ``(placement, state)``: the placement (modules EVA gave rank 0 left out) with its ``budget``
-        record (``eva_r``: the ``LoraConfig`` rank EVA ran at, which scales every module's alpha),
-        and EVA's initial A matrices by module name.
+        record (``eva_r``: the ``LoraConfig`` rank EVA ran at), its alphas at the study's update-scale
+        rule (every module at the scale of a uniform arm of the budget on EVA's modules), and EVA's
+        initial A matrices by module name.
     """
     reference = arm.reference if arm.reference is not None else REFERENCE_STRATEGY
     target = budget_target(setup.base, reference, lora.r, lora.alpha)
@@ -293,7 +295,7 @@ def eva_allocation(setup, arm: Arm, lora, batches: list[dict], eva_r: int | None
               "deviation_pct": info["deviation_pct"], "method": "eva", "eva_r": info["r"], "rho": info["rho"],
               "tau": info["tau"], "seconds": info["seconds"], "forward_passes": info["forward_passes"],
               "dropped": len(ranks) - len(kept)}
-    placement = explicit_placement(setup.base, arm.label, kept, info["r"], lora.alpha, budget)
+    placement = apply_scale(explicit_placement(setup.base, arm.label, kept, lora.alpha, budget), lora.scale, lora.r)
     placement.budget["ranks"] = placement.ranks()  # type: ignore[index]
     return placement, state
 
@@ -316,10 +318,9 @@ class EvaMethod(Method):
         return eva_allocation(setup, arm, config.lora, batches())
 
     def placement(self, model: nn.Module, arm: Arm, r: int, alpha: float, ranks: dict[str, int] | None = None,
-                  budget: dict | None = None) -> Placement:
-        # every module keeps the update scale alpha / r of the LoraConfig rank EVA ran at
-        return explicit_placement(model, arm.label, stored_ranks(arm, ranks), (budget or {}).get("eva_r", r), alpha,
-                                  budget)
+                  budget: dict | None = None, scale: str = DEFAULT_SCALE) -> Placement:
+        # every module at the scale of a uniform arm of the budget on EVA's modules (loraplace.placement.scale)
+        return apply_scale(explicit_placement(model, arm.label, stored_ranks(arm, ranks), alpha, budget), scale, r)
 
     def initialise(self, peft_model: Any, spec: RunSpec) -> None:
         """EVA's initial A matrices: the ones the study computed once (:func:`eva_allocation`),

@@ -8,8 +8,9 @@ more than ``tolerance`` (0.5%) from the target (few, large modules per rank step
 ``floor(target / S)`` everywhere and ``+1`` on just enough modules (largest first, then in
 model order) to come nearest the target; PEFT applies such per-module ranks through
 ``rank_pattern``. Ranks a strategy fixes itself (``ffn[r=8]+attention``) are kept; only the
-other terms' rank is chosen. Alpha is kept as configured (the LoRA paper's convention: fix
-alpha, vary r), so the update scale alpha / r follows the rank.
+other terms' rank is chosen. Alpha is kept as configured; the chosen modules carry the uniform
+rank as their scale rank, from which the study's update-scale rule (:mod:`loraplace.placement.scale`)
+gives every one of them the same scale.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import replace
 from torch import nn
 
 from loraplace.errors import LoraplaceError
+from loraplace.placement.params import uniform_rank
 from loraplace.placement.resolve import Placement, resolve_placement
 from loraplace.placement.strategies import Strategy, parse_strategy
 
@@ -48,7 +50,8 @@ def match_placement(placement: Placement, target: int, reference: str | int,
 
     Returns:
         The matched placement; its ``budget`` holds reference, target, achieved, deviation_pct,
-        ranks (role -> ranks) and method (``"uniform"``, ``"uniform+1"`` or ``"rank-1 floor"``).
+        ranks (role -> ranks), method (``"uniform"``, ``"uniform+1"`` or ``"rank-1 floor"``) and
+        scale_rank (the uniform rank, from which every chosen module's update scale is computed).
     """
     fixed = fixed or set()
     free = [m for m in placement.modules if m.name not in fixed]
@@ -61,7 +64,7 @@ def match_placement(placement: Placement, target: int, reference: str | int,
         method = "rank-1 floor"
         ranks = {m.name: 1 for m in free}
     else:
-        uniform = max(1, round(goal / size))
+        uniform = uniform_rank(goal, size)
         if abs(uniform * size - goal) <= tolerance * target:
             method = "uniform"
             ranks = {m.name: uniform for m in free}
@@ -76,7 +79,8 @@ def match_placement(placement: Placement, target: int, reference: str | int,
                 if abs(remaining - m.size) < abs(remaining):
                     ranks[m.name] += 1
                     remaining -= m.size
-    modules = [replace(m, r=ranks[m.name]) if m.name in ranks else m for m in placement.modules]
+    scale_r = uniform_rank(goal, size)
+    modules = [replace(m, r=ranks[m.name], scale_r=scale_r) if m.name in ranks else m for m in placement.modules]
     matched = replace(placement, modules=modules, warnings=list(placement.warnings))
     achieved = matched.lora_params
     matched.budget = {
@@ -86,6 +90,7 @@ def match_placement(placement: Placement, target: int, reference: str | int,
         "deviation_pct": 100.0 * (achieved - target) / target,
         "ranks": matched.ranks(),
         "method": method,
+        "scale_rank": scale_r,
     }
     too_wide = sorted({m.role for m in matched.modules if m.r > min(m.in_features, m.out_features)})
     if too_wide:

@@ -23,6 +23,12 @@ def lora_param_count(in_features: int, out_features: int, r: int, experts: int =
     return experts * r * (in_features + out_features)
 
 
+def uniform_rank(params: int, size: int) -> int:
+    """The uniform rank at which modules of summed ``size`` (``experts * (in + out)``) train nearest
+    ``params`` parameters, at least 1 (budget matching's uniform rank)."""
+    return max(1, round(params / size)) if size > 0 else 1
+
+
 def param_count(p: torch.Tensor) -> int:
     """The number of weights a parameter holds.
 

@@ -15,7 +15,7 @@ from loraplace.errors import LoraplaceError
 from loraplace.placement.arms import REFERENCE_STRATEGY
 from loraplace.placement.infer import infer_roles
 from loraplace.placement.matrix import rank_rows
-from loraplace.placement.params import linear_modules, lora_param_count
+from loraplace.placement.params import linear_modules, lora_param_count, uniform_rank
 from loraplace.placement.roles import ALL_ROLES, BLOCK_NAME, OUTER_ROLES, ArchitectureRoles, group_of, roles_for
 from loraplace.placement.strategies import Strategy, Term, parse_strategy
 
@@ -36,6 +36,8 @@ class AdaptedModule:
             ``decoder.block`` in T5), or None outside the blocks.
         num_experts: experts sharing this parameter (1 for an ordinary module).
         is_parameter: True for an expert parameter (PEFT ``target_parameters``), False for a module.
+        scale_r: the rank its update scale is computed from when its rank was chosen for a budget
+            (:mod:`loraplace.placement.scale`); None: its own rank.
     """
 
     name: str
@@ -48,6 +50,7 @@ class AdaptedModule:
     stack: str | None = None
     num_experts: int = 1
     is_parameter: bool = False
+    scale_r: int | None = None
 
     @property
     def params(self) -> int:
@@ -71,6 +74,8 @@ class Placement:
         stacks: block stack path -> number of blocks (two entries for encoder-decoder models).
         available_roles: roles this model has, in display order (the columns of the matrix).
         budget: for a budget-matched placement, the reference, target and achieved counts.
+        scale: the update-scale rule once applied (:func:`loraplace.placement.scale.apply_scale`):
+            rule, scale ranks and the distinct scales; None while alphas are scaling numerators.
     """
 
     strategy: str
@@ -81,6 +86,7 @@ class Placement:
     stacks: dict[str, int] = field(default_factory=dict)
     available_roles: list[str] = field(default_factory=list)
     budget: dict[str, Any] | None = None
+    scale: dict[str, Any] | None = None
 
     @property
     def module_names(self) -> list[str]:
@@ -139,6 +145,7 @@ class Placement:
             "lora_params": self.lora_params,
             "ranks": self.ranks(),
             "budget": self.budget,
+            "scale": self.scale,
             "warnings": list(self.warnings),
             "modules": [
                 {"name": m.name, "role": m.role, "stack": m.stack, "layer": m.layer, "in_features": m.in_features,
@@ -396,10 +403,12 @@ def slot_placement(model: nn.Module) -> Placement:
     return placement
 
 
-def explicit_placement(model: nn.Module, label: str, ranks: Mapping[str, int], r: int, alpha: float,
-                       budget: dict[str, Any] | None = None) -> Placement:
-    """The placement that adapts exactly the modules of ``ranks`` at those ranks, each with
-    ``alpha * rank / r`` (the update scale ``alpha / r`` of the study's rank, see the module docstring).
+def explicit_placement(model: nn.Module, label: str, ranks: Mapping[str, int], alpha: float,
+                       budget: dict[str, Any] | None = None, target: int | None = None) -> Placement:
+    """The placement that adapts exactly the modules of ``ranks`` at those ranks, each with scaling
+    numerator ``alpha``. Ranks chosen for a budget of ``target`` parameters (an automatic or EVA
+    allocation) give every module the scale rank of a uniform arm of that budget on these modules
+    (:mod:`loraplace.placement.scale`); ``target`` defaults to ``budget["target"]``.
 
     Raises:
         LoraplaceError: a module name that is not a slot of this model (an allocation of another model).
@@ -413,8 +422,12 @@ def explicit_placement(model: nn.Module, label: str, ranks: Mapping[str, int], r
     bad = {n: k for n, k in ranks.items() if not isinstance(k, int) or k < 1}
     if bad:
         raise LoraplaceError(f"the allocation of {label!r} has ranks below 1: {bad}")
-    modules = [replace(m, r=int(ranks[m.name]), alpha=alpha * ranks[m.name] / r) for m in slots.modules
-               if m.name in ranks]
+    modules = [replace(m, r=int(ranks[m.name]), alpha=alpha) for m in slots.modules if m.name in ranks]
+    if target is None and budget:
+        target = budget.get("target")
+    if target is not None:
+        scale_r = uniform_rank(target, sum(m.size for m in modules))
+        modules = [replace(m, scale_r=scale_r) for m in modules]
     placement = replace(slots, strategy=label, modules=modules, warnings=[])
     placement.budget = dict(budget) if budget else None
     return placement

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 
+from loraplace.placement.scale import scale_description
 from loraplace.report import figures, tables
 from loraplace.report.analysis import ENV_LIBRARIES, run_label, worse_than_base
 from loraplace.report.auto import AUTO_METHOD, after_training_section, before_training_section
@@ -200,6 +201,23 @@ def _learning_rate_note(ctx: ReportContext) -> str:
     return text + "."
 
 
+def _scale_note(ctx: ReportContext) -> str:
+    """The update-scale rule every arm of each study shared (``lora.scale``)."""
+    rules = list(dict.fromkeys((s.config.get("lora") or {}).get("scale") for s in ctx.studies))
+    known = [r for r in rules if r]
+    text = "Update scale (the factor on each adapter's update, PEFT's alpha / r): "
+    if known:
+        text += "; ".join(f"`lora.scale = {r}`, {scale_description(r)}" for r in known) + (
+            ". A module whose rank a study chose for a parameter budget (budget-matched, automatic and EVA arms; "
+            "AdaLoRA through its lora_alpha) takes the rank of a uniform arm of that budget on the same modules, so "
+            "every such arm trains at one scale, the scale its uniform counterpart has")
+    if None in rules:
+        text += ("; " if known else "") + ("studies stored before `lora.scale` existed: hand-picked and matched arms "
+                                           "at alpha / r of each module, automatic and EVA arms at alpha over the "
+                                           "study's (or EVA's) rank for every module, so their scales differ")
+    return text + "."
+
+
 def methods_section(ctx: ReportContext) -> Part:
     """How every number of the report was computed."""
     time_note = ctx.time_note
@@ -214,6 +232,7 @@ def methods_section(ctx: ReportContext) -> Part:
         "bootstrap distribution centred on the null.",
         "Significance, one rule for the whole report. " + significance_rule(),
         _learning_rate_note(ctx),
+        _scale_note(ctx),
         "Memory: for each run, its peak minus the memory in use when it started (the loaded base model and data), "
         "i.e. the increase over the loaded model, what the run itself needed, shown beside the run's peak and start. "
         "The measure is the process RSS on CPU and CUDA max allocated memory on a GPU; the table headers name it. "

@@ -242,7 +242,8 @@ def setup_table(studies: list[Study]) -> Table:
         return d
 
     keys = [("model", "model"), ("dataset", "dataset"), ("strategies", "strategies"), ("seeds", "seeds"),
-            ("LoRA r", "lora.r"), ("LoRA alpha", "lora.alpha"), ("LoRA dropout", "lora.dropout"),
+            ("LoRA r", "lora.r"), ("LoRA alpha", "lora.alpha"), ("LoRA update-scale rule", "lora.scale"),
+            ("LoRA dropout", "lora.dropout"),
             ("learning rate", "train.lr"), ("batch size", "train.batch_size"), ("grad accumulation", "train.grad_accum"),
             ("optimizer steps", "train.max_steps"), ("warm-up steps", "train.warmup_steps"),
             ("weight decay", "train.weight_decay"), ("scheduler", "train.scheduler"), ("max length", "train.max_length"),

@@ -13,7 +13,8 @@ def results_markdown(config: StudyConfig, results: list[RunResult]) -> str:
     """The Markdown of ``results.md``: a header with the study's setup, then one row per run."""
     head = (
         f"# {config.name}: LoRA placement study\n\n"
-        f"Model `{config.model}`, data `{config.dataset}`, r={config.lora.r}, alpha={config.lora.alpha:g}, "
+        f"Model `{config.model}`, data `{config.dataset}`, r={config.lora.r}, alpha={config.lora.alpha:g} "
+        f"(update scale: {config.lora.scale}), "
         f"dropout={config.lora.dropout:g}, lr={config.train.lr:g}, {config.train.max_steps} steps x "
         f"batch {config.train.batch_size * config.train.grad_accum}, max length {config.train.max_length}, "
         f"loss on {config.train.loss_on} tokens.\n\n"
