@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")  # noqa: E402  (before pyplot; no display needed)
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.colors import ListedColormap  # noqa: E402
+from matplotlib.colors import ListedColormap, LogNorm, Normalize  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 from loraplace.placement.roles import ALL_ROLES  # noqa: E402
@@ -310,10 +310,46 @@ def _heat_columns(cells: list[tuple[str, str | None, int | None, float]]) -> lis
     return cols + ([(None, None)] if any(layer is None for _, _, layer, _ in cells) else [])
 
 
+LOG_SPAN = 10.0
+"""A heatmap of positive values spanning at least this ratio (largest / smallest) is drawn on a log
+scale: on a linear one, a few large cells would hold the top of the colour scale and the rest would
+look alike."""
+
+
+def heat_scale(values: np.ndarray) -> tuple[np.ndarray, Normalize, str]:
+    """The colour scale of a heatmap of ``values`` (NaN: no value), so that its structure shows.
+
+    * all positive and spanning at least :data:`LOG_SPAN`: a log scale of the values;
+    * spanning that much but with zero or negative values (no log): each value's percentile rank
+      among the cells (0: the smallest, 100: the largest), so one outlier cannot flatten the rest;
+    * otherwise linear, from 0 for magnitudes.
+
+    Returns:
+        ``(what to draw, its norm, the colour bar's note on the scale)``; the note is empty for linear.
+    """
+    finite = values[np.isfinite(values)]
+    if finite.size < 2 or finite.max() == finite.min():
+        return values, Normalize(vmin=0.0 if finite.size and finite.min() >= 0 else None), ""
+    low, high = finite.min(), finite.max()
+    if low > 0 and high / low >= LOG_SPAN:
+        return values, LogNorm(vmin=low, vmax=high), " (log scale)"
+    positive = finite[finite > 0]
+    if positive.size >= 2 and positive.max() / positive.min() >= LOG_SPAN:
+        order = np.sort(finite)
+        ranks = np.where(np.isfinite(values), 0.0, np.nan)
+        mask = np.isfinite(values)
+        # mean of the positions of ties (like scipy's rankdata "average"), as a percentile
+        ranks[mask] = 100.0 * (np.searchsorted(order, values[mask], "left")
+                               + np.searchsorted(order, values[mask], "right") - 1) / 2 / (finite.size - 1)
+        return ranks, Normalize(vmin=0.0, vmax=100.0), " (percentile rank among cells)"
+    return values, Normalize(vmin=0.0 if low >= 0 else None), ""
+
+
 def layer_role_heatmap(cells: list[tuple[str, str | None, int | None, float]], out_dir: Path, name: str,
                        title: str, value_label: str, caption: str) -> list[Figure]:
     """A layer x role heatmap of one value per module (importance before training, adapter norms
-    after it): rows are roles, columns layers (per stack), grey cells have no value.
+    after it): rows are roles, columns layers (per stack), grey cells have no value; the colour
+    scale is chosen so that its structure shows (:func:`heat_scale`, named on the colour bar).
 
     Args:
         cells: ``(role, stack, layer, value)`` per module; modules that share a cell are averaged;
@@ -340,17 +376,18 @@ def layer_role_heatmap(cells: list[tuple[str, str | None, int | None, float]], o
     labels = ["other" if lay is None else f"{st}:{lay}" if several else str(lay) for st, lay in cols]
     with plt.rc_context({**_STYLE, "axes.grid": False}):
         fig, ax = plt.subplots(figsize=(WIDTH, 0.3 * len(roles) + 1.6))
-        im = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", interpolation="nearest",
-                       cmap=plt.get_cmap("viridis").with_extremes(bad="#F2F2F2"),
-                       vmin=0.0 if np.nanmin(grid) >= 0 else None)  # magnitudes: the scale starts at 0
+        drawn, norm, note = heat_scale(grid)
+        im = ax.imshow(np.ma.masked_invalid(drawn), aspect="auto", interpolation="nearest",
+                       cmap=plt.get_cmap("viridis").with_extremes(bad="#F2F2F2"), norm=norm)
         ax.set_yticks(range(len(roles)), roles)
         step = max(1, len(cols) // 12)
         ax.set_xticks(range(0, len(cols), step), labels[::step])
         ax.set_xlabel("Layer (block index" + (", stack:layer)" if several else ")"))
         ax.set_title(title)
-        fig.colorbar(im, ax=ax, label=value_label, shrink=0.9)
+        fig.colorbar(im, ax=ax, label=value_label + note, shrink=0.9)
         png, svg = _save(fig, out_dir, name)
-    return [Figure(name, caption, png, svg, alt=title)]
+    return [Figure(name, caption + (f" Colour{note.rstrip(')').replace(' (', ': ')}." if note else ""), png, svg,
+                   alt=title)]
 
 
 def all_figures(groups: list[Group], arms: list[ArmResults], out_dir: Path, time_note: str = "") -> list[Figure]:
