@@ -441,7 +441,8 @@ def adam_curve(sigma: torch.Tensor, out_features: int) -> list[float]:
 
     The constraint. The ``gradient`` score bounds the Frobenius norm of the update: the k
     directions share one budget, each moves in proportion to its ``sigma_i`` (a gradient-descent
-    step, ``D ~ G_k``), and the first-order gain is ``c sqrt(sum_{i<=k} sigma_i^2)``. Adam divides
+    step, ``D ~ G_k``), and the first-order gain is ``c sqrt(sum_{i<=k} sigma_i^2)`` (its square is
+    that score's curve: quadratic in the gradient's scale). Adam divides
     each coordinate's step by the gradient's own size (its first step is exactly
     ``eta sign(g)``: bias-corrected ``m / sqrt(v) = g / |g|``), so a weak direction moves as far as
     a strong one. The rotation-invariant form of that normalisation bounds each direction:
