@@ -1,7 +1,7 @@
 """Importance scores of LoRA slots, the input of automatic placement: for every module a LoRA
 adapter can go on, a curve of the predicted gain of a rank-k adapter there
-(:mod:`~loraplace.importance.scores`: ``gradient``, ``activation``, ``weight``, registered in ``SCORES``), the streaming
-spectrum that reads them without storing every weight gradient
+(:mod:`~loraplace.importance.scores`: ``gradient``, ``adam``, ``activation``, ``weight``, registered
+in ``SCORES``), the streaming spectrum that reads them without storing every weight gradient
 (:mod:`~loraplace.importance.spectrum`), and the files they are written to
 (:mod:`~loraplace.importance.output`: ``loraplace-importance/1`` JSON, CSV, heatmap).
 
@@ -16,6 +16,8 @@ from loraplace.importance.scores import (
     Score,
     ScoringSetup,
     SlotScore,
+    adam_curve,
+    energy_curve,
     get_score,
     hill_alpha,
     load_for_scoring,
@@ -28,7 +30,8 @@ from loraplace.importance.scores import (
 from loraplace.importance.spectrum import SpectrumAccumulator
 
 __all__ = [
-    "FORMAT", "ImportanceResult", "SCORES", "Score", "ScoringSetup", "SlotScore", "SpectrumAccumulator", "get_score",
+    "FORMAT", "ImportanceResult", "SCORES", "Score", "ScoringSetup", "SlotScore", "SpectrumAccumulator", "adam_curve",
+    "energy_curve", "get_score",
     "heatmap",
     "hill_alpha", "load_for_scoring", "role_shares", "score_batches", "score_model", "score_setup", "score_slots",
     "scored_slots", "slot_rows", "write_importance",

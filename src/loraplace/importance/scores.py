@@ -1,6 +1,6 @@
 """Importance scores of the slots a LoRA adapter can go on: for every slot (a linear module of the
 ``full`` strategy) a curve over rank, ``curve[k-1]`` = the predicted gain of a rank-k adapter
-there, k = 1..max_rank. Three scores, from most to least informed:
+there, k = 1..max_rank. Four scores, from most to least informed:
 
 * ``gradient``: the loss gradient ``G = dL/dW (out x in)`` of each frozen slot weight, averaged over
   a few batches of the task's training data (``L`` = the task's token-mean loss of a batch,
@@ -13,6 +13,13 @@ there, k = 1..max_rank. Three scores, from most to least informed:
   (for GPT-2's ``Conv1D``, whose weight is stored ``in x out``, ``G`` is its gradient transposed:
   the same singular values). No parameter needs ``requires_grad``: the input embeddings' output
   is made to require it.
+* ``adam``: the same ``G`` from the same pass, read for a normalised (Adam-like) step instead of a
+  gradient-descent one: ``curve[k-1] = sqrt(out) * sum_{i<=k} sigma_i(G)``, the first-order loss
+  decrease of the best rank-k update whose every direction moves by at most
+  ``c ~ sqrt(out)`` (spectral norm, ``max <G, D>`` over ``||D||_2 <= c``, ``rank D <= k``): what
+  Adam's first, sign-like step on a LoRA adapter's ``B`` (``out`` entries each moved by ``eta``)
+  gains when ``A`` spans ``G``'s top-k right singular vectors. Linear in the gradient's scale, not
+  quadratic. Derivation, the per-slot bound and the L1 alternative: :func:`adam_curve`.
 * ``activation`` (the spirit of EVA, Paischer et al. 2024): the covariance of the slot's input
   over non-padding tokens, ``C = (1/T) sum x x^T (in x in)``; ``curve[k-1]`` = the sum of its k
   largest eigenvalues, the input energy a rank-k adapter's ``A`` can capture. Forward passes only.
@@ -26,8 +33,9 @@ there, k = 1..max_rank. Three scores, from most to least informed:
 Cost, for a model whose slots hold ``P`` weights, ``b`` batches of ``T`` tokens, ``R = max_rank``
 and sketch sizes ``k = 2R + 1``, ``l = 2k + 1``:
 
-* gradient: one forward and backward per batch (about ``6 T P`` flops, like a training step but
-  without optimizer state or weight gradients); activation memory like LoRA on every slot (each
+* gradient and adam (the same pass, read two ways; a study using both runs it twice): one forward
+  and backward per batch (about ``6 T P`` flops, like a training step but without optimizer state or
+  weight gradients); activation memory like LoRA on every slot (each
   slot's input is held until its output gradient arrives); per ``m x n`` slot an accumulator of
   ``m * n`` floats (exact: when every slot has at most
   :data:`~loraplace.importance.spectrum.EXACT_MAX_FLOATS` entries or would not shrink as a sketch)
@@ -49,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,7 +144,7 @@ class ImportanceResult:
     """The curves of one score over a model's slots, and what they cost.
 
     Attributes:
-        score: ``gradient``, ``activation`` or ``weight``.
+        score: a registered score's name (:data:`SCORES`).
         max_rank: length of every curve.
         slots: one per scored slot, in model order.
         tokens: target tokens of the task's loss seen while scoring (0 for ``weight``).
@@ -249,7 +258,7 @@ def _combined_approximation(labels: list[str]) -> str:
 def score_slots(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]] | None, score: str, max_rank: int, *,
                 nll_fn: Callable | None = None, device: torch.device | str | None = None, sketch: str = "auto",
                 model_name: str | None = None, dataset: str | None = None) -> ImportanceResult:
-    """Score every slot of ``model`` (see the module docstring for the three scores).
+    """Score every slot of ``model`` (see the module docstring for the scores).
 
     Args:
         model: a loaded transformers model (any head; base weights frozen or not). It is left
@@ -257,7 +266,7 @@ def score_slots(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]] | N
         batches: collated batches of the task's training data (``input_ids``, ``attention_mask``,
             ``labels``, as :attr:`loraplace.run.tasks.Task.collator` makes them), on any device; unused
             (may be None) for ``weight``.
-        score: ``gradient``, ``activation`` or ``weight``.
+        score: a registered score's name (:data:`SCORES`: ``gradient``, ``adam``, ``activation``, ``weight``).
         max_rank: the length of every curve.
         nll_fn: the task's loss ``(model, batch) -> (nll_sum (B,), n_tokens (B,)[, ...])``
             (default :func:`loraplace.run.evaluation.token_nll`, the causal-LM loss).
@@ -348,8 +357,11 @@ def _input_embeddings(model: nn.Module) -> list[nn.Module]:
     return list(found.values())
 
 
-def _gradient_curves(model, slots, modules, batches, max_rank, nll_fn, sketch, warnings):
-    """``curve[k-1] = sum_{i<=k} sigma_i(G)^2``, ``G`` the batch-averaged loss gradient of each slot weight."""
+def _gradient_spectra(model, slots, modules, batches, max_rank, nll_fn, sketch, warnings):
+    """The ``max_rank`` largest singular values (float64, descending) of ``G``, the batch-averaged loss
+    gradient of each slot weight: one forward and backward per batch, the state of the gradient
+    score (module docstring). Returns ``(sigmas by slot, estimator label by slot, target tokens, batches used)``;
+    the ``gradient`` and ``adam`` scores are two curves of these same values."""
     shared: dict = {}
     mode = score_mode([(s.out_features, s.in_features) for s in slots], max_rank, sketch)  # one for all slots
     accumulators = {
@@ -380,8 +392,8 @@ def _gradient_curves(model, slots, modules, batches, max_rank, nll_fn, sketch, w
     embeddings = _input_embeddings(model)
     if not embeddings:
         raise LoraplaceError(f"{type(model).__name__} exposes no input embeddings (get_input_embeddings): the "
-                             "gradient score cannot reach its slots without weight gradients; use the activation "
-                             "or weight score")
+                             "gradient and adam scores cannot reach its slots without weight gradients; use the "
+                             "activation or weight score")
 
     def require_grad(module, args, output) -> None:
         output.requires_grad_(True)  # so that backward reaches the slots, with every parameter frozen
@@ -409,12 +421,89 @@ def _gradient_curves(model, slots, modules, batches, max_rank, nll_fn, sketch, w
             h.remove()
     if used == 0:
         raise LoraplaceError("no batch had a target token: nothing to take the gradient of")
-    curves = {}
-    for s in slots:
-        sigma = accumulators[s.name].singular_values(max_rank) / used
-        curves[s.name] = torch.cumsum(sigma**2, 0).tolist()
+    sigmas = {s.name: accumulators[s.name].singular_values(max_rank) / used for s in slots}
     _warn_unseen(slots, seen, warnings)
-    return curves, {s.name: accumulators[s.name].approximation for s in slots}, tokens, used
+    return sigmas, {s.name: accumulators[s.name].approximation for s in slots}, tokens, used
+
+
+def energy_curve(sigma: torch.Tensor) -> list[float]:
+    """The ``gradient`` score's curve from ``G``'s descending singular values:
+    ``curve[k-1] = sum_{i<=k} sigma_i^2``."""
+    return torch.cumsum(sigma.double() ** 2, 0).tolist()
+
+
+def adam_curve(sigma: torch.Tensor, out_features: int) -> list[float]:
+    """The ``adam`` score's curve from ``G``'s descending singular values:
+    ``curve[k-1] = sqrt(out) * sum_{i<=k} sigma_i``: the first-order loss decrease of the best
+    rank-k step whose every direction has a bounded size (spectral norm at most ``c``), with the
+    per-slot bound ``c`` of Adam's first step on a LoRA adapter, in units of ``eta * rho * alpha / r``
+    (the same on every slot, see below).
+
+    The constraint. The ``gradient`` score bounds the Frobenius norm of the update: the k
+    directions share one budget, each moves in proportion to its ``sigma_i`` (a gradient-descent
+    step, ``D ~ G_k``), and the first-order gain is ``c sqrt(sum_{i<=k} sigma_i^2)`` (its square is
+    that score's curve: quadratic in the gradient's scale). Adam divides
+    each coordinate's step by the gradient's own size (its first step is exactly
+    ``eta sign(g)``: bias-corrected ``m / sqrt(v) = g / |g|``), so a weak direction moves as far as
+    a strong one. The rotation-invariant form of that normalisation bounds each direction:
+    ``max <G, D>`` over ``rank D <= k``, ``||D||_2 <= c`` is ``c sum_{i<=k} sigma_i(G)`` (von
+    Neumann's trace inequality; attained by ``D = c U_k V_k^T``, the top-k part of ``G``'s polar
+    factor), a step whose size does not depend on the gradient's scale.
+
+    Why it models LoRA under Adam. LoRA trains ``Delta W = (alpha / r) B A``, ``B (out x k)`` from
+    zero and ``A (k x in)`` from an init whose rows have a norm ``rho`` that does not depend on the
+    shape (PEFT's Kaiming-uniform entries of scale ``1/sqrt(in)``: ``rho = 1/sqrt(3)``). At the
+    first step ``A``'s gradient ``(alpha / r) B^T G`` is zero and ``B`` moves by exactly
+    ``-eta sign((alpha / r) G A^T)``; the loss falls to first order by
+    ``(alpha / r) eta sum_i ||G a_i||_1`` (``a_i`` the rows of ``A``). For the adapter whose rows span
+    ``G``'s top-k right singular vectors, one each (``a_i = rho v_i``: the best rank-k subspace the
+    gradient score presumes too), that is ``(alpha / r) eta rho sum_{i<=k} sigma_i ||u_i||_1``, and
+    with flat left singular vectors (``||u_i||_1 = sqrt(out)``, the largest value) exactly
+    ``c sum_{i<=k} sigma_i`` with ``c = (alpha / r) eta rho sqrt(out)``: the step above (each column
+    of ``B``, ``out`` entries each moved by ``eta``, has norm ``eta sqrt(out)``). An ``A`` that splits
+    one direction over several rows gains up to ``sqrt(k)`` times more from the same direction (a
+    larger step, not a more useful rank); the curve does not count that.
+
+    The per-slot bound. ``eta``, ``rho`` and ``alpha / r`` are the same on every slot (an automatic
+    arm keeps ``alpha_m / r_m = alpha / r``) and are dropped; ``sqrt(out)`` is kept, since Adam
+    normalises per element and a longer ``B`` column moves further; the allocator's gain per
+    parameter ``curve / (k (in + out))`` then compares slots in one unit of loss. Rejected: one
+    ``c`` for every slot (a shape-blind spectral bound, as orthogonalised optimisers take), which
+    ignores the per-element normalisation; ``eta sqrt(in * out)`` (the spectral norm of a sign
+    matrix of ``Delta W``'s shape: Adam on the full weight), since LoRA's Adam normalises ``B`` and
+    ``A``, not ``Delta W``, and ``A``'s rows keep their shape-free norm until they move (at second
+    order in ``eta``). So the curve describes the start of training; later ``A`` moves by ``eta``
+    per entry too and the input width enters.
+
+    The L1 alternative. Adam without averaging (sign descent) is steepest descent under the
+    max-entry norm (Bernstein & Newhouse 2024, "Old optimizer, new norm"), whose dual is the
+    entrywise L1 norm: a sign step of the whole ``Delta W`` gains ``eta ||G||_1``, the same at every
+    rank, and the best rank-k step with entries bounded by ``eta`` is NP-hard already at k = 1 (the
+    ``inf -> 1`` norm). Both, like the exact ``sum ||u_i||_1`` factor above, need ``G`` or its
+    singular vectors, which a sketched slot does not keep; the spectral form needs only the
+    singular values the gradient score already reads. It overestimates the first step's gain by
+    ``sqrt(out) / ||u_i||_1`` per direction: 1 for flat vectors, about ``sqrt(pi / 2)`` for
+    Gaussian-like ones (then the same on every slot: the allocation does not change).
+
+    Properties: nondecreasing and concave in k (the sigma_i descend); ``G -> t G`` scales it by
+    ``t``, not ``t^2``: a slot with a large but concentrated gradient no longer outweighs one whose
+    gain is spread over many directions.
+    """
+    return (math.sqrt(out_features) * torch.cumsum(sigma.double(), 0)).tolist()
+
+
+def _gradient_curves(model, slots, modules, batches, max_rank, nll_fn, sketch, warnings):
+    """``curve[k-1] = sum_{i<=k} sigma_i(G)^2`` (:func:`energy_curve`)."""
+    sigmas, approximations, tokens, used = _gradient_spectra(model, slots, modules, batches, max_rank, nll_fn,
+                                                             sketch, warnings)
+    return {name: energy_curve(sigma) for name, sigma in sigmas.items()}, approximations, tokens, used
+
+
+def _adam_curves(model, slots, modules, batches, max_rank, nll_fn, sketch, warnings):
+    """``curve[k-1] = sqrt(out) sum_{i<=k} sigma_i(G)`` (:func:`adam_curve`), from the gradient score's pass."""
+    sigmas, approximations, tokens, used = _gradient_spectra(model, slots, modules, batches, max_rank, nll_fn,
+                                                             sketch, warnings)
+    return ({s.name: adam_curve(sigmas[s.name], s.out_features) for s in slots}, approximations, tokens, used)
 
 
 def _token_masks(model: nn.Module, slots, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
@@ -577,6 +666,11 @@ for _score in (
     Score("gradient", "curve[k-1] = sum of the k largest squared singular values of the loss gradient G (out x in) of "
                  "the frozen weight, averaged over the batches (token-mean loss per batch): the squared "
                  "first-order loss decrease of the best rank-k update of unit Frobenius norm.", True, _gradient_curves),
+    Score("adam", "curve[k-1] = sqrt(out) * sum of the k largest singular values of the same loss gradient G "
+                  "(out x in, same pass as gradient): the first-order loss decrease of the best rank-k update "
+                  "whose every direction moves by at most sqrt(out) (spectral norm), the size of Adam's first, "
+                  "sign-like step on a LoRA adapter's B column; linear, not quadratic, in the gradient's scale.",
+          True, _adam_curves),
     Score("activation", "curve[k-1] = sum of the k largest eigenvalues of the input covariance (1/T) sum x x^T over "
                    "non-padding tokens (forward passes only, EVA-style); modules that read the same input "
                    "(q/k/v, gate/up) share one curve.", True, _activation_curves),
