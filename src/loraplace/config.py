@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from loraplace.errors import LoraplaceError
-from loraplace.placement.arms import ARM_SEPARATOR, parse_arm, parse_budget_reference
+from loraplace.placement.arms import ARM_SEPARATOR, check_groups, is_groups, parse_arm, parse_budget_reference
 from loraplace.placement.scale import DEFAULT_SCALE, ScaleRule
 from loraplace.placement.strategies import parse_strategies, parse_strategy, split_strategy_list
 
@@ -200,7 +200,10 @@ class StudyConfig(_Strict):
     model: str = Field("smollm2-135m-instruct", description="Embedded alias, hub id, local folder or local .gguf "
                        "file (dequantized to float32 once into the cache).")
     dataset: str = Field("alpaca-demo", description="Embedded alias, hub id, or local json/jsonl/csv/parquet file.")
-    strategies: list[str] = Field(default_factory=lambda: ["full", "attention", "ffn"])
+    strategies: list[str] = Field(default_factory=lambda: ["full", "attention", "ffn"], description=(
+        "The arms: strategies (full, attention@last:12, auto[score=adam]), each optionally with its budget "
+        "reference (ffn~attention); `groups` / `groups~REFERENCE` stands for one arm per role and per third of "
+        "the layers (loraplace.placement.groups), expanded on the model before the study is stored."))
     include_base: bool = Field(True, description="Also evaluate the base model without adapters.")
     seeds: list[int] = Field(default_factory=lambda: [0], description="Every strategy runs once per seed.")
     lora: LoraSettings = Field(default_factory=LoraSettings)
@@ -257,13 +260,17 @@ class StudyConfig(_Strict):
 
         if not self.strategies:
             raise ValueError("strategies is empty; e.g. strategies: [full, attention, ffn]")
-        for spec in self.strategies:
-            parse_arm(spec)  # an entry may name its budget reference: ffn~attention
+        concrete = [s for s in self.strategies if not is_groups(s)]
+        for spec in self.strategies:  # an entry may name its budget reference: ffn~attention
+            if is_groups(spec):
+                check_groups(spec)  # expanded on the model (loraplace.placement.groups)
+            else:
+                parse_arm(spec)
         # unknown or duplicate names fail here, with the list of known ones
-        plain = [s for s in self.strategies if ARM_SEPARATOR not in s]
+        plain = [s for s in concrete if ARM_SEPARATOR not in s]
         if plain:
             parse_strategies(plain)
-        parsed = [parse_strategy(s) for s in self.strategies if ARM_SEPARATOR not in s]
+        parsed = [parse_strategy(s) for s in concrete if ARM_SEPARATOR not in s]
         fixed = [s.name for s in parsed if s.has_fixed_ranks]
         if self.match_budget is not None and fixed:
             raise ValueError(

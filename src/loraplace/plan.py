@@ -8,8 +8,10 @@ from typing import Any
 
 from loraplace.errors import LoraplaceError
 from loraplace.methods import method_of
-from loraplace.placement.arms import ARM_SEPARATOR, REFERENCE_STRATEGY, parse_arm, parse_budget_reference, study_arms
+from loraplace.placement.arms import (ARM_SEPARATOR, REFERENCE_STRATEGY, check_groups, is_groups, parse_arm,
+                                      parse_budget_reference, study_arms)
 from loraplace.placement.budget import budget_target
+from loraplace.placement.groups import expand_groups
 from loraplace.placement.params import total_params
 from loraplace.placement.resolve import resolve_placement
 from loraplace.placement.scale import DEFAULT_SCALE, SCALE_RULES
@@ -49,12 +51,17 @@ def build_plan(model: str, strategies: list[str], r: int, alpha: float,
     if scale not in SCALE_RULES:
         raise LoraplaceError(f"unknown update-scale rule {scale!r}; known: {', '.join(SCALE_RULES)}")
     for spec in strategies:  # unknown strategies and references fail here, naming them
-        parse_arm(spec)
-    if [s for s in strategies if ARM_SEPARATOR not in s]:
-        parse_strategies([s for s in strategies if ARM_SEPARATOR not in s])  # repeats fail here
+        if is_groups(spec):
+            check_groups(spec)
+        else:
+            parse_arm(spec)
+    concrete = [s for s in strategies if ARM_SEPARATOR not in s and not is_groups(s)]
+    if concrete:
+        parse_strategies(concrete)  # repeats fail here
     reference = parse_budget_reference(match_budget) if match_budget not in (None, "") else None
     config, source = load_config(model)
     skeleton = meta_model(config)
+    strategies = expand_groups(strategies, skeleton)
     base = total_params(skeleton)
     full = resolve_placement(skeleton, parse_strategy(REFERENCE_STRATEGY), r, alpha).lora_params
     target = budget_target(skeleton, reference, r, alpha) if reference is not None else None

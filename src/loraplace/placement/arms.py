@@ -128,14 +128,62 @@ def parse_arm(spec: str) -> Arm:
     return Arm(strategy.name, arm.reference)
 
 
+GROUPS = "groups"
+"""A strategy-list entry (``groups``, ``groups~REFERENCE``) that stands for one arm per group of slots
+(:mod:`loraplace.placement.groups`), expanded once the model is known."""
+
+
+GROUP_PARTS = 3
+"""The layer groups of ``groups``: the stack in this many near-equal parts (thirds)."""
+
+
+def slot_group(strategy: str) -> str | None:
+    """Which kind of ``groups`` arm a strategy spec is: ``"role"`` (one role on every layer, e.g.
+    ``attn.q``), ``"layers"`` (every role of ``full`` on one third of the layers, ``full@part:2/3``),
+    or None for any other strategy."""
+    parsed = parse_strategy(strategy)
+    if parsed.method_name != "lora" or parsed.is_literal or len(parsed.terms) != 1:
+        return None
+    term = parsed.terms[0]
+    if term.r is not None or term.alpha is not None:
+        return None
+    if term.layers is None and len(term.roles) == 1 and "*" not in term.roles[0]:
+        return "role"
+    if (parsed.name.partition("@")[0] == REFERENCE_STRATEGY and term.layers is not None
+            and len(term.layers.items) == 1 and term.layers.items[0][0] == "part"
+            and term.layers.items[0][2] == GROUP_PARTS):
+        return "layers"
+    return None
+
+
+def is_groups(spec: str) -> bool:
+    """True for a ``groups`` or ``groups~REFERENCE`` entry of a strategy list."""
+    return "".join(spec.split()).partition(ARM_SEPARATOR)[0] == GROUPS
+
+
+def check_groups(spec: str) -> None:
+    """Fail with one line on a malformed ``groups`` entry (its reference is checked)."""
+    _, sep, reference = "".join(spec.split()).partition(ARM_SEPARATOR)
+    if sep:
+        parse_budget_reference(reference)
+
+
 def study_arms(strategies: Sequence[str], match_budget: str | int | None) -> list[Arm]:
     """A study's arms in order, without repeats: every strategy, each followed by its arm matched
     to ``match_budget`` (a reference as :func:`~loraplace.placement.budget.parse_budget_reference`
     returns it) when one is given. The reference strategy itself gets no matched arm: it would
     repeat the unmatched one. An entry that names its own reference (``ffn~attention``) is that
-    one arm."""
+    one arm.
+
+    Raises:
+        LoraplaceError: a ``groups`` entry, which only the model can expand
+            (:func:`loraplace.placement.groups.expand_groups`).
+    """
     arms: list[Arm] = []
     for spec in strategies:
+        if is_groups(spec):
+            raise LoraplaceError(f"{spec!r} stands for arms that depend on the model; expand it first "
+                                 "(loraplace.placement.groups.expand_groups)")
         arm = parse_arm(spec)
         found = [arm]
         if arm.reference is None and match_budget is not None and arm.strategy != match_budget:

@@ -12,8 +12,10 @@ Two kinds exist:
       selector  := name ("|" name)*     a built-in name (full, attention, ffn, qv, ...), a group
                                         (attention, cross-attention, ffn), a role (attn.q) or a
                                         role pattern (attn.*); embed and lm_head are opt-in roles
-      layers    := item ("," item)*     all | first:K | last:K | A-B | N | every:N[:OFFSET]
-                                        K is a count, or a fraction of the stack: 1/2, 0.25, 50%
+      layers    := item ("," item)*     all | first:K | last:K | A-B | N | every:N[:OFFSET] | part:I/N
+                                        K is a count, or a fraction of the stack: 1/2, 0.25, 50%;
+                                        part:I/N the I-th of N near-equal consecutive parts (part:2/3:
+                                        the middle third)
       options   := r=INT and/or alpha=NUMBER, comma-separated
 
   Examples: ``attention@last:12``, ``ffn[r=8]+attention[r=16]``, ``qv@0-11``,
@@ -51,7 +53,8 @@ from fractions import Fraction
 from loraplace.errors import LoraplaceError
 from loraplace.placement.roles import ALL_ROLES
 
-LAYER_SYNTAX = "all, first:K, last:K, A-B, N, every:N or every:N:OFFSET (K a count or a fraction: 1/2, 0.25, 50%)"
+LAYER_SYNTAX = ("all, first:K, last:K, A-B, N, every:N or every:N:OFFSET (K a count or a fraction: 1/2, 0.25, 50%), "
+                "or part:I/N (the I-th of N equal parts)")
 
 
 def layer_span(first: int, last: int) -> str:
@@ -126,6 +129,15 @@ class LayerSelection:
                         f"{num_layers} layers (0-{num_layers - 1})"
                     )
                 chosen.update(range(a, b + 1))
+            elif kind == "part":
+                i, n = item[1], item[2]
+                start, stop = (i - 1) * num_layers // n, i * num_layers // n
+                if start == stop:
+                    raise LoraplaceError(
+                        f"layer selection {self.text!r}{where}: part {i} of {n} of {num_layers} layers is empty; "
+                        f"use fewer parts than layers"
+                    )
+                chosen.update(range(start, stop))
             elif kind == "every":
                 n, offset = item[1], item[2]
                 if offset >= num_layers:
@@ -346,6 +358,11 @@ def parse_layers(spec: str, text: str, offset: int = 0) -> LayerSelection:
             if b < a:
                 raise _error(spec, item, pos, "range ends before it starts", f"A-B with A <= B, e.g. {b}-{a}")
             items.append(("range", a, b))
+        elif m := re.fullmatch(r"part:(\d+)/(\d+)", item):
+            i, n = int(m[1]), int(m[2])
+            if not 1 <= i <= n:
+                raise _error(spec, item, pos, "part outside 1..N", "part:I/N with 1 <= I <= N, e.g. part:2/3")
+            items.append(("part", i, n))
         elif m := re.fullmatch(r"every:(\d+)(?::(\d+))?", item):
             n, start = int(m[1]), int(m[2] or 0)
             if n == 0:

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from loraplace.errors import LoraplaceError
-from loraplace.placement.arms import Arm
+from loraplace.placement.arms import Arm, slot_group
 from loraplace.placement.matrix import rank_rows
 from loraplace.placement.roles import ALL_ROLES, group_of
 from loraplace.placement.strategies import AUTO, METHOD_TITLES, Strategy, parse_strategy
@@ -601,13 +601,34 @@ def validity_records(v: StudyView) -> list[dict[str, Any]]:
         if not mods:
             continue
         groups = {group_of(m["role"]) if m.get("role") else None for m in mods}
+        strategy = _strategy(a.key)
         rec = {"arm": a.key, "budget_params": a.budget_params, "modules": len(mods),
                "role_group": groups.pop() if len(groups) == 1 else None,
+               "slot_group": slot_group(strategy.name) if strategy is not None else None,
                "measured_gain": (v.base_loss - a.loss.mean) if v.base_loss is not None else -a.loss.mean}
         for s in v.scores.values():
             rec[f"predicted_{s.score}"], rec[f"scored_{s.score}"] = s.predicted(mods)
         out.append(rec)
     return out
+
+
+SLOT_GROUPS = "slot groups (each role, each third of the layers)"
+"""The validity scope of the ``groups`` arms (:mod:`loraplace.placement.groups`): every slot group
+trained alone at one budget, the measured truth a score should rank as training did."""
+
+
+def trusted_score(summary: list[dict[str, Any]]) -> str | None:
+    """One sentence naming the score that ranks the slot groups best (the highest Spearman rho over
+    the ``groups`` arms), or None without that scope."""
+    rows = [r for r in summary if r["scope"] == SLOT_GROUPS and r["rho"] is not None]
+    if not rows:
+        return None
+    best = max(rows, key=lambda r: r["rho"])
+    verdict = ("ranks them as training did" if best["rho"] > 0 and best["p"] < ALPHA
+               else "agrees only weakly, not significantly" if best["rho"] > 0 else "does not rank them as training did")
+    return (f"Which score to trust on this model: over the {best['n']} slot-group arms (each trained alone at "
+            f"the same budget), the {best['score']} score agrees best with the measured gains and {verdict} "
+            f"({_rho_text(best['rho'], best['p'], best['n'])}).")
 
 
 def _concordant(recs: list[dict[str, Any]], key: str) -> tuple[int, int]:
@@ -622,13 +643,16 @@ def validity_summary(v: StudyView, recs: list[dict[str, Any]]) -> list[dict[str,
     more, over those arms with the cross-group pairs ordered as training did."""
     single = [r for r in recs if r["role_group"]]
     split = len({r["role_group"] for r in single}) > 1
+    grouped = [r for r in recs if r["slot_group"]]
+    scopes = (("all arms", recs),) + ((("single-group arms", single),) if split else ()) + (
+        ((SLOT_GROUPS, grouped),) if len(grouped) >= 3 else ())
     out = []
     for s in v.scores.values():
         key = f"predicted_{s.score}"
-        for scope, rs in (("all arms", recs),) + ((("single-group arms", single),) if split else ()):
+        for scope, rs in scopes:
             rho, p = spearman([r[key] for r in rs], [r["measured_gain"] for r in rs])
             rec = {"score": s.score, "scope": scope, "n": len(rs), "rho": rho, "p": p}
-            if scope != "all arms":
+            if scope == "single-group arms":
                 rec["cross_group_agree"], rec["cross_group_pairs"] = _concordant(rs, key)
             out.append(rec)
     return out
@@ -637,7 +661,7 @@ def validity_summary(v: StudyView, recs: list[dict[str, Any]]) -> list[dict[str,
 def reading(rec: dict[str, Any]) -> str:
     """One sentence on one score's rank agreement with training."""
     what = f"the {rec['score']} score"
-    scope = "" if rec["scope"] == "all arms" else " among the single-group arms"
+    scope = "" if rec["scope"] == "all arms" else f" among the {rec['scope']}"
     nums = _rho_text(rec["rho"], rec["p"], rec["n"])
     if rec["rho"] is None:
         text = f"{what} cannot be checked{scope} ({nums}: fewer than three arms, or constant values)"
@@ -673,12 +697,14 @@ def validity_part(v: StudyView) -> Part:
     table = Table(v.name("score-validity-summary"), "Does each score rank the arms as training did? Spearman rank "
                   "correlation of predicted and measured gain over arms; single-group arms: arms whose modules all "
                   "belong to one role group (attention, ffn, ...), with the pairs of arms from different groups "
-                  "ordered as training did.", ["score", "arms", "n", "Spearman rho", "p", "cross-group pairs agreeing"],
+                  "ordered as training did; slot groups: the `groups` arms, each role and each third of the layers "
+                  "trained alone at one budget (the truth a score should predict).", ["score", "arms", "n", "Spearman rho", "p", "cross-group pairs agreeing"],
                   srows, summary, align="llrrrr")
     note = "" if v.base_loss is not None else (" The study has no base-model run, so the measured gain is minus "
                                                "the eval loss (the ranking is the same).")
+    trust = trusted_score(summary)
     blocks: list[Block] = [Heading(v.level, "Do the scores predict what training gave?"), per_arm, table,
-                           Bullets([reading(r) for r in summary])]
+                           Bullets([reading(r) for r in summary] + ([trust] if trust else []))]
     if note:
         blocks.insert(1, Para(note.strip()))
     return Part(blocks, [per_arm, table])

@@ -9,12 +9,22 @@ from loraplace.config import StudyConfig
 from loraplace.data import load_rows
 from loraplace.errors import LoraplaceError
 from loraplace.methods import method_of
-from loraplace.placement.arms import study_arms
+from loraplace.placement.arms import is_groups, study_arms
+from loraplace.placement.groups import expand_groups
 from loraplace.run.device import pick_device
 from loraplace.run.memory_plan import choose_checkpointing, device_free_mib, estimate_memory
 from loraplace.run.models import load_config, meta_model, resolve_model_path
 from loraplace.run.quantization import check_quantization
 from loraplace.run.tasks import check_task_columns, task_of
+
+
+def expand_study_groups(config: StudyConfig, allow_fetch: bool = True) -> StudyConfig:
+    """``config`` with each ``groups`` entry of its strategy list replaced by the group arms of its
+    model (:func:`loraplace.placement.groups.expand_groups`; the model's config is read, no weights)."""
+    if not any(is_groups(s) for s in config.strategies):
+        return config
+    model_config, _ = load_config(resolve_model_path(config.model, allow_fetch))
+    return config.model_copy(update={"strategies": expand_groups(config.strategies, meta_model(model_config))})
 
 
 def check_study(config: StudyConfig, allow_fetch: bool = True) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from loraplace.run.device import pick_device, resolve_precision
 from loraplace.run.measure import library_versions
 from loraplace.study import ray_executor
 from loraplace.study.allocations import resolve_allocations
-from loraplace.study.checks import check_study
+from loraplace.study.checks import check_study, expand_study_groups
 from loraplace.study.executor import LocalExecutor
 from loraplace.study.progress import StudyInterrupted, StudyProgress
 from loraplace.study.specs import arm_labels, default_output_dir, run_identity, run_specs, tuning_specs
@@ -64,6 +64,7 @@ def run_study(config: StudyConfig, resume: bool = False, allow_mixed: bool = Fal
     if resume and not config.output:
         raise LoraplaceError("--resume needs --output STUDY_DIR (the folder of the study to continue)")
     progress = progress or StudyProgress()
+    config = expand_study_groups(config)  # `groups` entries become the model's group arms, stored as such
     study_dir = Path(config.output) if config.output else default_output_dir(config)
     store = StudyStore(study_dir)
     store.check_folder()
