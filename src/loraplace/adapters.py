@@ -1,7 +1,7 @@
-"""PEFT glue: the ``LoraConfig`` that adapts exactly a placement, the loud check that PEFT wrapped
-exactly what was planned, per-module update norms, and unloading that gives the shared base model
-back unchanged. Below the adapter methods (:mod:`loraplace.methods`) and the run recipe, which both
-call it."""
+"""PEFT glue: the ``LoraConfig`` that adapts exactly a placement (with the arm's initialisation),
+the loud check that PEFT wrapped exactly what was planned, per-module update norms, and unloading
+that gives the shared base model back unchanged (base weights an initialisation rewrote included).
+Below the adapter methods (:mod:`loraplace.methods`) and the run recipe, which both call it."""
 
 from __future__ import annotations
 
@@ -11,11 +11,82 @@ from typing import Any
 
 import torch
 from peft import LoraConfig
+from torch import nn
+from transformers.pytorch_utils import Conv1D
 from peft.tuners.lora import LoraLayer, ParamWrapper
 from peft.utils.other import AuxiliaryTrainingWrapper
 
 from loraplace.config import LoraSettings
 from loraplace.errors import LoraplaceError
+from loraplace.placement.strategies import DEFAULT_INIT, INIT_TITLES
+
+REWRITES_BASE = ("pissa", "olora")
+"""Initialisations that move part of each adapted base weight into the adapter: PEFT replaces the
+weight W by the residual W - (alpha / r) B A. A run saves those weights (:func:`save_base_weights`)
+and :func:`unload_adapters` puts them back, so the next arm on the shared base model sees W."""
+NEED_FULL_PRECISION = ("pissa", "olora", "orthogonal")
+"""Initialisations that read or cast to the base weight's dtype, which a quantized base does not have
+in floating point (PEFT's PiSSA refuses it, OLoRA would re-quantize the residual, orthogonal would
+cast A and B to the packed integer dtype)."""
+
+
+def peft_init(init: str | None) -> bool | str:
+    """PEFT's ``init_lora_weights`` for an arm's ``init=`` (:attr:`Strategy.init`): True (LoRA's
+    default: Kaiming-uniform A, zero B) for None or ``default``, else the name (``pissa`` is the exact
+    SVD).
+
+    Raises:
+        LoraplaceError: a name not in :data:`~loraplace.placement.strategies.INIT_TITLES`.
+    """
+    if init in (None, DEFAULT_INIT):
+        return True
+    if init not in INIT_TITLES:
+        raise LoraplaceError(f"unknown initialisation {init!r}; known: {', '.join(INIT_TITLES)}")
+    return init
+
+
+def check_init(model: nn.Module, placement, init: str | None, quantization: str = "none",
+               ranks: bool = True) -> None:
+    """Fail with one line where PEFT would not apply ``init`` to ``placement`` on ``model`` as named
+    (weights may be on the meta device): a quantized base for an init that needs floating-point
+    weights; an embedding (PEFT initialises it its own way whatever ``init_lora_weights`` says); a
+    GPT-2 ``Conv1D`` for OLoRA (PEFT's OLoRA ignores ``fan_in_fan_out`` and builds A and B
+    transposed); a weight tied to another module for an init that rewrites it (the tied module would
+    change too); expert parameters for anything but the default and Gaussian; and, with ``ranks``, an
+    odd rank for ``orthogonal``."""
+    if init in (None, DEFAULT_INIT):
+        return
+    title = INIT_TITLES[init]
+    where = f"strategy {placement.strategy!r}: init={init}"
+    if quantization != "none" and init in NEED_FULL_PRECISION:
+        raise LoraplaceError(f"{where}: the {title} needs the base weights in floating point, but the base model "
+                             f"is quantized (quantization={quantization}); use quantization=none or another init "
+                             "(default, gaussian)")
+    if placement.parameter_names and init != "gaussian":
+        raise LoraplaceError(f"{where}: PEFT's {title} is not made for mixture-of-experts parameters "
+                             f"({placement.parameter_names[0]}, ...); use init=default or gaussian, or leave the "
+                             "experts out")
+    tied: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(param), []).append(name)
+    for name in placement.module_names:
+        module = model.get_submodule(name)
+        if isinstance(module, nn.Embedding):
+            raise LoraplaceError(f"{where}: PEFT gives an embedding's adapter ({name}) its own initialisation "
+                                 "whatever init= says; leave the embed role out of this arm or use init=default")
+        if init == "olora" and isinstance(module, Conv1D):
+            raise LoraplaceError(f"{where}: PEFT's OLoRA does not handle GPT-2-style Conv1D layers ({name}: it "
+                                 "builds A and B transposed); use init=pissa or another init on this model")
+        shared = tied.get(id(module.weight), [])
+        if init in REWRITES_BASE and len(shared) > 1:
+            raise LoraplaceError(f"{where}: the {title} rewrites {name}'s weight, which is tied to "
+                                 f"{', '.join(n for n in shared if n != name + '.weight')}; leave {name} out of "
+                                 "this arm or use an init that keeps the base weights (default, gaussian, orthogonal)")
+    if init == "orthogonal" and ranks:
+        odd = [f"{m.name} (r={m.r})" for m in placement.modules if m.r % 2]
+        if odd:
+            raise LoraplaceError(f"{where}: PEFT's orthogonal init needs even ranks; {len(odd)} module(s) have odd "
+                                 f"ones, e.g. {odd[0]}; use even r= (and an even budget-matched rank)")
 
 
 def wrapped_adapters(peft_model, adapter: str = "default") -> dict[str, tuple[int, float]]:
@@ -49,10 +120,11 @@ def adapter_update_norms(peft_model, placement, adapter: str = "default") -> lis
             for m in placement.modules if m.name in found]
 
 
-def lora_config_for(placement, lora: LoraSettings, task_type: str = "CAUSAL_LM"):
+def lora_config_for(placement, lora: LoraSettings, task_type: str = "CAUSAL_LM", init: str | None = None):
     """The PEFT ``LoraConfig`` that adapts exactly ``placement``: its modules as
-    ``target_modules``, MoE expert parameters as ``target_parameters``, and per-module ranks and
-    alphas through ``rank_pattern`` / ``alpha_pattern``.
+    ``target_modules``, MoE expert parameters as ``target_parameters``, per-module ranks and
+    alphas through ``rank_pattern`` / ``alpha_pattern``, and the arm's initialisation ``init``
+    (:attr:`Strategy.init`, see :func:`peft_init`) as ``init_lora_weights``.
 
     PEFT matches a pattern key ``k`` against a module name ``n`` with
     ``re.match(rf"(.*\.)?({k})$", n)``: a bare name would also match any module whose name ends in
@@ -77,6 +149,7 @@ def lora_config_for(placement, lora: LoraSettings, task_type: str = "CAUSAL_LM")
         target_parameters=placement.parameter_names or None,
         rank_pattern={key(m.name): m.r for m in placement.modules if m.r != r},
         alpha_pattern={key(m.name): m.alpha for m in placement.modules if m.alpha != alpha},
+        init_lora_weights=peft_init(init),
     )
 
 
@@ -108,9 +181,37 @@ def check_wrapped(peft_model, placement, trainable: int) -> None:
         )
 
 
-def unload_adapters(peft_model) -> Any:
+SavedWeights = list[tuple[nn.Parameter, torch.Tensor]]
+"""Base weights saved before ``get_peft_model``: each parameter with a copy of its values."""
+
+
+def save_base_weights(model: nn.Module, placement, config) -> SavedWeights:
+    """A copy, in CPU memory, of each base weight that ``config``'s initialisation will rewrite
+    (:data:`REWRITES_BASE`): the weights of ``placement``'s modules and its expert parameters; nothing
+    for an init that leaves the base alone. :func:`unload_adapters` puts them back bit for bit.
+
+    Held in CPU memory because a large arm's copies would otherwise take accelerator memory the memory
+    plan does not count."""
+    init = getattr(config, "init_lora_weights", True)
+    if not (isinstance(init, str) and init.startswith(REWRITES_BASE)):  # pissa_niter_N too
+        return []
+    params = [model.get_submodule(name).weight for name in placement.module_names]
+    params += [model.get_parameter(name) for name in placement.parameter_names]
+    unique = list({id(p): p for p in params}.values())
+    return [(p, p.detach().to("cpu", copy=True)) for p in unique]
+
+
+def restore_base_weights(saved: SavedWeights) -> None:
+    """Put back what :func:`save_base_weights` copied (same parameter objects: ties stay)."""
+    with torch.no_grad():
+        for param, values in saved:
+            param.data = values.to(param.device)
+
+
+def unload_adapters(peft_model, saved: SavedWeights = ()) -> Any:
     """Remove every adapter and hand back the base model exactly as it was before
-    ``get_peft_model``.
+    ``get_peft_model``, with the base weights ``saved`` before it (:func:`save_base_weights`: an
+    initialisation like PiSSA rewrote them) put back.
 
     ``peft_model.unload()`` alone is not enough: a module PEFT trains in full
     (``modules_to_save``, e.g. a classifier's new head) sits in a ``ModulesToSaveWrapper`` that
@@ -125,4 +226,6 @@ def unload_adapters(peft_model) -> Any:
         parent_name, _, child = name.rpartition(".")
         parent = base.get_submodule(parent_name) if parent_name else base
         setattr(parent, child, wrapper.original_module)
-    return peft_model.unload()
+    model = peft_model.unload()
+    restore_base_weights(list(saved))
+    return model

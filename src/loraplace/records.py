@@ -75,6 +75,8 @@ class RunResult(BaseModel):
     r: int | None = None
     alpha: float | None = None
     dropout: float | None = None
+    init: str | None = Field(None, description="the adapters' initialisation where not PEFT's default (the arm's "
+                             "init=: gaussian, pissa, olora, orthogonal); None: Kaiming-uniform A, zero B")
     modules: list[str] = Field(default_factory=list, description="exact names of the adapted modules")
     roles: list[str] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)

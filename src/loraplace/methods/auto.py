@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 from torch import nn
 
+from loraplace.adapters import check_init
 from loraplace.config import StudyConfig
 from loraplace.errors import LoraplaceError
 from loraplace.methods.base import Method, full_stand_in, register, stored_ranks
@@ -149,6 +150,8 @@ class AutoMethod(Method):
                 "score and allocate with quantization=none, or leave the auto[...] arms out"
             )
         check_auto(skeleton, arm, config.lora.r, config.lora.alpha, config.importance.max_rank)
+        # its slots are full's modules; its ranks come later (an odd one fails orthogonal when the run starts)
+        check_init(skeleton, full_stand_in(skeleton, config), _options(arm).init, config.quantization, ranks=False)
 
     def stand_in(self, skeleton: nn.Module, arm: Arm, config: StudyConfig) -> Placement:
         return full_stand_in(skeleton, config)

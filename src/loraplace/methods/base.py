@@ -25,7 +25,7 @@ from typing import Any
 
 from torch import nn
 
-from loraplace.adapters import adapter_update_norms, check_wrapped, lora_config_for
+from loraplace.adapters import adapter_update_norms, check_init, check_wrapped, lora_config_for
 from loraplace.config import StudyConfig
 from loraplace.errors import LoraplaceError
 from loraplace.placement.arms import REFERENCE_STRATEGY, Arm
@@ -58,8 +58,10 @@ class Method:
 
     # ------------------------------------------------------------------ before anything trains
     def check(self, skeleton: nn.Module, arm: Arm, config: StudyConfig) -> None:
-        """Fail with one line if ``arm`` cannot run in ``config`` on ``skeleton`` (meta weights)."""
-        self.placement(skeleton, arm, config.lora.r, config.lora.alpha, scale=config.lora.scale)
+        """Fail with one line if ``arm`` cannot run in ``config`` on ``skeleton`` (meta weights), its
+        initialisation (``init=``) included."""
+        placement = self.placement(skeleton, arm, config.lora.r, config.lora.alpha, scale=config.lora.scale)
+        check_init(skeleton, placement, parse_strategy(arm.strategy).init, config.quantization)
 
     def stand_in(self, skeleton: nn.Module, arm: Arm, config: StudyConfig) -> Placement:
         """The placement the memory check estimates for ``arm``: its own, or, for a method that
@@ -97,10 +99,14 @@ class Method:
         return apply_scale(resolve_matched(model, strategy, r, alpha, arm.reference), scale, r)
 
     def adapters(self, model: nn.Module, spec: RunSpec, task_type: str) -> tuple[Placement, Any, list]:
-        """``(placement, PEFT config, Trainer callbacks)`` of the run ``spec`` on ``model``."""
-        placement = self.placement(model, Arm.parse(spec.strategy), spec.lora.r, spec.lora.alpha, ranks=spec.ranks,
-                                   budget=spec.budget, scale=spec.lora.scale)
-        return placement, lora_config_for(placement, spec.lora, task_type=task_type), []
+        """``(placement, PEFT config, Trainer callbacks)`` of the run ``spec`` on ``model``; the config
+        carries the arm's initialisation (``init=``), checked against the placement first."""
+        arm = Arm.parse(spec.strategy)
+        placement = self.placement(model, arm, spec.lora.r, spec.lora.alpha, ranks=spec.ranks, budget=spec.budget,
+                                   scale=spec.lora.scale)
+        init = parse_strategy(arm.strategy).init
+        check_init(model, placement, init, spec.quantization)
+        return placement, lora_config_for(placement, spec.lora, task_type=task_type, init=init), []
 
     def initialise(self, peft_model: Any, spec: RunSpec) -> None:
         """Set the wrapped adapters' initial weights (PEFT's own initialisation: nothing to do)."""

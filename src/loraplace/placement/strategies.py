@@ -16,12 +16,22 @@ Two kinds exist:
                                         K is a count, or a fraction of the stack: 1/2, 0.25, 50%;
                                         part:I/N the I-th of N near-equal consecutive parts (part:2/3:
                                         the middle third)
-      options   := r=INT and/or alpha=NUMBER, comma-separated
+      options   := r=INT, alpha=NUMBER and/or init=INIT, comma-separated
+      INIT      := default | gaussian | pissa | olora | orthogonal        (see INIT_TITLES)
 
   Examples: ``attention@last:12``, ``ffn[r=8]+attention[r=16]``, ``qv@0-11``,
   ``full@last:1/2``, ``attn.q|attn.v@every:2[r=4]``. Where terms overlap, the later term's
   rank and alpha win. Layers count within each block stack (an encoder-decoder model's
   encoder and decoder are selected separately, with the same rule).
+
+  ``init=`` chooses PEFT's data-free initialisation of the arm's adapters (``init_lora_weights``):
+  ``default`` (Kaiming-uniform A, zero B), ``gaussian`` (Gaussian A, zero B), ``pissa`` (A and B
+  from the exact SVD of each base weight, PiSSA; the base weight keeps the residual), ``olora``
+  (from its QR decomposition, OLoRA; residual likewise) or ``orthogonal`` (orthogonal A and B with
+  B A = 0; even ranks only). PEFT initialises an arm one way, so the init is the whole arm's: a term
+  without ``init=`` takes the one another term gives, and two terms giving different ones is an
+  error (``ffn[init=pissa]+attention`` initialises both with PiSSA). ``auto[...]`` takes it too;
+  ``eva`` and ``adalora`` initialise their adapters themselves and take none.
 
 * literal strategies (``paper-full``, ``paper-attention``, ``paper-ffn``) reproduce the paper
   draft's ``target_modules`` lists *with PEFT's own suffix-matching rule*, so that the plan
@@ -33,7 +43,7 @@ Two kinds exist:
   ``auto``: as many as ``full`` at the study's rank). Their slots are the modules of ``full``::
 
       auto[score=gradient|adam|activation|weight|random, mode=best|worst|uniform, step=INT, max_r=INT,
-           draw=INT, alpha=NUMBER]
+           draw=INT, alpha=NUMBER, init=INIT]
 
   ``score`` (default gradient) names the importance score (:mod:`loraplace.importance`);
   ``mode=best`` (default) gives rank where the score gains most per parameter, ``worst`` where it
@@ -158,6 +168,7 @@ class Term:
         roles: role patterns (``"attn.*"``, ``"attn.q"``, ``"embed"``).
         layers: the layer selection, or None for every layer.
         r, alpha: per-term rank and alpha; None means the study's ``lora.r`` / ``lora.alpha``.
+        init: the ``init=`` as written (a key of :data:`INIT_TITLES`), None where the term gives none.
     """
 
     text: str
@@ -165,12 +176,19 @@ class Term:
     layers: LayerSelection | None = None
     r: int | None = None
     alpha: float | None = None
+    init: str | None = None
 
 
 AUTO = "auto"
 METHOD_TITLES = {"lora": "LoRA", AUTO: "automatic placement", "eva": "EVA", "adalora": "AdaLoRA"}
 """The adapter methods a strategy can name (:attr:`Strategy.method_name`) and how reports call
 them; each one's behaviour is its module in :mod:`loraplace.methods`."""
+DEFAULT_INIT = "default"
+INIT_TITLES = {DEFAULT_INIT: "default init (Kaiming-uniform A, zero B)", "gaussian": "Gaussian init (zero B)",
+               "pissa": "PiSSA init", "olora": "OLoRA init", "orthogonal": "orthogonal init"}
+"""The adapter initialisations an arm can name with ``init=`` (:attr:`Strategy.init`; PEFT's
+``init_lora_weights``, see :func:`loraplace.adapters.peft_init`) and how reports call them. ``pissa``
+is PEFT's exact-SVD PiSSA (not its randomized ``pissa_niter_N``)."""
 AUTO_SCORES = ("gradient", "adam", "activation", "weight", "random")
 AUTO_MODES = ("best", "worst", "uniform")
 
@@ -185,6 +203,7 @@ class AutoOptions:
     max_r: int | None = None
     draw: int | None = None
     alpha: float | None = None
+    init: str | None = None
 
 
 @dataclass(frozen=True)
@@ -238,6 +257,13 @@ class Strategy:
     def hand_picked(self) -> bool:
         """True for a placement chosen by hand (roles, layers, ranks), not by an algorithm."""
         return self.method_name == "lora"
+
+    @property
+    def init(self) -> str | None:
+        """The adapters' initialisation (``init=``, a key of :data:`INIT_TITLES`), None for PEFT's
+        default (``init=default`` included). The parser allows one per arm, whichever term gives it."""
+        given = self.auto.init if self.auto is not None else next((t.init for t in self.terms if t.init), None)
+        return None if given in (None, DEFAULT_INIT) else given
 
     @property
     def has_fixed_ranks(self) -> bool:
@@ -374,14 +400,23 @@ def parse_layers(spec: str, text: str, offset: int = 0) -> LayerSelection:
     return LayerSelection(text, tuple(items))
 
 
-def _parse_options(spec: str, text: str, offset: int) -> tuple[int | None, float | None]:
+def _init_error(spec: str, item: str, pos: int) -> LoraplaceError:
+    return _error(spec, item, pos, "unknown initialisation", f"init={'|'.join(INIT_TITLES)}")
+
+
+def _parse_options(spec: str, text: str, offset: int) -> tuple[int | None, float | None, str | None]:
     r: int | None = None
     alpha: float | None = None
+    init: str | None = None
     pos = offset
     for item in text.split(","):
         key, _, value = item.partition("=")
         if key == "r" and value.isdigit() and int(value) >= 1:
             r = int(value)
+        elif key == "init":
+            if value not in INIT_TITLES:
+                raise _init_error(spec, item, pos)
+            init = value
         elif key == "alpha":
             try:
                 alpha = float(value)
@@ -392,9 +427,10 @@ def _parse_options(spec: str, text: str, offset: int) -> tuple[int | None, float
         elif key == "r":
             raise _error(spec, item, pos, "rank must be a whole number >= 1", "r=8")
         else:
-            raise _error(spec, item, pos, "unknown option", "r=INT and/or alpha=NUMBER, e.g. [r=8,alpha=16]")
+            raise _error(spec, item, pos, "unknown option",
+                         "r=INT, alpha=NUMBER and/or init=INIT, e.g. [r=8,alpha=16,init=pissa]")
         pos += len(item) + 1
-    return r, alpha
+    return r, alpha, init
 
 
 def _split_top_level(text: str, separator: str, unless_digit_follows: bool = False) -> list[tuple[str, int]]:
@@ -419,10 +455,14 @@ def _parse_term(spec: str, text: str, offset: int) -> Term:
     if not selector:
         raise _error(spec, text or "+", offset, "missing role or strategy name",
                      "a name before @ or [, e.g. attention@last:4")
+    method = BUILTIN_STRATEGIES[selector].method if selector in BUILTIN_STRATEGIES else None
+    if method is not None and re.search(r"[\[,]init=", text):
+        raise _error(spec, text, offset, f"{METHOD_TITLES[method]} initialises its adapters itself and takes no init=",
+                     f"{selector} on its own, or init= on a hand-picked arm like full[init=pissa]")
     roles = _parse_selector(spec, selector, offset)
     rest, pos = text[len(selector):], offset + len(selector)
     layers: LayerSelection | None = None
-    r = alpha = None
+    r = alpha = init = None
     seen: set[str] = set()
     while rest:
         if rest[0] == "@" and "@" not in seen:
@@ -433,12 +473,12 @@ def _parse_term(spec: str, text: str, offset: int) -> Term:
         elif rest[0] == "[" and "[" not in seen and "]" in rest:
             seen.add("[")
             body = rest[1:rest.index("]")]
-            r, alpha = _parse_options(spec, body, pos + 1)
+            r, alpha, init = _parse_options(spec, body, pos + 1)
             used = len(body) + 2
         else:
             raise _error(spec, rest, pos, "unexpected text", "at most one @LAYERS and one [OPTIONS] after the name")
         rest, pos = rest[used:], pos + used
-    return Term(text, roles, layers, r, alpha)
+    return Term(text, roles, layers, r, alpha, init)
 
 
 def parse_strategy(spec: str) -> Strategy:
@@ -458,7 +498,13 @@ def parse_strategy(spec: str) -> Strategy:
     if spec.count("[") != spec.count("]"):
         raise _error(spec, spec, 0, "unbalanced brackets", "[OPTIONS] like [r=8]")
     terms = tuple(_parse_term(spec, text, offset) for text, offset in _split_top_level(spec, "+"))
-    description = " + ".join(_describe(t) for t in terms)
+    inits = list(dict.fromkeys(t.init for t in terms if t.init is not None))
+    if len(inits) > 1:
+        raise LoraplaceError(
+            f"invalid strategy {spec!r}: its terms give different initialisations ({', '.join(inits)}); PEFT "
+            "initialises an arm's adapters one way: give init= on one term only (it applies to the whole arm)"
+        )
+    description = " + ".join(_describe(t) for t in terms) + (f"; {INIT_TITLES[inits[0]]}" if inits else "")
     return Strategy(spec, terms=terms, description=description)
 
 
@@ -481,6 +527,10 @@ def _parse_auto(spec: str) -> Strategy:
             values[key] = value
         elif key in ("step", "max_r", "draw") and value.isdigit() and (int(value) >= 1 or key == "draw"):
             values[key] = int(value)
+        elif key == "init" and value in INIT_TITLES:
+            values[key] = value
+        elif key == "init":
+            raise _init_error(spec, item, pos)
         elif key == "alpha":
             try:
                 values[key] = float(value)
@@ -491,7 +541,7 @@ def _parse_auto(spec: str) -> Strategy:
         else:
             expected = (f"score={'|'.join(AUTO_SCORES)}" if key == "score" else f"mode={'|'.join(AUTO_MODES)}"
                         if key == "mode" else f"{key}=INT >= 1" if key in ("step", "max_r") else "draw=INT"
-                        if key == "draw" else "score=, mode=, step=, max_r=, draw= or alpha=")
+                        if key == "draw" else "score=, mode=, step=, max_r=, draw=, alpha= or init=")
             raise _error(spec, item, pos, "unknown auto option" if not sep or key not in (
                 "score", "mode", "step", "max_r", "draw") else "invalid value", expected)
         pos += len(item) + 1
@@ -502,6 +552,8 @@ def _parse_auto(spec: str) -> Strategy:
         raise _error(spec, spec, 0, "max_r is below step", "max_r >= step")
     what = (f"random placement (draw {options.draw or 0})" if options.score == "random"
             else f"{options.score} score, {options.mode} slots")
+    if options.init is not None:
+        what += f", {INIT_TITLES[options.init]}"
     full_roles = _SELECTOR_NAMES["full"]
     return Strategy(spec, roles=full_roles, description=f"automatic placement under the arm's budget: {what}",
                     terms=(Term(spec, full_roles),), auto=options)

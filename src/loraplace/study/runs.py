@@ -19,7 +19,7 @@ import torch
 from peft import get_peft_model
 from transformers import set_seed
 
-from loraplace.adapters import unload_adapters
+from loraplace.adapters import SavedWeights, save_base_weights, unload_adapters
 from loraplace.data import PreparedData
 from loraplace.errors import LoraplaceError
 from loraplace.files import atomic_write_json, atomic_write_text
@@ -114,6 +114,12 @@ class Adapters:
     total: int  # base + adapter parameters
     method: Method  # the arm's adapter method (loraplace.methods)
     callbacks: list = field(default_factory=list)  # the method's Trainer callbacks
+    init: str | None = None  # PEFT's init_lora_weights where not its default (pissa, olora, ...)
+    saved: SavedWeights = field(default_factory=list)  # base weights the init rewrote, put back on unload
+
+    def unload(self) -> Any:
+        """The shared base model back as it was before the run (:func:`unload_adapters`)."""
+        return unload_adapters(self.peft_model, self.saved)
 
     @property
     def rank(self) -> int | None:
@@ -181,6 +187,7 @@ class RunRecipe:
         placement, lora_config, callbacks = method.adapters(setup.base, spec, setup.task.peft_task_type)
         atomic_write_json(setup.run_dir / "modules.json", placement.to_dict())
         set_seed(spec.seed)  # adapter initialisation depends on the seed only
+        saved = save_base_weights(setup.base, placement, lora_config)  # an init like PiSSA rewrites them
         with warnings.catch_warnings():
             # PEFT checks rank_pattern keys against wrapped modules only, so keys of expert
             # parameters look unused although they apply; check_wrapped verifies every rank.
@@ -190,14 +197,17 @@ class RunRecipe:
         trainable = trainable_params(peft_model)
         # A classifier's new head trains in full beside the adapters (PEFT's modules_to_save).
         head = sum(p.numel() for n, p in peft_model.named_parameters() if p.requires_grad and ".modules_to_save." in n)
+        init = getattr(lora_config, "init_lora_weights", True)
+        adapters = Adapters(peft_model=peft_model, placement=placement, trainable=trainable, head=head,
+                            total=total_params(peft_model), method=method, callbacks=callbacks,
+                            init=init if isinstance(init, str) else None, saved=saved)
         try:
             method.initialise(peft_model, spec)
             method.check_wrapped(peft_model, placement, trainable - head)
         except BaseException:
-            unload_adapters(peft_model)  # the shared base model must come back unchanged
+            adapters.unload()  # the shared base model must come back unchanged
             raise
-        return Adapters(peft_model=peft_model, placement=placement, trainable=trainable, head=head,
-                        total=total_params(peft_model), method=method, callbacks=callbacks)
+        return adapters
 
     def train(self, setup: RunSetup, adapters: Adapters) -> TrainOutcome:
         """Decide gradient checkpointing from the memory plan (``auto``: on only when the run would not
@@ -308,7 +318,7 @@ class RunRecipe:
             quantization=spec.quantization, versions=library_versions(), base_params=setup.base_params,
             # the adapters (lora rows that got that far)
             r=adapters.rank if adapters else None, alpha=spec.lora.alpha if adapters else None,
-            dropout=spec.lora.dropout if adapters else None,
+            dropout=spec.lora.dropout if adapters else None, init=adapters.init if adapters else None,
             modules=[m.name for m in placement.modules] if placement else [],
             roles=placement.roles() if placement else [], warnings=placement.warnings if placement else [],
             ranks=placement.ranks() if placement else {}, head_params=adapters.head if adapters else None,
@@ -396,8 +406,9 @@ def execute_run(spec: RunSpec, ctx: RunContext,
         atomic_write_text(setup.run_dir / "error.txt", traceback.format_exc())
     finally:
         if adapters is not None:
-            # restores the base modules (and a classifier's untrained head) for the next run
-            unload_adapters(adapters.peft_model)
+            # restores the base modules (their weights where an init rewrote them, and a classifier's
+            # untrained head) for the next run
+            adapters.unload()
     return recipe.record(setup, memory, adapters=adapters, outcome=outcome, ev=ev, error=error)
 
 
