@@ -10,9 +10,10 @@ import copy
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import set_seed
+from transformers import AutoModelForCausalLM, set_seed
 
-from loraplace.adapters import check_init, save_base_weights, unload_adapters
+from loraplace.adapters import (adapter_update_norms, check_init, initial_adapters, save_base_weights,
+                                unload_adapters)
 from loraplace.config import DataSettings, LoraSettings, TrainSettings
 from loraplace.errors import LoraplaceError
 from loraplace.methods import method_of
@@ -251,3 +252,28 @@ def test_an_arm_after_a_pissa_arm_gives_what_it_gives_alone(tiny_llama_dir, alpa
     assert (second.eval_loss, second.final_train_loss) == (alone.eval_loss, alone.final_train_loss)
     assert first.trainable_params == alone.trainable_params  # the init changes no count
     assert first.eval_loss != alone.eval_loss  # the init did something
+
+
+def test_update_norms_of_an_arm_that_starts_nonzero_measure_what_training_changed(tiny_llama_dir):
+    """PiSSA starts B A at the weight's top singular part; the post-hoc norm must be that of the change
+    (||s (B A - B0 A0)||, by hand below), not of B A. A default arm starts at B = 0 and keeps ||s B A||."""
+    for init, starts_nonzero in (("pissa", True), (None, False)):
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+        placement = resolve_placement(model, parse_strategy("attention"), 4, 8.0)
+        config = LoraConfig(r=4, lora_alpha=8.0, target_modules=placement.module_names,
+                            init_lora_weights=init or True)
+        peft_model = get_peft_model(model, config)
+        initial = initial_adapters(peft_model)
+        assert bool(initial) == starts_nonzero
+        layers = {n: m for n, m in peft_model.get_base_model().named_modules() if n in placement.module_names}
+        torch.manual_seed(0)
+        change = {}
+        with torch.no_grad():
+            for name, layer in layers.items():
+                a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+                a0, b0 = a.clone(), b.clone()
+                b.add_(torch.randn_like(b))
+                a.add_(torch.randn_like(a))
+                change[name] = float(layer.scaling["default"] * (b @ a - b0 @ a0).norm())
+        norms = {m["name"]: m["norm"] for m in adapter_update_norms(peft_model, placement, initial=initial)}
+        assert norms == pytest.approx(change, rel=1e-5)

@@ -106,16 +106,38 @@ def wrapped_adapters(peft_model, adapter: str = "default") -> dict[str, tuple[in
     return found
 
 
-def adapter_update_norms(peft_model, placement, adapter: str = "default") -> list[dict[str, Any]]:
+def initial_adapters(peft_model, adapter: str = "default") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A copy of each wrapped module's ``(A, B)`` where the initialisation left ``B A`` nonzero (PiSSA,
+    OLoRA: the adapter starts at a part of the weight), for :func:`adapter_update_norms` to measure
+    what training changed; empty when every ``B`` starts at zero (the update is then ``B A`` itself)."""
+    layers = {name: m for name, m in peft_model.get_base_model().named_modules()
+              if isinstance(m, LoraLayer) and not isinstance(m, ParamWrapper) and adapter in m.r
+              and adapter in getattr(m, "lora_B", {})}
+    with torch.no_grad():
+        if not any(bool(m.lora_B[adapter].weight.any()) for m in layers.values()):
+            return {}
+        return {name: (m.lora_A[adapter].weight.detach().to("cpu", copy=True),
+                       m.lora_B[adapter].weight.detach().to("cpu", copy=True)) for name, m in layers.items()}
+
+
+def adapter_update_norms(peft_model, placement, adapter: str = "default",
+                         initial: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[dict[str, Any]]:
     """Post-hoc importance of a trained arm: per adapted module, the Frobenius norm of the update its
     adapter learned, ``||(alpha / r) B A||`` (PEFT's ``get_delta_weight``, which also orients GPT-2's
-    Conv1D weights), in the placement's module order. Expert parameters have no single delta and are
-    left out."""
+    Conv1D weights), in the placement's module order; with ``initial`` (:func:`initial_adapters`),
+    ``||(alpha / r) (B A - B0 A0)||``, what training changed. Expert parameters have no single delta and
+    are left out."""
     found: dict[str, float] = {}
     with torch.no_grad():
         for name, module in peft_model.get_base_model().named_modules():
             if isinstance(module, LoraLayer) and not isinstance(module, ParamWrapper) and adapter in module.r:
-                found[name] = float(module.get_delta_weight(adapter).float().norm())
+                if initial and name in initial:
+                    a0, b0 = initial[name]
+                    a, b = module.lora_A[adapter].weight.float().cpu(), module.lora_B[adapter].weight.float().cpu()
+                    # transposing a Conv1D delta does not change its Frobenius norm
+                    found[name] = float(module.scaling[adapter] * (b @ a - b0.float() @ a0.float()).norm())
+                else:
+                    found[name] = float(module.get_delta_weight(adapter).float().norm())
     return [{"name": m.name, "role": m.role, "stack": m.stack, "layer": m.layer, "r": m.r, "norm": found[m.name]}
             for m in placement.modules if m.name in found]
 

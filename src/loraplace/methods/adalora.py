@@ -350,7 +350,7 @@ class AdaLoraMethod(Method):
                                                      "final_params": final, "budget": budget,
                                                      "allocator_calls": len(history), "history": history})
 
-    def update_norms(self, peft_model: Any, placement: Placement) -> list[dict[str, Any]]:
+    def update_norms(self, peft_model: Any, placement: Placement, initial: dict | None = None) -> list[dict[str, Any]]:
         norms, ranks = adalora_update_norms(peft_model), adalora_final_ranks(peft_model)
         return [{"name": m.name, "role": m.role, "stack": m.stack, "layer": m.layer, "r": ranks.get(m.name, 0),
                  "norm": norms[m.name]} for m in placement.modules if m.name in norms]

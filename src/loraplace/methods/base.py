@@ -118,9 +118,11 @@ class Method:
     def after_training(self, peft_model: Any, placement: Placement, callbacks: list, run_dir: Path) -> None:
         """Record what training decided (a method that changes its ranks while training)."""
 
-    def update_norms(self, peft_model: Any, placement: Placement) -> list[dict[str, Any]]:
-        """Per adapted module, the norm of the update it learned (``adapter_norms.json``)."""
-        return adapter_update_norms(peft_model, placement)
+    def update_norms(self, peft_model: Any, placement: Placement, initial: dict | None = None) -> list[dict[str, Any]]:
+        """Per adapted module, the norm of the update it learned (``adapter_norms.json``); ``initial``:
+        the adapters' starting ``(A, B)`` where they did not start at ``B A = 0``
+        (:func:`~loraplace.adapters.initial_adapters`)."""
+        return adapter_update_norms(peft_model, placement, initial=initial)
 
 
 def full_stand_in(skeleton: nn.Module, config: StudyConfig) -> Placement:

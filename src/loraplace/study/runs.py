@@ -19,7 +19,7 @@ import torch
 from peft import get_peft_model
 from transformers import set_seed
 
-from loraplace.adapters import SavedWeights, save_base_weights, unload_adapters
+from loraplace.adapters import SavedWeights, initial_adapters, save_base_weights, unload_adapters
 from loraplace.data import PreparedData
 from loraplace.errors import LoraplaceError
 from loraplace.files import atomic_write_json, atomic_write_text
@@ -116,6 +116,7 @@ class Adapters:
     callbacks: list = field(default_factory=list)  # the method's Trainer callbacks
     init: str | None = None  # PEFT's init_lora_weights where not its default (pissa, olora, ...)
     saved: SavedWeights = field(default_factory=list)  # base weights the init rewrote, put back on unload
+    initial: dict = field(default_factory=dict)  # starting (A, B) where B A started nonzero: norms of the change
 
     def unload(self) -> Any:
         """The shared base model back as it was before the run (:func:`unload_adapters`)."""
@@ -204,6 +205,7 @@ class RunRecipe:
         try:
             method.initialise(peft_model, spec)
             method.check_wrapped(peft_model, placement, trainable - head)
+            adapters.initial = initial_adapters(peft_model)
         except BaseException:
             adapters.unload()  # the shared base model must come back unchanged
             raise
@@ -235,7 +237,7 @@ class RunRecipe:
         adapters.method.after_training(model, adapters.placement, adapters.callbacks, setup.run_dir)
         if spec.train.save_adapters:
             self._save_adapters(setup, model)
-        norms = adapters.method.update_norms(model, adapters.placement)
+        norms = adapters.method.update_norms(model, adapters.placement, adapters.initial)
         atomic_write_json(setup.run_dir / "adapter_norms.json", {"modules": norms})
         return outcome
 
