@@ -12,8 +12,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, set_seed
 
-from loraplace.adapters import (adapter_update_norms, check_init, initial_adapters, save_base_weights,
-                                unload_adapters)
+from loraplace.adapters import adapter_update_norms, check_init, initial_adapters, save_base_weights, unload_adapters
 from loraplace.config import DataSettings, LoraSettings, TrainSettings
 from loraplace.errors import LoraplaceError
 from loraplace.methods import method_of

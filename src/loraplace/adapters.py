@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 from peft import LoraConfig
-from torch import nn
-from transformers.pytorch_utils import Conv1D
 from peft.tuners.lora import LoraLayer, ParamWrapper
 from peft.utils.other import AuxiliaryTrainingWrapper
+from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from loraplace.config import LoraSettings
 from loraplace.errors import LoraplaceError

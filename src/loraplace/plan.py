@@ -8,8 +8,15 @@ from typing import Any
 
 from loraplace.errors import LoraplaceError
 from loraplace.methods import method_of
-from loraplace.placement.arms import (ARM_SEPARATOR, REFERENCE_STRATEGY, check_groups, is_groups, parse_arm,
-                                      parse_budget_reference, study_arms)
+from loraplace.placement.arms import (
+    ARM_SEPARATOR,
+    REFERENCE_STRATEGY,
+    check_groups,
+    is_groups,
+    parse_arm,
+    parse_budget_reference,
+    study_arms,
+)
 from loraplace.placement.budget import budget_target
 from loraplace.placement.groups import expand_groups
 from loraplace.placement.params import total_params

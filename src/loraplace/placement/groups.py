@@ -25,6 +25,7 @@ from loraplace.placement.arms import ARM_SEPARATOR, GROUP_PARTS, REFERENCE_STRAT
 from loraplace.placement.resolve import resolve_placement
 from loraplace.placement.strategies import parse_strategy
 
+
 def group_strategies(model: nn.Module) -> list[str]:
     """The group arms' strategies on ``model`` (meta weights suffice): each role of ``full``, then
     each third of the layers (the parts that hold at least one layer)."""
