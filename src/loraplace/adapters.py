@@ -18,7 +18,7 @@ from transformers.pytorch_utils import Conv1D
 
 from loraplace.config import LoraSettings
 from loraplace.errors import LoraplaceError
-from loraplace.placement.strategies import DEFAULT_INIT, INIT_TITLES
+from loraplace.placement.strategies import DATA_INITS, DEFAULT_INIT, INIT_TITLES
 
 REWRITES_BASE = ("pissa", "olora")
 """Initialisations that move part of each adapted base weight into the adapter: PEFT replaces the
@@ -32,13 +32,14 @@ cast A and B to the packed integer dtype)."""
 
 def peft_init(init: str | None) -> bool | str:
     """PEFT's ``init_lora_weights`` for an arm's ``init=`` (:attr:`Strategy.init`): True (LoRA's
-    default: Kaiming-uniform A, zero B) for None or ``default``, else the name (``pissa`` is the exact
-    SVD).
+    default: Kaiming-uniform A, zero B) for None, ``default`` and a data-driven init (``eva``,
+    ``default_scaled``: computed once per study and applied after wrapping), else the name (``pissa``
+    is the exact SVD).
 
     Raises:
         LoraplaceError: a name not in :data:`~loraplace.placement.strategies.INIT_TITLES`.
     """
-    if init in (None, DEFAULT_INIT):
+    if init in (None, DEFAULT_INIT) or init in DATA_INITS:  # a data init is applied after wrapping
         return True
     if init not in INIT_TITLES:
         raise LoraplaceError(f"unknown initialisation {init!r}; known: {', '.join(INIT_TITLES)}")
@@ -58,6 +59,10 @@ def check_init(model: nn.Module, placement, init: str | None, quantization: str 
         return
     title = INIT_TITLES[init]
     where = f"strategy {placement.strategy!r}: init={init}"
+    if quantization != "none" and init in DATA_INITS:
+        raise LoraplaceError(f"{where}: the {title} is computed from the base model's module inputs once per study, "
+                             f"which is not supported on a quantized base model (quantization={quantization}); use "
+                             "quantization=none or a data-free init (default, gaussian)")
     if quantization != "none" and init in NEED_FULL_PRECISION:
         raise LoraplaceError(f"{where}: the {title} needs the base weights in floating point, but the base model "
                              f"is quantized (quantization={quantization}); use quantization=none or another init "
@@ -112,7 +117,7 @@ def initial_adapters(peft_model, adapter: str = "default") -> dict[str, tuple[to
     what training changed; empty when every ``B`` starts at zero (the update is then ``B A`` itself)."""
     layers = {name: m for name, m in peft_model.get_base_model().named_modules()
               if isinstance(m, LoraLayer) and not isinstance(m, ParamWrapper) and adapter in m.r
-              and adapter in getattr(m, "lora_B", {})}
+              and isinstance(getattr(m, "lora_B", None), nn.ModuleDict) and adapter in m.lora_B}  # not AdaLoRA's
     with torch.no_grad():
         if not any(bool(m.lora_B[adapter].weight.any()) for m in layers.values()):
             return {}

@@ -7,6 +7,6 @@ ask :func:`method_of` for an arm's method instead of testing its name; the proto
 and one import line here."""
 
 from loraplace.methods import adalora, auto, eva, lora  # noqa: F401  (each registers its method)
-from loraplace.methods.base import METHODS, Method, get_method, method_of, register, resolve_arm
+from loraplace.methods.base import INITIALISERS, METHODS, Method, get_method, method_of, register, resolve_arm
 
-__all__ = ["METHODS", "Method", "get_method", "method_of", "register", "resolve_arm"]
+__all__ = ["INITIALISERS", "METHODS", "Method", "get_method", "method_of", "register", "resolve_arm"]

@@ -20,9 +20,12 @@ overrides only what it does differently, so a new method is one new file that en
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import torch
+from safetensors.torch import load as load_tensors
 from torch import nn
 
 from loraplace.adapters import adapter_update_norms, check_init, check_wrapped, lora_config_for
@@ -32,7 +35,7 @@ from loraplace.placement.arms import REFERENCE_STRATEGY, Arm
 from loraplace.placement.budget import resolve_matched
 from loraplace.placement.resolve import Placement, resolve_placement
 from loraplace.placement.scale import DEFAULT_SCALE, apply_scale
-from loraplace.placement.strategies import METHOD_TITLES, Strategy, parse_strategy
+from loraplace.placement.strategies import DATA_INITS, METHOD_TITLES, Strategy, parse_strategy
 from loraplace.records import RunSpec
 from loraplace.registry import Registry
 
@@ -69,6 +72,18 @@ class Method:
         return self.placement(skeleton, arm, config.lora.r, config.lora.alpha, scale=config.lora.scale)
 
     # --------------------------------------------------------------------- once per study
+    def per_study(self, arm: Arm) -> bool:
+        """True when ``arm`` needs something computed once per study before its runs: the method's
+        allocation (:attr:`allocated_per_study`), or a data-driven initialisation (``init=eva``)."""
+        return self.allocated_per_study or parse_strategy(arm.strategy).init in DATA_INITS
+
+    def state_suffix_for(self, arm: Arm) -> str | None:
+        """The file suffix of the initial adapter state ``arm`` stores once per study (the method's
+        :attr:`state_suffix`, ``init`` for a data-driven initialisation), None without one."""
+        if self.state_suffix:
+            return self.state_suffix
+        return "init" if parse_strategy(arm.strategy).init in DATA_INITS else None
+
     def scores(self, arm: Arm) -> set[str]:
         """The importance scores (:mod:`loraplace.importance`) the arm's allocation reads."""
         return set()
@@ -77,8 +92,11 @@ class Method:
                  scores: dict[str, Any]) -> tuple[Placement, dict | None]:
         """The arm's allocation on the loaded base model ``setup.base`` (a per-study method only):
         ``(placement with its budget record, initial adapter state or None)``. ``batches()`` gives the
-        study's scoring batches; ``scores`` the importance results by score name."""
-        raise LoraplaceError(f"arm {arm.label!r}: the {self.title} method allocates nothing per study")
+        study's scoring batches; ``scores`` the importance results by score name. The default: the arm's
+        own placement (a hand-picked arm with a data-driven init, whose state the study computes next)."""
+        if not self.per_study(arm):
+            raise LoraplaceError(f"arm {arm.label!r}: the {self.title} method allocates nothing per study")
+        return self.placement(setup.base, arm, config.lora.r, config.lora.alpha, scale=config.lora.scale), None
 
     def plan_placement(self, skeleton: nn.Module, arm: Arm, r: int, alpha: float,
                        scores: dict[str, Any], scale: str = DEFAULT_SCALE) -> Placement:
@@ -109,7 +127,13 @@ class Method:
         return placement, lora_config_for(placement, spec.lora, task_type=task_type, init=init), []
 
     def initialise(self, peft_model: Any, spec: RunSpec) -> None:
-        """Set the wrapped adapters' initial weights (PEFT's own initialisation: nothing to do)."""
+        """Set the wrapped adapters' initial weights: PEFT's own initialisation (nothing to do), or the
+        arm's data-driven one from the state the study computed once (:data:`INITIALISERS`)."""
+        init = parse_strategy(Arm.parse(spec.strategy).strategy).init
+        if init in DATA_INITS:
+            if not spec.init_state:
+                raise LoraplaceError(f"arm {spec.strategy!r}: the study's {init} initialisation is missing from the run")
+            INITIALISERS.get_entry(init).apply(peft_model, load_tensors(spec.init_state))
 
     def check_wrapped(self, peft_model: Any, placement: Placement, trainable: int) -> None:
         """Fail loudly unless PEFT wrapped exactly ``placement`` with ``trainable`` parameters."""
@@ -130,6 +154,21 @@ def full_stand_in(skeleton: nn.Module, config: StudyConfig) -> Placement:
     the modules of ``full``) may at most adapt, for the memory check."""
     return apply_scale(resolve_placement(skeleton, parse_strategy(REFERENCE_STRATEGY), config.lora.r, config.lora.alpha),
                        config.lora.scale, config.lora.r)
+
+
+@dataclass(frozen=True)
+class Initialiser:
+    """A data-driven initialisation (:data:`~loraplace.placement.strategies.DATA_INITS`): ``compute(base
+    model, placement, scoring batches, task type)`` gives its state (module name -> tensor) once per
+    study; ``apply(peft model, state)`` sets the wrapped adapters from it in every run."""
+
+    name: str
+    compute: Callable[[nn.Module, Placement, list, str], dict[str, torch.Tensor]]
+    apply: Callable[[Any, dict[str, torch.Tensor]], None]
+
+
+INITIALISERS: Registry[Initialiser] = Registry("data-driven initialisation")
+"""Every data-driven initialisation by name; filled where each is defined (:mod:`loraplace.methods.eva`)."""
 
 
 METHODS: Registry[Method] = Registry("adapter method")
@@ -177,5 +216,5 @@ def stored_ranks(arm: Arm, ranks: dict[str, int] | None) -> dict[str, int]:
     return ranks
 
 
-__all__ = ["METHODS", "Method", "get_method", "method_of", "register", "resolve_arm",
+__all__ = ["INITIALISERS", "Initialiser", "METHODS", "Method", "get_method", "method_of", "register", "resolve_arm",
            "full_stand_in", "stored_ranks"]

@@ -16,6 +16,7 @@ get the rank; the record says how near the target it came.
 from __future__ import annotations
 
 import inspect
+import math
 import re
 import time
 from typing import Any
@@ -30,7 +31,7 @@ from torch import nn
 
 from loraplace.config import LoraSettings, StudyConfig
 from loraplace.errors import LoraplaceError
-from loraplace.methods.base import Method, full_stand_in, register, stored_ranks
+from loraplace.methods.base import INITIALISERS, Initialiser, Method, full_stand_in, register, stored_ranks
 from loraplace.placement.arms import REFERENCE_STRATEGY, Arm
 from loraplace.placement.budget import budget_target
 from loraplace.placement.resolve import Placement, explicit_placement, module_slots, slot_placement
@@ -76,6 +77,25 @@ class _EvaForward:
                 "batches; give it more (or larger) batches"
             )
         return model(**{k: v for k, v in inputs.items() if k != "labels"}, **self.extra)
+
+
+def _eva_state(model: nn.Module, names: list[str], config: LoraConfig, batches: list[dict[str, torch.Tensor]],
+               max_passes: int) -> tuple[dict[str, torch.Tensor], "_EvaForward"]:
+    """PEFT's ``get_eva_state_dict`` for ``names`` under ``config`` on the unwrapped ``model``, which
+    comes back unchanged (mode, hooks) also when EVA fails; and the forward counter it ran with."""
+    forward = _EvaForward(model, set(names), limit=max_passes * len(batches) + 1)
+    training = model.training
+    try:
+        state = get_eva_state_dict(model, batches, peft_config=config, forward_fn=forward, show_progress_bar=False)
+    except BaseException:
+        _remove_eva_hooks(model)  # the shared base model must come back unchanged
+        model.train(training)
+        raise
+    if set(state) != set(names):
+        raise LoraplaceError(f"PEFT's EVA covered other modules than planned: "
+                             f"missing {sorted(set(names) - set(state))[:5]}, "
+                             f"unexpected {sorted(set(state) - set(names))[:5]}")
+    return state, forward
 
 
 def _eva_selected_tokens(batch: dict[str, torch.Tensor], use_label_mask: bool) -> int:
@@ -168,21 +188,9 @@ def eva_ranks(model: nn.Module, placement: Placement, lora: LoraSettings, batche
             config = LoraConfig(r=r, lora_alpha=lora.alpha, target_modules=names, task_type=task_type,
                                 init_lora_weights="eva",
                                 eva_config=EvaConfig(rho=rho, tau=tau, use_label_mask=use_label_mask))
-            forward = _EvaForward(model, set(names), limit=max_passes * len(batches) + 1)
-            forwards.append(forward)
             start = time.perf_counter()
-            training = model.training
-            try:
-                state = get_eva_state_dict(model, batches, peft_config=config, forward_fn=forward,
-                                           show_progress_bar=False)
-            except BaseException:
-                _remove_eva_hooks(model)  # the shared base model must come back unchanged
-                model.train(training)
-                raise
-            if set(state) != set(names):
-                raise LoraplaceError(f"PEFT's EVA covered other modules than planned: "
-                                     f"missing {sorted(set(names) - set(state))[:5]}, "
-                                     f"unexpected {sorted(set(state) - set(names))[:5]}")
+            state, forward = _eva_state(model, names, config, batches, max_passes)
+            forwards.append(forward)
             params = sum(state[m.name].shape[0] * (m.in_features + m.out_features) for m in modules)
             runs[r] = (params, state, time.perf_counter() - start)
         return runs[r][0]
@@ -298,6 +306,116 @@ def eva_allocation(setup, arm: Arm, lora, batches: list[dict], eva_r: int | None
     placement = apply_scale(explicit_placement(setup.base, arm.label, kept, lora.alpha, budget), lora.scale, lora.r)
     placement.budget["ranks"] = placement.ranks()  # type: ignore[index]
     return placement, state
+
+
+def eva_init_state(model: nn.Module, placement: Placement, batches: list[dict[str, torch.Tensor]],
+                   task_type: str = "CAUSAL_LM", tau: float = 0.99, max_passes: int = 20) -> dict[str, torch.Tensor]:
+    """``init=eva``: EVA's A for every module of ``placement`` at the rank the placement gives it (module
+    name -> ``(r_m, in_m)``), without EVA's rank redistribution.
+
+    PEFT's EVA runs once at the placement's largest rank ``R`` with ``rho = 1`` (every module keeps
+    ``R``: nothing is redistributed), and each module keeps its top ``r_m`` right-singular vectors
+    (PEFT's incremental PCA orders them by explained variance). One rank for every module keeps PEFT's
+    sharing of one SVD between modules fed the same input (q, k, v) from moving rank between them.
+
+    Raises:
+        LoraplaceError: expert parameters (PEFT's EVA initialises linear modules only), too few
+            selected tokens for ``R`` components, or an SVD that does not converge.
+    """
+    if placement.parameter_names:
+        raise LoraplaceError(f"init=eva on {placement.strategy!r}: PEFT's EVA initialises linear modules only, not "
+                             "mixture-of-experts parameters; leave the experts out")
+    modules = module_slots(placement)
+    names = [m.name for m in modules]
+    top = max(m.r for m in modules)
+    use_label_mask = all(b["labels"].shape == b["input_ids"].shape for b in batches)
+    tokens = max(_eva_selected_tokens(b, use_label_mask) for b in batches)
+    if top > min(tokens, min(m.in_features for m in modules)):
+        raise LoraplaceError(f"init=eva on {placement.strategy!r}: rank {top} needs as many components, more than a "
+                             f"scoring batch's selected tokens ({tokens}) or the narrowest input; use larger "
+                             "importance.batch_size or lower ranks")
+    config = LoraConfig(r=top, target_modules=names, task_type=task_type, init_lora_weights="eva",
+                        eva_config=EvaConfig(rho=1.0, tau=tau, use_label_mask=use_label_mask))
+    state, _ = _eva_state(model, names, config, batches, max_passes)
+    return {m.name: state[m.name][: m.r].float().cpu() for m in modules}
+
+
+@torch.no_grad()
+def input_energies(model: nn.Module, rows: dict[str, torch.Tensor], batches: list[dict[str, torch.Tensor]]
+                   ) -> dict[str, tuple[float, float]]:
+    """Per module of ``rows`` (name -> a matrix ``(k, in)``): the mean over the batches' selected tokens
+    (real tokens with a label, as EVA selects them) of ``||x||^2`` and of ``||rows x||^2``, ``x`` the
+    module's input. One forward pass per batch, the model left as it was."""
+    sums = {name: [0.0, 0.0, 0] for name in rows}
+    mask: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def pre(module, args):
+            x = args[0].detach().float()
+            selected = x[mask["m"].to(x.device)]
+            w = rows[name].to(selected.device, torch.float32)
+            sums[name][0] += float((selected * selected).sum())
+            sums[name][1] += float(((selected @ w.T) ** 2).sum())
+            sums[name][2] += int(selected.shape[0])
+        return pre
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in rows]
+    training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            use_labels = batch["labels"].shape == batch["input_ids"].shape
+            m = batch["attention_mask"].bool()
+            mask["m"] = m & (batch["labels"] != -100) if use_labels else m
+            model(**{k: v for k, v in batch.items() if k != "labels"})
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(training)
+    return {name: (x2 / max(n, 1), ax2 / max(n, 1)) for name, (x2, ax2, n) in sums.items()}
+
+
+def default_scaled_state(model: nn.Module, placement: Placement, batches: list[dict[str, torch.Tensor]],
+                         task_type: str = "CAUSAL_LM") -> dict[str, torch.Tensor]:
+    """``init=default_scaled``, the scale control: per module the factor ``c_m`` (a ``(1,)`` tensor) by
+    which a run multiplies PEFT's default random A so that its expected ``||A x||`` on the scoring
+    batches equals that of EVA's A (:func:`eva_init_state`) for the same module and rank.
+
+    PEFT's default A is Kaiming-uniform with ``a = sqrt(5)``: entries uniform on ``(-b, b)``,
+    ``b = 1 / sqrt(in)``, variance ``1 / (3 in)``, so over its draw ``E ||A x||^2 = r ||x||^2 / (3 in)``;
+    EVA's A gives ``||A_eva x||^2``. Averaged over the selected tokens:
+    ``c_m = sqrt(mean ||A_eva x||^2 / (r_m mean ||x||^2 / (3 in_m)))``. The factor matches the scale
+    in expectation over the draw, so every seed keeps its own random directions."""
+    eva = eva_init_state(model, placement, batches, task_type)
+    energies = input_energies(model, eva, batches)
+    out = {}
+    for m in module_slots(placement):
+        x2, ax2 = energies[m.name]
+        default = m.r * x2 / (3 * m.in_features)
+        if not default > 0 or not ax2 >= 0:
+            raise LoraplaceError(f"init=default_scaled: module {m.name} sees no input energy on the scoring batches")
+        out[m.name] = torch.tensor([math.sqrt(ax2 / default)])
+    return out
+
+
+@torch.no_grad()
+def apply_scale_factors(peft_model, factors: dict[str, torch.Tensor], adapter: str = "default") -> None:
+    """Multiply each wrapped module's A by its factor (:func:`default_scaled_state`).
+
+    Raises:
+        LoraplaceError: the factors cover other modules than were wrapped.
+    """
+    layers = {name: m for name, m in peft_model.get_base_model().named_modules()
+              if isinstance(m, LoraLayer) and adapter in m.lora_A}
+    if set(layers) != set(factors):
+        raise LoraplaceError(f"the scale control's factors cover other modules than were wrapped: missing "
+                             f"{sorted(set(layers) - set(factors))[:5]}, unexpected {sorted(set(factors) - set(layers))[:5]}")
+    for name, layer in layers.items():
+        layer.lora_A[adapter].weight.mul_(float(factors[name].reshape(-1)[0]))
+
+
+INITIALISERS.register("eva", Initialiser("eva", eva_init_state, apply_eva))
+INITIALISERS.register("default_scaled", Initialiser("default_scaled", default_scaled_state, apply_scale_factors))
 
 
 class EvaMethod(Method):

@@ -185,10 +185,19 @@ METHOD_TITLES = {"lora": "LoRA", AUTO: "automatic placement", "eva": "EVA", "ada
 them; each one's behaviour is its module in :mod:`loraplace.methods`."""
 DEFAULT_INIT = "default"
 INIT_TITLES = {DEFAULT_INIT: "default init (Kaiming-uniform A, zero B)", "gaussian": "Gaussian init (zero B)",
-               "pissa": "PiSSA init", "olora": "OLoRA init", "orthogonal": "orthogonal init"}
+               "pissa": "PiSSA init", "olora": "OLoRA init", "orthogonal": "orthogonal init",
+               "eva": "EVA init (A from the inputs' top singular vectors, ranks as placed)",
+               "default_scaled": "default init rescaled to EVA's ||A x|| (a scale control)"}
 """The adapter initialisations an arm can name with ``init=`` (:attr:`Strategy.init`; PEFT's
 ``init_lora_weights``, see :func:`loraplace.adapters.peft_init`) and how reports call them. ``pissa``
 is PEFT's exact-SVD PiSSA (not its randomized ``pissa_niter_N``)."""
+DATA_INITS = ("eva", "default_scaled")
+"""Initialisations computed from data once per study (on the scoring batches) and carried to every
+run of the arm, as EVA's is (:data:`loraplace.methods.INITIALISERS`): ``eva``, EVA's A (PEFT's EVA with
+``rho=1``: every module keeps the rank its placement gives it, no redistribution); ``default_scaled``,
+PEFT's default random A with each module's rows rescaled so that the expected ||A x|| on the scoring
+batches equals EVA's (the same scale in random directions: separates EVA's directions from its
+scale)."""
 AUTO_SCORES = ("gradient", "adam", "activation", "weight", "random")
 AUTO_MODES = ("best", "worst", "uniform")
 

@@ -8,7 +8,9 @@ recomputed, so that a resumed or a Ray study trains what the first command chose
   (:mod:`loraplace.importance`), computed on the first ``importance.batches`` batches of a seeded
   permutation of the training split (never the eval split);
 * ``allocations/<arm>.json``: the arm's ranks per module, its budget and its predicted gain
-  (:func:`loraplace.methods.auto.auto_placement`, via the arm's method).
+  (:func:`loraplace.methods.auto.auto_placement`, via the arm's method);
+* ``allocations/<arm>.<suffix>.safetensors``: an initial adapter state computed from data once
+  (EVA's A; a data-driven ``init=``, :data:`loraplace.methods.INITIALISERS`).
 
 The ranks travel inside each :class:`~loraplace.records.RunSpec` (``ranks``, ``budget``), so a
 worker on another machine needs no shared filesystem.
@@ -28,8 +30,9 @@ from loraplace.config import ImportanceSettings, StudyConfig
 from loraplace.errors import LoraplaceError
 from loraplace.files import atomic_write_bytes, atomic_write_json
 from loraplace.importance import ImportanceResult, get_score, score_batches, score_slots, write_importance
-from loraplace.methods import method_of
+from loraplace.methods import INITIALISERS, method_of
 from loraplace.placement.arms import Arm
+from loraplace.placement.strategies import DATA_INITS, parse_strategy
 from loraplace.records import RunSpec
 from loraplace.run.context import RunContext
 from loraplace.study.runs import RunRecipe
@@ -41,9 +44,9 @@ SCORING_SEED = 0
 
 
 def allocated_per_study(label: str) -> bool:
-    """True for the label of an arm whose method allocates its ranks once per study (with or
-    without a budget reference)."""
-    return method_of(label).allocated_per_study
+    """True for the label of an arm that needs something computed once per study: its method's
+    allocation (with or without a budget reference) or a data-driven initialisation (``init=eva``)."""
+    return method_of(label).per_study(Arm.parse(label))
 
 
 def allocation_path(study_dir: Path, label: str) -> Path:
@@ -53,8 +56,9 @@ def allocation_path(study_dir: Path, label: str) -> Path:
 
 def state_path(study_dir: Path, label: str) -> Path | None:
     """``allocations/<arm>.<suffix>.safetensors``: the initial adapter state a per-study method
-    stores beside its allocation (EVA's A matrices: ``.eva.safetensors``); None for a method without one."""
-    suffix = method_of(label).state_suffix
+    stores beside its allocation (EVA's A matrices: ``.eva.safetensors``; a data-driven ``init=``:
+    ``.init.safetensors``); None for an arm without one."""
+    suffix = method_of(label).state_suffix_for(Arm.parse(label))
     return allocation_path(study_dir, label).with_suffix(f".{suffix}.safetensors") if suffix else None
 
 
@@ -183,6 +187,11 @@ def compute_allocations(config: StudyConfig, template: RunSpec, labels: list[str
             note(f"allocating {label} ({method.title}) from the inputs of {config.model} "
                  f"({len(scoring())} batches)")
         placement, state = method.allocate(setup, arm, config, scoring, results)
+        init = parse_strategy(arm.strategy).init
+        if state is None and init in DATA_INITS:
+            note(f"computing the {init} initialisation of {label} from the inputs of {config.model} "
+                 f"({len(scoring())} batches)")
+            state = INITIALISERS.get_entry(init).compute(setup.base, placement, scoring(), setup.task.peft_task_type)
         if state is not None:
             made.states[label] = state_bytes(state)
         budget = placement.budget or {}

@@ -24,7 +24,9 @@ from loraplace.data import PreparedData
 from loraplace.errors import LoraplaceError
 from loraplace.files import atomic_write_json, atomic_write_text
 from loraplace.methods import Method, method_of
+from loraplace.placement.arms import Arm
 from loraplace.placement.params import total_params, trainable_params
+from loraplace.placement.strategies import DATA_INITS, parse_strategy
 from loraplace.records import RunResult, RunSpec
 from loraplace.run.context import RunContext
 from loraplace.run.device import autocast_dtype, device_description, pick_device, resolve_precision
@@ -199,9 +201,11 @@ class RunRecipe:
         # A classifier's new head trains in full beside the adapters (PEFT's modules_to_save).
         head = sum(p.numel() for n, p in peft_model.named_parameters() if p.requires_grad and ".modules_to_save." in n)
         init = getattr(lora_config, "init_lora_weights", True)
+        named = parse_strategy(Arm.parse(spec.strategy).strategy).init  # a data-driven init is applied next
+        init = named if named in DATA_INITS else init if isinstance(init, str) else None
         adapters = Adapters(peft_model=peft_model, placement=placement, trainable=trainable, head=head,
                             total=total_params(peft_model), method=method, callbacks=callbacks,
-                            init=init if isinstance(init, str) else None, saved=saved)
+                            init=init, saved=saved)
         try:
             method.initialise(peft_model, spec)
             method.check_wrapped(peft_model, placement, trainable - head)
