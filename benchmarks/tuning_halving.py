@@ -53,7 +53,7 @@ def main() -> None:
         run_study(config)
         wall = time.perf_counter() - start
         rows = [RunResult.model_validate(r) for r in json.loads((folder / "results.json").read_text())["runs"]]
-        steps = rung_steps(args.steps, len(rates), config.tune.eta, schedule)
+        steps = rung_steps(args.steps, len(rates), config.tune.eta, schedule, config.tune.min_steps)
         choices = {arm: choose(rows, arm, rates, steps, config.tune.eta) for arm in ("full", "attention", "ffn")}
         tuned_time = sum(r.train_time_s or 0 for r in rows if r.kind == "tune")
         untuned_time = sum(r.train_time_s or 0 for r in rows if r.kind == "lora")

@@ -15,7 +15,7 @@ from loraplace.config import load_study
 from loraplace.errors import LoraplaceError
 from loraplace.records import RunResult
 from loraplace.report.tuning import kendall_tau
-from loraplace.tuning import alive_rates, choose, rung_steps, survivors_count
+from loraplace.tuning import alive_rates, choose, rung_sizes, rung_steps, survivors_count
 
 
 def row(arm, lr, seed, losses, eval_loss=None, steps=None):
@@ -36,6 +36,10 @@ def test_rung_schedule_and_its_cost_by_hand():
     assert rung_steps(40, 5, 2) == [5, 10, 20, 40]  # 5 -> 3 -> 2 -> 1
     assert rung_steps(4, 9, 3) == [1, 4]  # rungs that would round to the same step merge
     assert rung_steps(40, 4, 3, "grid") == [40]
+    # a minimum first rung (Hyperband's minimum resource): 32/9 -> 4 is raised to 8; with 12 the second
+    # rung (32/3 -> 11) merges into the first, and two rates train to the end
+    assert rung_steps(32, 4, 3, min_steps=8) == [8, 11, 32]
+    assert rung_steps(32, 4, 3, min_steps=12) == [12, 32] and rung_sizes(32, 4, 3, min_steps=12) == [4, 2]
 
 
 def test_halving_keeps_the_best_by_mean_validation_loss_over_seeds():

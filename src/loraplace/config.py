@@ -130,6 +130,8 @@ class TuneSettings(_Strict):
         "halving", description="halving: successive halving (each rung keeps the best 1/eta of the rates by "
         "validation loss, the survivors continue from their saved state); grid: every rate trains to the end.")
     eta: int = Field(3, ge=2, description="Halving rate: each rung keeps ceil(n / eta) rates and trains eta times longer.")
+    min_steps: int = Field(1, ge=1, description="No rung ends before this step (Hyperband's minimum resource): a first "
+                           "rung of a few steps favours the highest rates, whose early loss drops fastest.")
 
     @field_validator("lr", mode="before")
     @classmethod

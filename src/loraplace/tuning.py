@@ -39,12 +39,14 @@ def survivors_count(n: int, eta: int) -> int:
     return max(1, math.ceil(n / eta))
 
 
-def rung_steps(max_steps: int, n_rates: int, eta: int, schedule: str = "halving") -> list[int]:
+def rung_steps(max_steps: int, n_rates: int, eta: int, schedule: str = "halving", min_steps: int = 1) -> list[int]:
     """The step at which each rung ends, ascending; the last is ``max_steps``.
 
     ``grid``: one rung (every rate to the end). ``halving``: one rung per halving until one rate
     is left, plus the last, each ``eta`` times longer than the one before (rounded, at least one
-    step more than the one before; rungs that would coincide are merged).
+    step more than the one before, none before ``min_steps``: Hyperband's minimum resource, against
+    the short-horizon bias of a first rung of a few steps, where the highest rates lead; rungs that
+    would coincide are merged, and then more than one rate trains to the last step).
     """
     if schedule == "grid" or n_rates <= 1:
         return [max_steps]
@@ -54,7 +56,7 @@ def rung_steps(max_steps: int, n_rates: int, eta: int, schedule: str = "halving"
         halvings += 1
     steps: list[int] = []
     for k in range(halvings + 1):
-        step = max(1, round(max_steps / eta ** (halvings - k)))
+        step = max(1, min_steps, round(max_steps / eta ** (halvings - k)))
         if steps and step <= steps[-1]:
             continue
         steps.append(min(step, max_steps))
@@ -63,10 +65,10 @@ def rung_steps(max_steps: int, n_rates: int, eta: int, schedule: str = "halving"
     return steps
 
 
-def rung_sizes(max_steps: int, n_rates: int, eta: int, schedule: str = "halving") -> list[int]:
+def rung_sizes(max_steps: int, n_rates: int, eta: int, schedule: str = "halving", min_steps: int = 1) -> list[int]:
     """How many rates train in each rung of :func:`rung_steps` (``n``, ``ceil(n / eta)``, ..., 1)."""
     sizes = [n_rates]
-    for _ in rung_steps(max_steps, n_rates, eta, schedule)[1:]:
+    for _ in rung_steps(max_steps, n_rates, eta, schedule, min_steps)[1:]:
         sizes.append(survivors_count(sizes[-1], eta))
     return sizes
 

@@ -178,7 +178,7 @@ def _study_part(ctx: ReportContext, study: Study, settings: TuneSettings) -> Par
     data, train = cfg.get("data") or {}, cfg.get("train") or {}
     rates = settings.rates()
     max_steps = int(train.get("max_steps", 0))
-    steps = rung_steps(max_steps, len(rates), settings.eta, settings.schedule)
+    steps = rung_steps(max_steps, len(rates), settings.eta, settings.schedule, settings.min_steps)
     choices = study_choices(study, settings, steps)
     rows = [r.result for r in study.tuning]
     tuned_cost = arm_steps(rows)

@@ -107,7 +107,7 @@ def run_study(config: StudyConfig, resume: bool = False, allow_mixed: bool = Fal
         planned = {run_identity(s) for s in specs}
         kept = sum(run_identity(r) not in planned for r in store.rows) if resume else 0
         tuning_runs = len(arm_labels(study)) * len(study.seeds) * sum(rung_sizes(
-            study.train.max_steps, len(study.tune.rates()), study.tune.eta, study.tune.schedule)) if wanted_tuning else 0
+            study.train.max_steps, len(study.tune.rates()), study.tune.eta, study.tune.schedule, study.tune.min_steps)) if wanted_tuning else 0
         progress.planned(study, study_dir, len(specs) + tuning_runs, len(finished), kept)
         # Automatic arms: scored and allocated once per study (stored, so a resume trains the same ranks).
 
@@ -164,7 +164,7 @@ def run_tuning(study: StudyConfig, study_dir: Path, store: StudyStore, specs: li
     stored before the next starts, so a resumed study loses no finished rung and redoes none.
     A rate's checkpoints are deleted once it is out or has trained to the end."""
     rates, eta = study.tune.rates(), study.tune.eta
-    steps = rung_steps(study.train.max_steps, len(rates), eta, study.tune.schedule)
+    steps = rung_steps(study.train.max_steps, len(rates), eta, study.tune.schedule, study.tune.min_steps)
     arms = list(dict.fromkeys(s.strategy for s in specs))
     for rung, stop_at in enumerate(steps):
         jobs = []
