@@ -30,7 +30,7 @@ Two kinds exist:
   arm's parameter budget (``auto~attention``: as many parameters as ``attention``; plain
   ``auto``: as many as ``full`` at the study's rank). Their slots are the modules of ``full``::
 
-      auto[score=gradient|adam|activation|weight|random, mode=best|worst|uniform, step=INT, max_r=INT,
+      auto[score=gradient|adam|activation|weight|pilot|random, mode=best|worst|uniform, step=INT, max_r=INT,
            draw=INT, alpha=NUMBER]
 
   ``score`` (default gradient) names the importance score (:mod:`loraplace.importance`);
@@ -159,7 +159,7 @@ AUTO = "auto"
 METHOD_TITLES = {"lora": "LoRA", AUTO: "automatic placement", "eva": "EVA", "adalora": "AdaLoRA"}
 """The adapter methods a strategy can name (:attr:`Strategy.method_name`) and how reports call
 them; each one's behaviour is its module in :mod:`loraplace.methods`."""
-AUTO_SCORES = ("gradient", "adam", "activation", "weight", "random")
+AUTO_SCORES = ("gradient", "adam", "activation", "weight", "pilot", "random")
 AUTO_MODES = ("best", "worst", "uniform")
 
 
