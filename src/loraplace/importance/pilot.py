@@ -62,7 +62,6 @@ against the gradient score's 24 (backward ~ 2 forwards). Memory: LoRA training o
 
 from __future__ import annotations
 
-import math
 import warnings as _warnings
 from dataclasses import replace
 from typing import Any

@@ -53,8 +53,8 @@ and sketch sizes ``k = 2R + 1``, ``l = 2k + 1``:
   eigenvalues, ``min^2 max + min^3`` flops: seconds for a 7B model on a GPU.
 
 Scoring leaves the model exactly as it was: hooks removed, ``requires_grad`` flags and train/eval
-modes restored, no weight or ``.grad`` written (the pilot's adapters are removed again). It runs in eval mode (no dropout), in float32
-inside the hooks.
+modes restored, no weight or ``.grad`` written (the pilot's adapters are removed again). It runs in
+eval mode (no dropout), in float32 inside the hooks.
 """
 
 from __future__ import annotations
