@@ -1,7 +1,8 @@
 """Importance scores of LoRA slots, the input of automatic placement: for every module a LoRA
 adapter can go on, a curve of the predicted gain of a rank-k adapter there
 (:mod:`~loraplace.importance.scores`: ``gradient``, ``adam``, ``activation``, ``weight``, registered
-in ``SCORES``; :mod:`~loraplace.importance.pilot`: ``pilot``, a short LoRA training run), the streaming spectrum that reads them without storing every weight gradient
+in ``SCORES``; :mod:`~loraplace.importance.pilot`: ``pilot``, a short LoRA training run), the
+streaming spectrum that reads them without storing every weight gradient
 (:mod:`~loraplace.importance.spectrum`), and the files they are written to
 (:mod:`~loraplace.importance.output`: ``loraplace-importance/1`` JSON, CSV, heatmap).
 

@@ -43,7 +43,9 @@ would need pilots at several ranks, each costing as much again); :data:`PILOT_ST
 :data:`PILOT_LR` stay in Adam's first, sign-like steps (each ``B`` entry moves by about the learning
 rate per step), so ``E_s`` mostly reads the slot's output width, its input energy seen through a random
 ``A``, and how consistently the gradient's signs persist over the steps: closer to the ``adam`` and
-``activation`` scores than to the outcome of a full training run, and while the pilot moves the
+``activation`` scores than to the outcome of a full training run (on SmolLM2-135M, 90% of the summed
+energy falls on the ``mlp.down`` slots, 60% on layer 11's alone, whose input carries the model's
+outlier activations: ``E`` reads input scale as much as usefulness), and while the pilot moves the
 model only a little, ``E_s`` scales as ``lr^2`` on every slot alike, so the allocation hardly depends
 on the learning rate; LoRA-drop trains its pilot on a sizable share of the data. The scoring call does
 not receive the study's settings, so the pilot's rate is :data:`PILOT_LR` (the default ``train.lr``),
