@@ -19,9 +19,9 @@ def test_every_strategy_has_its_method(label, name):
 def test_unknown_names_fail_listing_the_known_ones():
     with pytest.raises(LoraplaceError, match=r"unknown adapter method 'pissa'\. Available: adalora, auto, eva, lora$"):
         get_method("pissa")
-    with pytest.raises(LoraplaceError, match=r"unknown importance score 'fisher'\. Available: activation, adam, gradient, weight$"):
+    with pytest.raises(LoraplaceError, match=r"unknown importance score 'fisher'\. Available: activation, adam, gradient, pilot, weight$"):
         get_score("fisher")
-    assert not get_score("weight").needs_data and get_score("gradient").needs_data and len(SCORES) == 4
+    assert not get_score("weight").needs_data and get_score("gradient").needs_data and len(SCORES) == 5
 
 
 def test_a_method_registers_once():

@@ -399,7 +399,7 @@ def importance(
                                 "file; only its training split is read (the eval split is held out as in a study)."),
     scores: str = typer.Option("gradient,activation,weight", "--score", help="Comma-separated scores: gradient "
                                "(loss gradient spectrum: energy), adam (the same spectrum as an Adam step's first-order "
-                               "gain), activation (input covariance spectrum), weight (data-free "
+                               "gain), pilot (output energy of a short rank-4 pilot training), activation (input covariance spectrum), weight (data-free "
                                "heavy-tail prior)."),
     batches: int = typer.Option(8, "--batches", min=1, help="Training batches to score on."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Examples per batch."),

@@ -30,6 +30,10 @@ there, k = 1..max_rank. Four scores, from most to least informed:
   with ``H_k = sum_{i<=k} 1/i``: a prior with diminishing returns whose gain per adapter
   parameter, ``alpha * H_k / k``, compares slots of any shape. It is a prior, not a measurement.
 
+A fifth, ``pilot`` (:mod:`loraplace.importance.pilot`, registered here when the package is
+imported), trains rank-4 LoRA on every slot for a few steps and reads the energy of each update's
+output on held-out batches (LoRA-drop's signal), times an assumed concave shape in k.
+
 Cost, for a model whose slots hold ``P`` weights, ``b`` batches of ``T`` tokens, ``R = max_rank``
 and sketch sizes ``k = 2R + 1``, ``l = 2k + 1``:
 
@@ -49,8 +53,8 @@ and sketch sizes ``k = 2R + 1``, ``l = 2k + 1``:
   eigenvalues, ``min^2 max + min^3`` flops: seconds for a 7B model on a GPU.
 
 Scoring leaves the model exactly as it was: hooks removed, ``requires_grad`` flags and train/eval
-modes restored, no weight or ``.grad`` written. It runs in eval mode (no dropout), in float32
-inside the hooks.
+modes restored, no weight or ``.grad`` written (the pilot's adapters are removed again). It runs in
+eval mode (no dropout), in float32 inside the hooks.
 """
 
 from __future__ import annotations
@@ -150,6 +154,8 @@ class ImportanceResult:
         tokens: target tokens of the task's loss seen while scoring (0 for ``weight``).
         batches, batch_size: batches used and rows of the first one (0 for ``weight``).
         seconds: wall time of the scoring (``time.perf_counter``).
+        forward_passes, backward_passes: model forward and backward passes the scoring ran (None in a
+            file written before they were recorded); with ``batches`` and ``tokens``, its cost.
         peak_memory_mib, memory_kind: peak memory while scoring (:class:`loraplace.run.measure.PeakMemory`:
             process RSS on CPU, allocated tensors on CUDA), with the model loaded.
         method: one sentence: what the curve is.
@@ -174,6 +180,8 @@ class ImportanceResult:
     model: str = ""
     dataset: str | None = None
     warnings: list[str] = field(default_factory=list)
+    forward_passes: int | None = None
+    backward_passes: int | None = None
 
     def total_gain(self, r: int) -> float:
         """Sum over slots of ``gain(r)``: the gain of a uniform rank-``r`` placement on every slot."""
@@ -184,7 +192,8 @@ class ImportanceResult:
         return {
             "format": FORMAT, "score": self.score, "model": self.model, "dataset": self.dataset,
             "max_rank": self.max_rank, "batches": self.batches, "batch_size": self.batch_size,
-            "tokens": self.tokens, "seconds": self.seconds, "peak_memory_mib": self.peak_memory_mib,
+            "tokens": self.tokens, "seconds": self.seconds, "forward_passes": self.forward_passes,
+            "backward_passes": self.backward_passes, "peak_memory_mib": self.peak_memory_mib,
             "memory_kind": self.memory_kind, "method": self.method, "approximation": self.approximation,
             "warnings": list(self.warnings), "slots": [s.to_dict() for s in self.slots],
         }
@@ -208,7 +217,8 @@ class ImportanceResult:
                    batches=int(data["batches"]), batch_size=int(data["batch_size"]), seconds=float(data["seconds"]),
                    peak_memory_mib=data.get("peak_memory_mib"), memory_kind=data.get("memory_kind"),
                    method=data["method"], approximation=data["approximation"], model=data.get("model", ""),
-                   dataset=data.get("dataset"), warnings=list(data.get("warnings", [])))
+                   dataset=data.get("dataset"), warnings=list(data.get("warnings", [])),
+                   forward_passes=data.get("forward_passes"), backward_passes=data.get("backward_passes"))
 
     @classmethod
     def load(cls, path: str | Path) -> "ImportanceResult":
@@ -304,8 +314,8 @@ def score_slots(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]] | N
     with PeakMemory(device) as memory, _frozen_eval(model):
         start = time.perf_counter()
         on_device = [{k: v.to(device) for k, v in b.items()} for b in batches]
-        curves, approximations, tokens, used = spec.curves(model, slots, modules, on_device, max_rank,
-                                                           nll_fn or token_nll, sketch, warnings)
+        curves, approximations, tokens, used, passes = spec.curves(model, slots, modules, on_device, max_rank,
+                                                                   nll_fn or token_nll, sketch, warnings)
         seconds = time.perf_counter() - start
     scored = [SlotScore(s.name, s.role, s.stack, s.layer, s.in_features, s.out_features,
                         tuple(float(x) for x in curves[s.name]), approximations[s.name]) for s in slots]
@@ -320,6 +330,7 @@ def score_slots(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]] | N
         model=model_name if model_name is not None else str(getattr(getattr(model, "config", None),
                                                                     "name_or_path", "") or ""),
         dataset=dataset if spec.needs_data else None, warnings=warnings,
+        forward_passes=int(passes[0]), backward_passes=int(passes[1]),
     )
 
 
@@ -360,7 +371,8 @@ def _input_embeddings(model: nn.Module) -> list[nn.Module]:
 def _gradient_spectra(model, slots, modules, batches, max_rank, nll_fn, sketch, warnings):
     """The ``max_rank`` largest singular values (float64, descending) of ``G``, the batch-averaged loss
     gradient of each slot weight: one forward and backward per batch, the state of the gradient
-    score (module docstring). Returns ``(sigmas by slot, estimator label by slot, target tokens, batches used)``;
+    score (module docstring). Returns ``(sigmas by slot, estimator label by slot, target tokens, batches used,
+    (forward passes, backward passes))``;
     the ``gradient`` and ``adam`` scores are two curves of these same values."""
     shared: dict = {}
     mode = score_mode([(s.out_features, s.in_features) for s in slots], max_rank, sketch)  # one for all slots
@@ -400,11 +412,12 @@ def _gradient_spectra(model, slots, modules, batches, max_rank, nll_fn, sketch, 
 
     handles = [e.register_forward_hook(require_grad) for e in embeddings]
     handles += [modules[s.name].register_forward_hook(forward_hook(s.name)) for s in slots]
-    tokens, used = 0, 0
+    tokens, used, forwards = 0, 0, 0
     try:
         for b, batch in enumerate(batches):
             with torch.enable_grad():
                 nll_sum, n_tokens, *_ = nll_fn(model, batch)
+                forwards += 1
                 count = int(n_tokens.sum())
                 if count == 0:
                     warnings.append(f"batch {b} has no target token and was skipped")
@@ -423,7 +436,7 @@ def _gradient_spectra(model, slots, modules, batches, max_rank, nll_fn, sketch, 
         raise LoraplaceError("no batch had a target token: nothing to take the gradient of")
     sigmas = {s.name: accumulators[s.name].singular_values(max_rank) / used for s in slots}
     _warn_unseen(slots, seen, warnings)
-    return sigmas, {s.name: accumulators[s.name].approximation for s in slots}, tokens, used
+    return sigmas, {s.name: accumulators[s.name].approximation for s in slots}, tokens, used, (forwards, used)
 
 
 def energy_curve(sigma: torch.Tensor) -> list[float]:
@@ -494,16 +507,17 @@ def adam_curve(sigma: torch.Tensor, out_features: int) -> list[float]:
 
 def _gradient_curves(model, slots, modules, batches, max_rank, nll_fn, sketch, warnings):
     """``curve[k-1] = sum_{i<=k} sigma_i(G)^2`` (:func:`energy_curve`)."""
-    sigmas, approximations, tokens, used = _gradient_spectra(model, slots, modules, batches, max_rank, nll_fn,
-                                                             sketch, warnings)
-    return {name: energy_curve(sigma) for name, sigma in sigmas.items()}, approximations, tokens, used
+    sigmas, approximations, tokens, used, passes = _gradient_spectra(model, slots, modules, batches, max_rank,
+                                                                     nll_fn, sketch, warnings)
+    return {name: energy_curve(sigma) for name, sigma in sigmas.items()}, approximations, tokens, used, passes
 
 
 def _adam_curves(model, slots, modules, batches, max_rank, nll_fn, sketch, warnings):
     """``curve[k-1] = sqrt(out) sum_{i<=k} sigma_i(G)`` (:func:`adam_curve`), from the gradient score's pass."""
-    sigmas, approximations, tokens, used = _gradient_spectra(model, slots, modules, batches, max_rank, nll_fn,
-                                                             sketch, warnings)
-    return ({s.name: adam_curve(sigmas[s.name], s.out_features) for s in slots}, approximations, tokens, used)
+    sigmas, approximations, tokens, used, passes = _gradient_spectra(model, slots, modules, batches, max_rank,
+                                                                     nll_fn, sketch, warnings)
+    return ({s.name: adam_curve(sigmas[s.name], s.out_features) for s in slots}, approximations, tokens, used,
+            passes)
 
 
 def _token_masks(model: nn.Module, slots, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
@@ -584,7 +598,7 @@ def _activation_curves(model, slots, modules, batches, max_rank, nll_fn, sketch,
         eigenvalues = acc.singular_values(max_rank) / acc.rows  # a covariance is PSD: singular = eigen values
         curves[s.name], approximations[s.name] = torch.cumsum(eigenvalues, 0).tolist(), acc.approximation
     _warn_unseen(slots, seen, warnings)
-    return curves, approximations, tokens, len(batches)
+    return curves, approximations, tokens, len(batches), (len(batches), 0)
 
 
 def _warn_unseen(slots, seen: set[str], warnings: list[str]) -> None:
@@ -647,7 +661,8 @@ class Score:
         method: one line of maths, written into every result (``ImportanceResult.method``).
         needs_data: False for a data-free prior (no batches are read, the result names no dataset).
         curves: ``(model, slots, modules, batches, max_rank, nll_fn, sketch, warnings) ->
-            (curves by slot, estimator label by slot, target tokens read, batches used)``.
+            (curves by slot, estimator label by slot, target tokens read, batches used,
+            (forward passes, backward passes))``.
     """
 
     name: str
@@ -658,7 +673,7 @@ class Score:
 
 def _weight_score(model, slots, modules, batches, max_rank, nll_fn, sketch, warnings):
     curves, approximations = _weight_curves(slots, modules, max_rank, warnings)
-    return curves, approximations, 0, 0
+    return curves, approximations, 0, 0, (0, 0)
 
 
 SCORES: Registry[Score] = Registry("importance score")

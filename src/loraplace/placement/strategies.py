@@ -42,8 +42,8 @@ Two kinds exist:
   arm's parameter budget (``auto~attention``: as many parameters as ``attention``; plain
   ``auto``: as many as ``full`` at the study's rank). Their slots are the modules of ``full``::
 
-      auto[score=gradient|adam|activation|weight|random, mode=best|worst|uniform, step=INT, max_r=INT,
-           draw=INT, alpha=NUMBER, init=INIT]
+      auto[score=gradient|adam|activation|weight|pilot|random, mode=best|worst|uniform, step=INT,
+           max_r=INT, draw=INT, alpha=NUMBER, init=INIT]
 
   ``score`` (default gradient) names the importance score (:mod:`loraplace.importance`);
   ``mode=best`` (default) gives rank where the score gains most per parameter, ``worst`` where it
@@ -198,7 +198,7 @@ run of the arm, as EVA's is (:data:`loraplace.methods.INITIALISERS`): ``eva``, E
 PEFT's default random A with each module's rows rescaled so that the expected ||A x|| on the scoring
 batches equals EVA's (the same scale in random directions: separates EVA's directions from its
 scale)."""
-AUTO_SCORES = ("gradient", "adam", "activation", "weight", "random")
+AUTO_SCORES = ("gradient", "adam", "activation", "weight", "pilot", "random")
 AUTO_MODES = ("best", "worst", "uniform")
 
 
