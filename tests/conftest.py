@@ -66,7 +66,9 @@ def save_tiny_llama(path: Path, hidden: int = 32, intermediate: int = 64, seed: 
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+    """The suite's tiny Llama, seeded: every session tests the same weights (a test that passes on some
+    random models only would otherwise fail now and then)."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -74,8 +76,11 @@ def tiny_gpt2_dir(tmp_path_factory) -> Path:
     """A tiny GPT-2 (Conv1D layers) whose tokenizer has no chat template (Alpaca prompt path)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    import torch
+
     path = tmp_path_factory.mktemp("tiny-gpt2")
     tokenizer = make_tokenizer(chat_template=None)
+    torch.manual_seed(0)  # seeded, like tiny_llama_dir
     config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=256)
     GPT2LMHeadModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import save_tiny_llama
 from typer.testing import CliRunner
 
 from loraplace.importance import SpectrumAccumulator, adam_curve, energy_curve, load_for_scoring, score_slots
@@ -173,12 +174,13 @@ def test_adam_score_of_a_model_equals_autograd_and_costs_one_gradient_pass(famil
         np.testing.assert_allclose(slot.curve, reference[slot.name].numpy(), rtol=1e-4, err_msg=slot.name)
 
 
-def test_auto_adam_allocates_end_to_end_through_the_command_line(tiny_llama_dir, alpaca_file, tmp_path,
-                                                                 monkeypatch):
+def test_auto_adam_allocates_end_to_end_through_the_command_line(alpaca_file, tmp_path, monkeypatch):
     """``loraplace importance --score adam`` then ``loraplace plan`` with ``auto[score=adam]``: the
     written curves are autograd's, and the plan trains the attention budget with the ranks the
-    greedy gives on them."""
+    greedy gives on them. A seeded model: attention's budget at r=4 is 1,792 parameters and one
+    rank step 48 to 96, so on some random models no allocation lands within 1% (an error, rightly)."""
     from loraplace.cli import app
+    tiny_llama_dir = save_tiny_llama(tmp_path / "model", seed=0)
     from loraplace.placement.resolve import resolve_placement
     from loraplace.placement.strategies import parse_strategy
 
