@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 from peft import get_peft_model
+from safetensors.torch import load_file
 from test_baselines import captured_inputs, one_batch
 from test_evaluation_nll import tiny_llama
 from test_study_auto import FAST, _study
@@ -23,7 +24,7 @@ from loraplace.placement.arms import Arm
 from loraplace.placement.params import trainable_params
 from loraplace.placement.resolve import resolve_placement
 from loraplace.placement.strategies import parse_strategy
-from loraplace.study.allocations import state_path
+from loraplace.study.allocations import allocation_path, state_path
 from loraplace.study.driver import run_study
 
 LORA = LoraSettings(r=4, alpha=8.0, dropout=0.0)
@@ -90,12 +91,12 @@ def test_data_inits_are_refused_where_they_cannot_apply():
         parse_strategy("eva[init=eva]")
 
 
-def test_a_study_computes_the_init_once_and_every_seed_starts_from_it(tiny_llama_dir, tmp_path):
+def test_a_study_computes_the_init_once_for_every_seed_and_resume(tiny_llama_dir, tmp_path):
     from conftest import alpaca_rows
 
     data = tmp_path / "alpaca.json"
     data.write_text(json.dumps(alpaca_rows()))
-    arms = ["attention[init=eva]", "attention[init=default_scaled]"]
+    arms = ["auto[score=random,draw=1,step=1,max_r=6,init=eva]~attention", "attention[init=default_scaled]"]
     assert all(method_of(a).per_study(Arm.parse(a)) for a in arms)
     assert not method_of("attention").per_study(Arm.parse("attention"))
     # enough scoring tokens for EVA's incremental SVD to converge on any random tiny model
@@ -106,6 +107,10 @@ def test_a_study_computes_the_init_once_and_every_seed_starts_from_it(tiny_llama
     assert all(r["status"] == "ok" for r in rows.values()), [r["error"] for r in rows.values()]
     assert len(list((out / "allocations").glob("*.init.safetensors"))) == 2
     assert all(state_path(out, arm).is_file() for arm in arms)
+    # the automatic arm's EVA state has the allocated ranks
+    allocation = json.loads(allocation_path(out, arms[0]).read_text())
+    state = load_file(state_path(out, arms[0]))
+    assert {n: int(a.shape[0]) for n, a in state.items()} == allocation["ranks"]
     # a resume recomputes nothing: the stored state is what the runs read
     before = {p: p.stat().st_mtime_ns for p in (out / "allocations").iterdir()}
     config = load_study(None, {**FAST, **fast, "model": str(tiny_llama_dir), "dataset": str(data),
