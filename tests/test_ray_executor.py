@@ -180,14 +180,15 @@ def test_tokenized_data_is_prepared_once_by_the_driver(ray_cluster, tiny_llama_d
     assert seen == {"workers": [0, 0], "driver": 1}
 
 
-@pytest.mark.parametrize("arm, batches", [("auto[step=1]~attention", (2, 4)), ("eva~attention", (5, 8))])
+@pytest.mark.parametrize("arm, batches", [("auto[step=1]~attention", (2, 4)), ("eva~attention", (5, 8)),
+                                          ("full[init=default_scaled]~attention", (5, 8))])
 def test_automatic_and_eva_arms_train_the_studys_allocation_on_ray(ray_cluster, tiny_llama_dir, data_file, tmp_path,
                                                                    arm, batches, monkeypatch):
     """The study's allocations (auto scores, EVA's initial A matrices) are made once, on a worker
     (where the runs train: its device and precision), written by the driver and carried in each
     run's spec: on Ray the workers train the same ranks and reach the same numbers as the local
     executor, and the driver never loads the model. (EVA's incremental SVD needs more scoring
-    tokens to converge.)"""
+    tokens to converge; a data-driven init= is computed and carried the same way.)"""
     import loraplace.study.ray_executor as rx
 
     driver_models = []
