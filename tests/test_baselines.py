@@ -79,6 +79,12 @@ def test_adalora_config_ranks_from_the_budget():
     peft_model = get_peft_model(model, config)
     trainable = trainable_params(peft_model)
     assert trainable == info["initial_params"]  # A, E and B at init_r
+    # the update scale of a uniform arm of the budget (rank 5) under lora.scale: PEFT's AdaLoRA scales
+    # by lora_alpha / init_r, so every module trains at alpha / 5 (alpha_over_r) or alpha / sqrt(5) (rslora)
+    layer = next(m for m in peft_model.modules() if hasattr(m, "ranknum"))
+    assert layer.scaling["default"] / float(layer.ranknum["default"]) == pytest.approx(LORA.alpha / 5)
+    rs, _ = adalora_config(placement, LORA.model_copy(update={"scale": "rslora"}), total_steps=40, target_params=target)
+    assert rs.lora_alpha / rs.init_r == pytest.approx(LORA.alpha / math.sqrt(5))
     planned = adalora_placement(placement, config)
     check_adalora_wrapped(peft_model, planned, trainable)
     with pytest.raises(LoraplaceError, match="differ from the plan"):
