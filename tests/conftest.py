@@ -74,9 +74,8 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory) -> Path:
     """A tiny GPT-2 (Conv1D layers) whose tokenizer has no chat template (Alpaca prompt path)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     path = tmp_path_factory.mktemp("tiny-gpt2")
     tokenizer = make_tokenizer(chat_template=None)
@@ -109,3 +108,24 @@ def _runs_in_this_process_by_default():
     field.default = default
     ExecutorSettings.model_rebuild(force=True)
     StudyConfig.model_rebuild(force=True)
+
+
+def score_then_plan(model_dir: Path, data: Path, score: str, out: Path, batch_size: int, monkeypatch):
+    """``loraplace importance --score SCORE`` on two batches, then ``loraplace plan`` of ``attention``
+    and ``auto[score=SCORE,step=1]~attention`` from the written scores (r=4, alpha=8): the written
+    ``<score>.json`` and the plan's rows by strategy."""
+    from typer.testing import CliRunner
+
+    from loraplace.cli import app
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    scored = CliRunner().invoke(app, ["importance", "-m", str(model_dir), "-d", str(data), "--score", score,
+                                      "--batches", "2", "--batch-size", str(batch_size), "--max-length", "128",
+                                      "--max-rank", "16", "--r", "4", "--eval-size", "8", "-o", str(out)])
+    assert scored.exit_code == 0, scored.output
+    planned = CliRunner().invoke(app, ["plan", "-m", str(model_dir), "-s", f"attention,auto[score={score},step=1]~attention",
+                                       "--r", "4", "--alpha", "8", "--scores", str(out), "--json"])
+    assert planned.exit_code == 0, planned.output
+    written = json.loads((out / f"{score}.json").read_text())
+    return written, {r["strategy"]: r for r in json.loads(planned.output)["strategies"]}

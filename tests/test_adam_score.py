@@ -5,14 +5,12 @@ weight gradients, and ``auto[score=adam]`` through the command line."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
 import pytest
 import torch
-from conftest import save_tiny_llama
-from typer.testing import CliRunner
+from conftest import save_tiny_llama, score_then_plan
 
 from loraplace.importance import SpectrumAccumulator, adam_curve, energy_curve, load_for_scoring, score_slots
 from loraplace.placement.allocate import SlotCurve, allocate
@@ -179,24 +177,13 @@ def test_auto_adam_allocates_end_to_end_through_the_command_line(alpaca_file, tm
     written curves are autograd's, and the plan trains the attention budget with the ranks the
     greedy gives on them. A seeded model: attention's budget at r=4 is 1,792 parameters and one
     rank step 48 to 96, so on some random models no allocation lands within 1% (an error, rightly)."""
-    from loraplace.cli import app
-    tiny_llama_dir = save_tiny_llama(tmp_path / "model", seed=0)
     from loraplace.placement.resolve import resolve_placement
     from loraplace.placement.strategies import parse_strategy
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    out = tmp_path / "importance"
-    scored = CliRunner().invoke(app, ["importance", "-m", str(tiny_llama_dir), "-d", str(alpaca_file), "--score",
-                                      "adam", "--batches", "2", "--batch-size", "4", "--max-length", "128",
-                                      "--max-rank", "16", "--r", "4", "--eval-size", "8", "-o", str(out)])
-    assert scored.exit_code == 0, scored.output
-    assert json.loads((out / "adam.json").read_text())["score"] == "adam"
+    tiny_llama_dir = save_tiny_llama(tmp_path / "model", seed=0)
+    file, rows = score_then_plan(tiny_llama_dir, alpaca_file, "adam", tmp_path / "importance", 4, monkeypatch)
+    assert file["score"] == "adam"
     auto = "auto[score=adam,step=1]~attention"
-    planned = CliRunner().invoke(app, ["plan", "-m", str(tiny_llama_dir), "-s", f"attention,{auto}", "--r", "4",
-                                       "--alpha", "8", "--scores", str(out), "--json"])
-    assert planned.exit_code == 0, planned.output
-    rows = {r["strategy"]: r for r in json.loads(planned.output)["strategies"]}
     ranks = {m["name"]: m["r"] for m in rows[auto]["modules"]}
     assert rows[auto]["budget"]["score"] == "adam"
 
@@ -207,7 +194,7 @@ def test_auto_adam_allocates_end_to_end_through_the_command_line(alpaca_file, tm
     slots = [(n, m) for n, m in model.named_modules() if n.startswith("model.layers.") and hasattr(m, "weight")
              and m.weight.dim() == 2]
     reference = _reference_adam_curves(model, [n for n, _ in slots], batches, 16)
-    written = {s["name"]: s["curve"] for s in json.loads((out / "adam.json").read_text())["slots"]}
+    written = {s["name"]: s["curve"] for s in file["slots"]}
     assert set(written) == set(reference)
     for name, curve in written.items():  # the file holds autograd's adam curves ...
         np.testing.assert_allclose(curve, reference[name].numpy(), rtol=1e-4, err_msg=name)

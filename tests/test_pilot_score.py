@@ -6,15 +6,14 @@ ignored in encoder models, and ``auto[score=pilot]`` through the command line.""
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
 import pytest
 import torch
+from conftest import score_then_plan
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
-from typer.testing import CliRunner
 
 from loraplace.data import IGNORE_INDEX
 from loraplace.importance import PILOT_LR, PILOT_RANK, PILOT_STEPS, load_for_scoring, pilot_curve, score_slots
@@ -241,25 +240,13 @@ def test_auto_pilot_allocates_end_to_end_through_the_command_line(tiny_llama_dir
                                                                   monkeypatch):
     """``loraplace importance --score pilot`` then ``loraplace plan`` with ``auto[score=pilot]~attention``:
     the plan trains the attention budget with the ranks the greedy gives on the written curves."""
-    from loraplace.cli import app
     from loraplace.placement.resolve import resolve_placement
     from loraplace.placement.strategies import parse_strategy
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    out = tmp_path / "importance"
-    scored = CliRunner().invoke(app, ["importance", "-m", str(tiny_llama_dir), "-d", str(alpaca_file), "--score",
-                                      "pilot", "--batches", "2", "--batch-size", "2", "--max-length", "128",
-                                      "--max-rank", "16", "--r", "4", "--eval-size", "8", "-o", str(out)])
-    assert scored.exit_code == 0, scored.output
-    written = json.loads((out / "pilot.json").read_text())
+    written, rows = score_then_plan(tiny_llama_dir, alpaca_file, "pilot", tmp_path / "importance", 2, monkeypatch)
     assert written["score"] == "pilot" and (written["forward_passes"], written["backward_passes"]) == (
         PILOT_STEPS + 1, PILOT_STEPS)
     auto = "auto[score=pilot,step=1]~attention"
-    planned = CliRunner().invoke(app, ["plan", "-m", str(tiny_llama_dir), "-s", f"attention,{auto}", "--r", "4",
-                                       "--alpha", "8", "--scores", str(out), "--json"])
-    assert planned.exit_code == 0, planned.output
-    rows = {r["strategy"]: r for r in json.loads(planned.output)["strategies"]}
     assert rows[auto]["budget"]["score"] == "pilot"
     model, _ = _setup(tiny_llama_dir, alpaca_file, batches=1)
     target = resolve_placement(model, parse_strategy("attention"), 4, 8.0).lora_params

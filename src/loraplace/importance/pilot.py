@@ -75,7 +75,7 @@ from peft.tuners.lora import LoraLayer
 from loraplace.adapters import lora_config_for, unload_adapters
 from loraplace.config import LoraSettings
 from loraplace.errors import LoraplaceError
-from loraplace.importance.scores import SCORES, Score, _token_masks, _warn_unseen
+from loraplace.importance.scores import SCORES, Score, _token_masks, _warn_unseen, token_rows
 from loraplace.placement.resolve import slot_placement
 
 PILOT_RANK = 4
@@ -200,14 +200,7 @@ def pilot_energies(model, slots, batches: list, nll_fn, warnings: list[str], *, 
         def hook(name: str, scale: float):
             def read(module, args, output) -> None:
                 y = output.detach().float() * scale
-                rows = y.reshape(-1, y.shape[-1])
-                mask = masks.get(name)
-                if mask is not None and tuple(mask.shape) == tuple(y.shape[:-1]):
-                    rows = rows[mask.reshape(-1)]
-                elif name not in unmasked:
-                    unmasked.add(name)
-                    warnings.append(f"{name}: output of shape {tuple(y.shape)} matches no token mask; its pilot "
-                                    "energy averages over every position, padding included")
+                rows = token_rows(name, y, masks.get(name), unmasked, warnings, "output", "pilot energy")
                 energy = rows.double().pow(2).sum()
                 sums[name] = sums[name] + energy if name in sums else energy
                 counts[name] = counts.get(name, 0) + rows.shape[0]

@@ -538,6 +538,21 @@ def _token_masks(model: nn.Module, slots, batch: dict[str, torch.Tensor]) -> dic
     return out
 
 
+def token_rows(name: str, t: torch.Tensor, mask: torch.Tensor | None, unmasked: set[str], warnings: list[str],
+               what: str, measure: str) -> torch.Tensor:
+    """``t`` (``(..., features)``, a module's input or output) as rows, one per token the ``mask``
+    selects; where no mask has ``t``'s token shape, every row, with one warning per module that its
+    ``measure`` averages over padding too (``what``: input or output, for the warning)."""
+    rows = t.reshape(-1, t.shape[-1])
+    if mask is not None and tuple(mask.shape) == tuple(t.shape[:-1]):
+        return rows[mask.reshape(-1)]
+    if name not in unmasked:
+        unmasked.add(name)
+        warnings.append(f"{name}: {what} of shape {tuple(t.shape)} matches no token mask; its {measure} averages "
+                        "over every position, padding included")
+    return rows
+
+
 def _activation_curves(model, slots, modules, batches, max_rank, nll_fn, sketch, warnings):
     """``curve[k-1]`` = sum of the k largest eigenvalues of each slot input's covariance over real tokens."""
     shared: dict = {}
@@ -559,14 +574,7 @@ def _activation_curves(model, slots, modules, batches, max_rank, nll_fn, sketch,
             if leader.setdefault(name, name) != name:
                 raise RuntimeError(f"{name} no longer reads the same input as {leader[name]}")
             state["x"], state["slot"] = x, name
-            rows = x.detach().reshape(-1, x.shape[-1])
-            mask = state["masks"][name]
-            if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]):
-                rows = rows[mask.reshape(-1)]
-            elif name not in unmasked:
-                unmasked.add(name)
-                warnings.append(f"{name}: input of shape {tuple(x.shape)} matches no token mask; "
-                                "its covariance averages over every position, padding included")
+            rows = token_rows(name, x.detach(), state["masks"][name], unmasked, warnings, "input", "covariance")
             if name not in accumulators:
                 accumulators[name] = SpectrumAccumulator(rows.shape[1], rows.shape[1], max_rank, mode=mode,
                                                          device=rows.device, test_matrices=shared)
