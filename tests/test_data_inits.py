@@ -96,16 +96,17 @@ def test_a_study_computes_the_init_once_for_every_seed_and_resume(tiny_llama_dir
 
     data = tmp_path / "alpaca.json"
     data.write_text(json.dumps(alpaca_rows()))
-    arms = ["auto[score=random,draw=1,step=1,max_r=6,init=eva]~attention", "attention[init=default_scaled]"]
+    arms = ["auto[score=random,draw=1,step=1,max_r=6,init=eva]~attention", "attention[init=default_scaled]",
+            "ffn[init=lora_ga]"]
     assert all(method_of(a).per_study(Arm.parse(a)) for a in arms)
     assert not method_of("attention").per_study(Arm.parse("attention"))
     # enough scoring tokens for EVA's incremental SVD to converge on any random tiny model
     fast = {"train.save_adapters": False, "include_base": False, "importance.batches": 4, "importance.batch_size": 8}
     out = _study(tiny_llama_dir, data, tmp_path / "s", arms, seeds=[0], **fast)
     rows = {r["run_id"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
-    assert {r["init"] for r in rows.values() if r["kind"] == "lora"} == {"eva", "default_scaled"}
+    assert {r["init"] for r in rows.values() if r["kind"] == "lora"} == {"eva", "default_scaled", "lora_ga"}
     assert all(r["status"] == "ok" for r in rows.values()), [r["error"] for r in rows.values()]
-    assert len(list((out / "allocations").glob("*.init.safetensors"))) == 2
+    assert len(list((out / "allocations").glob("*.init.safetensors"))) == 3
     assert all(state_path(out, arm).is_file() for arm in arms)
     # the automatic arm's EVA state has the allocated ranks
     allocation = json.loads(allocation_path(out, arms[0]).read_text())

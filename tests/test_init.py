@@ -59,7 +59,7 @@ def test_init_round_trips_and_is_the_whole_arms():
 
 
 def test_bad_inits_fail_with_one_line():
-    for spec in ("full[init=loftq]", "full[init=]", "auto[init=corda]"):
+    for spec in ("full[init=loftq]", "full[init=]", "auto[init=mica]"):
         text = _one_line(spec)
         assert "unknown initialisation" in text and "init=" + "|".join(INIT_TITLES) in text, text
     text = _one_line("ffn[init=pissa]+attention[init=olora]")
@@ -98,7 +98,7 @@ def _spec(strategy: str, **fields) -> RunSpec:
 def _wrap(model, strategy: str, seed: int = 0, **fields):
     """The model wrapped as a run wraps it: the arm's method's config, its saved base weights."""
     placement, config, _ = method_of(strategy).adapters(model, _spec(strategy, **fields), "CAUSAL_LM")
-    saved = save_base_weights(model, placement, config)
+    saved = save_base_weights(model, placement, config.init_lora_weights)
     set_seed(seed)
     return get_peft_model(model, config), placement, saved
 

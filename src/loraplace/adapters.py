@@ -20,9 +20,10 @@ from loraplace.config import LoraSettings
 from loraplace.errors import LoraplaceError
 from loraplace.placement.strategies import DATA_INITS, DEFAULT_INIT, INIT_TITLES
 
-REWRITES_BASE = ("pissa", "olora")
+REWRITES_BASE = ("pissa", "olora", "lora_ga", "corda")
 """Initialisations that move part of each adapted base weight into the adapter: PEFT replaces the
-weight W by the residual W - (alpha / r) B A. A run saves those weights (:func:`save_base_weights`)
+weight W by the residual W - (alpha / r) B A (LoRA-GA and CorDA as PEFT computes them, applied from
+the study's stored start: :mod:`loraplace.methods.starts`). A run saves those weights (:func:`save_base_weights`)
 and :func:`unload_adapters` puts them back, so the next arm on the shared base model sees W."""
 NEED_FULL_PRECISION = ("pissa", "olora", "orthogonal")
 """Initialisations that read or cast to the base weight's dtype, which a quantized base does not have
@@ -212,14 +213,14 @@ SavedWeights = list[tuple[nn.Parameter, torch.Tensor]]
 """Base weights saved before ``get_peft_model``: each parameter with a copy of its values."""
 
 
-def save_base_weights(model: nn.Module, placement, config) -> SavedWeights:
-    """A copy, in CPU memory, of each base weight that ``config``'s initialisation will rewrite
-    (:data:`REWRITES_BASE`): the weights of ``placement``'s modules and its expert parameters; nothing
-    for an init that leaves the base alone. :func:`unload_adapters` puts them back bit for bit.
+def save_base_weights(model: nn.Module, placement, init: str | bool | None) -> SavedWeights:
+    """A copy, in CPU memory, of each base weight that the initialisation ``init`` (the arm's ``init=``
+    or PEFT's ``init_lora_weights``) will rewrite (:data:`REWRITES_BASE`): the weights of
+    ``placement``'s modules and its expert parameters; nothing for an init that leaves the base alone.
+    :func:`unload_adapters` puts them back bit for bit.
 
     Held in CPU memory because a large arm's copies would otherwise take accelerator memory the memory
     plan does not count."""
-    init = getattr(config, "init_lora_weights", True)
     if not (isinstance(init, str) and init.startswith(REWRITES_BASE)):  # pissa_niter_N too
         return []
     params = [model.get_submodule(name).weight for name in placement.module_names]

@@ -187,17 +187,20 @@ DEFAULT_INIT = "default"
 INIT_TITLES = {DEFAULT_INIT: "default init (Kaiming-uniform A, zero B)", "gaussian": "Gaussian init (zero B)",
                "pissa": "PiSSA init", "olora": "OLoRA init", "orthogonal": "orthogonal init",
                "eva": "EVA init (A from the inputs' top singular vectors, ranks as placed)",
-               "default_scaled": "default init rescaled to EVA's ||A x|| (a scale control)"}
+               "default_scaled": "default init rescaled to EVA's ||A x|| (a scale control)",
+               "lora_ga": "LoRA-GA init (A, B from the SVD of the accumulated gradient)",
+               "corda": "CorDA init (A, B from the SVD of the weight times the inputs' covariance)"}
 """The adapter initialisations an arm can name with ``init=`` (:attr:`Strategy.init`; PEFT's
 ``init_lora_weights``, see :func:`loraplace.adapters.peft_init`) and how reports call them. ``pissa``
 is PEFT's exact-SVD PiSSA (not its randomized ``pissa_niter_N``)."""
-DATA_INITS = ("eva", "default_scaled")
+DATA_INITS = ("eva", "default_scaled", "lora_ga", "corda")
 """Initialisations computed from data once per study (on the scoring batches) and carried to every
 run of the arm, as EVA's is (:data:`loraplace.methods.INITIALISERS`): ``eva``, EVA's A (PEFT's EVA with
 ``rho=1``: every module keeps the rank its placement gives it, no redistribution); ``default_scaled``,
 PEFT's default random A with each module's rows rescaled so that the expected ||A x|| on the scoring
 batches equals EVA's (the same scale in random directions: separates EVA's directions from its
-scale)."""
+scale); ``lora_ga`` and ``corda``, PEFT's LoRA-GA and CorDA (instruction-previewed) starts, which
+also rewrite the base weights (:mod:`loraplace.methods.starts`)."""
 AUTO_SCORES = ("gradient", "adam", "activation", "weight", "pilot", "random")
 AUTO_MODES = ("best", "worst", "uniform")
 

@@ -190,7 +190,10 @@ class RunRecipe:
         placement, lora_config, callbacks = method.adapters(setup.base, spec, setup.task.peft_task_type)
         atomic_write_json(setup.run_dir / "modules.json", placement.to_dict())
         set_seed(spec.seed)  # adapter initialisation depends on the seed only
-        saved = save_base_weights(setup.base, placement, lora_config)  # an init like PiSSA rewrites them
+        init = getattr(lora_config, "init_lora_weights", True)
+        named = parse_strategy(Arm.parse(spec.strategy).strategy).init  # a data-driven init is applied next
+        init = named if named in DATA_INITS else init if isinstance(init, str) else None
+        saved = save_base_weights(setup.base, placement, init)  # an init like PiSSA rewrites them
         with warnings.catch_warnings():
             # PEFT checks rank_pattern keys against wrapped modules only, so keys of expert
             # parameters look unused although they apply; check_wrapped verifies every rank.
@@ -200,9 +203,6 @@ class RunRecipe:
         trainable = trainable_params(peft_model)
         # A classifier's new head trains in full beside the adapters (PEFT's modules_to_save).
         head = sum(p.numel() for n, p in peft_model.named_parameters() if p.requires_grad and ".modules_to_save." in n)
-        init = getattr(lora_config, "init_lora_weights", True)
-        named = parse_strategy(Arm.parse(spec.strategy).strategy).init  # a data-driven init is applied next
-        init = named if named in DATA_INITS else init if isinstance(init, str) else None
         adapters = Adapters(peft_model=peft_model, placement=placement, trainable=trainable, head=head,
                             total=total_params(peft_model), method=method, callbacks=callbacks,
                             init=init, saved=saved)
