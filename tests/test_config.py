@@ -52,9 +52,15 @@ def test_unknown_strategy_lists_known_ones():
         load_study(None, {"strategies": "full,attn-only"})
 
 
-def test_override_without_equals_sign():
+def test_overrides_need_key_value_and_split_strategy_lists_as_the_option_does():
     with pytest.raises(LoraplaceError, match="KEY=VALUE"):
         parse_override("train.lr")
+    # a strategy's own [...] is not YAML: the list is split at its top-level commas, as --strategies is
+    assert parse_override("strategies=[auto[score=adam]~attention, full[init=pissa]~attention,qv@0,3]") == (
+        "strategies", ["auto[score=adam]~attention", "full[init=pissa]~attention", "qv@0,3"])
+    assert parse_override("strategies=['full', \"ffn\"]") == ("strategies", ["full", "ffn"])
+    with pytest.raises(LoraplaceError, match="not valid YAML"):
+        parse_override("train.lr=[1e-4")
 
 
 def test_missing_and_invalid_study_files(tmp_path):

@@ -312,11 +312,21 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``"train.lr=1e-4"`` -> ``("train.lr", 1e-4)``; the value is parsed as YAML."""
+    """``"train.lr=1e-4"`` -> ``("train.lr", 1e-4)``; the value is parsed as YAML, except the strategy
+    list: ``strategies=[auto[score=adam]~attention, full]`` (or without the outer brackets) is split
+    at its top-level commas as ``--strategies`` is, since a strategy's own ``[...]`` is not YAML."""
     if "=" not in text:
         raise LoraplaceError(f"override {text!r} is not KEY=VALUE (e.g. train.lr=1e-4 or lora.r=8)")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    key, raw = key.strip(), raw.strip()
+    if key == "strategies":
+        inner = raw[1:-1] if raw.startswith("[") and raw.endswith("]") else raw
+        return key, [item.strip("'\"") for item in split_strategy_list(inner)]
+    try:
+        return key, yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError as e:
+        first = (str(e).strip().splitlines() or ["not YAML"])[0]
+        raise LoraplaceError(f"override {text!r}: the value is not valid YAML ({first})") from None
 
 
 def _basename(source: str) -> str:
