@@ -60,6 +60,16 @@ def test_plan_table_output_names_both_reductions():
     assert "warning (paper-attention)" in output and "mlp.c_proj" in output
 
 
+def test_labels_and_errors_keep_their_brackets_on_the_console(tiny_llama_dir):
+    """A strategy's [...] is not rich markup: the plan's table names the arm as written, and an error
+    that quotes a strategy shows its options."""
+    code, output = invoke("plan", "--model", str(tiny_llama_dir), "--strategies", "full[init=pissa],ffn[r=2]")
+    assert code == 0, output
+    assert "full[init=pissa]" in output and "ffn[r=2]" in output
+    code, output = invoke("plan", "--model", str(tiny_llama_dir), "--strategies", "ffn[init=pissa]+attention[init=olora]")
+    _one_line_error(code, output, "ffn[init=pissa]+attention[init=olora]")
+
+
 def test_plan_on_a_local_folder(tiny_llama_dir):
     code, output = invoke("plan", "--model", str(tiny_llama_dir), "--json")
     assert code == 0, output

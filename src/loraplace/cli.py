@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -62,7 +63,7 @@ def _quiet_libraries() -> None:
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -158,7 +159,7 @@ def plan(
         budget = row["budget"]
         scales = "/".join(f"{x:.3g}" for x in row["scale"]["scales"])
         table.add_row(
-            f"{row['strategy']}\nscale {scales}", roles, ranks, str(len(row["modules"])), f"{row['trainable_params']:,}",
+            f"{escape(row['strategy'])}\nscale {scales}", roles, ranks, str(len(row["modules"])), f"{row['trainable_params']:,}",
             f"{row['trainable_pct_of_total']:.2f}%", f"{row['trainable_pct_of_base']:.2f}%",
             f"{row['params_vs_full_pct']:.1f}%",
             f"{budget['deviation_pct']:+.2f}%" if budget else "-",
@@ -181,12 +182,12 @@ def plan(
         style="dim", highlight=False,
     )
     for row in result["strategies"]:
-        console.print(f"\n[bold]{row['strategy']}[/]: rank per layer and role ({len(row['modules'])} modules, "
+        console.print(f"\n[bold]{escape(row['strategy'])}[/]: rank per layer and role ({len(row['modules'])} modules, "
                       f"role table {row['family']}; · = not adapted)", highlight=False)
         console.print(_matrix_table(row))
     for row in result["strategies"]:
         for warning in row["warnings"]:
-            console.print(f"[yellow]warning[/] ({row['strategy']}): {warning}", highlight=False)
+            console.print(f"[yellow]warning[/] ({escape(row['strategy'])}): {escape(warning)}", highlight=False)
 
 
 def _load_scores(paths: list[Path]) -> dict[str, Any]:
@@ -271,7 +272,7 @@ def run(
     except LoraplaceError as e:
         _fail(str(e))
     except StudyInterrupted as e:
-        err_console.print(str(e))
+        err_console.print(escape(str(e)))
         raise typer.Exit(130)
 
 
@@ -279,10 +280,10 @@ class _ConsoleProgress(StudyProgress):
     """The messages of a study on the console; the runs themselves are shown by the subclasses."""
 
     def note(self, text: str) -> None:
-        err_console.print(f"note: {text}", highlight=False, soft_wrap=True)
+        err_console.print(f"note: {escape(text)}", highlight=False, soft_wrap=True)
 
     def warning(self, text: str) -> None:
-        err_console.print(f"[yellow]warning:[/] {text}", highlight=False, soft_wrap=True)
+        err_console.print(f"[yellow]warning:[/] {escape(text)}", highlight=False, soft_wrap=True)
 
     def planned(self, study, study_dir: Path, total: int, finished: int, kept: int) -> None:
         console.print(f"study [bold]{study.name}[/]: {total} runs ({finished} already finished) -> {study_dir}"
@@ -334,7 +335,7 @@ class _BarProgress(_ConsoleProgress):
     def run_ended(self, result, k: int, seconds: float) -> None:
         self.progress.advance(self.study_task)
         if result.status != "ok":
-            self.progress.console.print(f"[red]run {result.run_id} failed:[/] {result.error}", highlight=False)
+            self.progress.console.print(f"[red]run {result.run_id} failed:[/] {escape(result.error or '')}", highlight=False)
 
 
 class _LineProgress(_ConsoleProgress):
@@ -379,7 +380,7 @@ def print_results(study_dir: Path) -> None:
         table.add_column(c, justify="left" if c == "run" else "right")
     for r in runs:
         if r.status != "ok":
-            table.add_row(r.run_id, "[red]failed[/]", r.error or "", *[""] * (len(cols) - 3))
+            table.add_row(r.run_id, "[red]failed[/]", escape(r.error or ""), *[""] * (len(cols) - 3))
             continue
         flags = (" [red]diverged[/]" if r.diverged else "") + (" [yellow]worse than base[/]" if r.worse_than_base else "")
         table.add_row(r.run_id + flags, num(r.trainable_params), num(r.trainable_pct, 2), num(r.eval_loss),
@@ -472,7 +473,7 @@ def _print_importance(result, paths: dict[str, Path], r: int) -> None:
     console.print(by_role)
     console.print(result.method, style="dim", highlight=False, markup=False)
     for warning in result.warnings:
-        console.print(f"[yellow]warning[/] ({result.score}): {warning}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]warning[/] ({result.score}): {escape(warning)}", highlight=False, soft_wrap=True)
     console.print("files: " + ", ".join(str(p) for p in paths.values()), highlight=False, soft_wrap=True)
 
 
