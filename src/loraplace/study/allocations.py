@@ -183,7 +183,7 @@ def compute_allocations(config: StudyConfig, template: RunSpec, labels: list[str
         made.importance[score] = result.to_dict()
     for label, arm in arms.items():
         method = method_of(label)
-        if not method.scores(arm):
+        if not method.scores(arm) and method.allocated_per_study:  # a hand-picked arm's placement needs no data
             note(f"allocating {label} ({method.title}) from the inputs of {config.model} "
                  f"({len(scoring())} batches)")
         placement, state = method.allocate(setup, arm, config, scoring, results)
