@@ -159,6 +159,12 @@ def test_killed_tuned_study_resumes_without_losing_a_rung(tiny_llama_dir, alpaca
     assert not any((tmp_path / "killed" / "runs" / r / "trainer").exists() for r in b if r.startswith("tune-"))
     report = (tmp_path / "killed" / "report" / "report.md").read_text()
     assert "## Learning-rate tuning" in report
+    # the recommendation judges the arm at its tuned rate (the final's test loss), not at train.lr
+    recs = json.loads((tmp_path / "killed" / "report" / "recommendations.json").read_text())
+    best = next(r for group in recs.values() for r in group if r["kind"] == "best")["numbers"]
+    untuned = [r for r in a.values() if r["kind"] == "lora"]
+    assert best["strategy"] == "attention" and best["eval_loss"] == finals[0]["eval_loss"]
+    assert len(untuned) == 1 and untuned[0]["eval_loss"] != finals[0]["eval_loss"]
 
 
 def test_rung_sizes():

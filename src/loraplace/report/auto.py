@@ -750,8 +750,11 @@ def after_training_section(ctx: ReportContext) -> Part:
     """Per study with importance or allocation files: each automatic arm against the arms of its
     budget, the post-hoc norms, and whether the scores predicted what training gave. With several
     such studies each is headed again; with one, its heading of the part before training stands."""
-    views = study_views(ctx)
+    views = study_views(ctx.verdicts)
     out = Part()
+    if ctx.tuned is not None and views:
+        out.blocks.append(Para("**At tuned learning rates** (as the recommendations): from here on, every arm at the "
+                               "rate its tuning chose, its test loss, and the paired comparisons at those rates."))
     for v in views:
         out += _study_part(v, AFTER_TRAINING, heading=len(views) > 1)
     return out

@@ -27,11 +27,20 @@ class ReportContext:
     out: Path  # the report folder
     budget: int | None  # trainable-parameter budget of the "best within budget" recommendation
     resamples: int  # bootstrap draws per paired comparison
+    tuned: ReportContext | None = None
+    """The same studies with every arm at its tuned learning rate (a study that tuned; the others as they
+    are), None when none tuned: the recommendations and the automatic arms' verdicts read it, since a
+    verdict must hold with each arm at its own tuned rate."""
 
     @classmethod
     def build(cls, studies: list[Study], out: Path, budget: int | None, resamples: int) -> ReportContext:
         arms = build_arms(studies)
         return cls(studies, arms, build_groups(studies, arms, resamples=resamples), out, budget, resamples)
+
+    @property
+    def verdicts(self) -> ReportContext:
+        """The context the verdicts read: :attr:`tuned` where a study tuned, else this one."""
+        return self.tuned or self
 
     @property
     def fig_dir(self) -> Path:

@@ -94,11 +94,20 @@ def overview_section(ctx: ReportContext) -> Part:
 
 
 # ------------------------------------------------------------------------ recommendations, results
+TUNED_LEAD = ("**At tuned learning rates.** Every arm is judged at the rate its tuning chose on the validation "
+              "split, by its loss on the test split (the section Learning-rate tuning shows the choices and the "
+              "comparisons). Results per strategy and Paired comparisons below show every arm at train.lr, the "
+              "untuned study; where the two disagree, these recommendations stand.")
+
+
 def recommendations_section(ctx: ReportContext) -> Part:
     """The recommendations of each group (also ``recommendations.json``) and the significance rule."""
     part = Part([Heading(2, "Recommendations", "recommendations")])
-    for g in ctx.groups:
-        if ctx.several_groups:
+    if ctx.tuned is not None:
+        part.blocks.append(Para(TUNED_LEAD))
+    source = ctx.verdicts
+    for g in source.groups:
+        if source.several_groups:
             part.blocks.append(Heading(3, f"Group: {g.name}"))
         recs = recommendations(g, ctx.budget)
         part.recommendations[g.name] = [r.__dict__ for r in recs]

@@ -14,6 +14,7 @@ from loraplace.report.context import ReportContext
 from loraplace.report.load import load_studies
 from loraplace.report.sections import SECTIONS
 from loraplace.report.stats import DEFAULT_RESAMPLES
+from loraplace.report.tuning import at_tuned_rates
 
 
 def default_report_dir(study_dirs: list[Path]) -> Path:
@@ -56,6 +57,9 @@ def write_report(study_dirs: list[Path], out_dir: Path | None = None, budget: in
     studies = load_studies([Path(d) for d in study_dirs])
     out = Path(out_dir) if out_dir is not None else default_report_dir([s.dir for s in studies])
     ctx = ReportContext.build(studies, out, budget, resamples)
+    tuned = [at_tuned_rates(s) for s in studies]
+    if any(t is not None for t in tuned):
+        ctx.tuned = ReportContext.build([t or s for t, s in zip(tuned, studies)], out, budget, resamples)
     for d in (ctx.fig_dir, ctx.tab_dir):
         d.mkdir(parents=True, exist_ok=True)
     parts = [section(ctx) for section in SECTIONS]
