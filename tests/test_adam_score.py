@@ -204,3 +204,23 @@ def test_auto_adam_allocates_end_to_end_through_the_command_line(alpaca_file, tm
                                    max_rank=min(m.in_features, m.out_features)) for n, m in slots],
                         target, step=1, max_r=16)
     assert ranks == expected
+
+
+def test_gradient_and_adam_in_one_call_share_one_gradient_pass(tiny_llama_dir, alpaca_file):
+    model, batches = _batches(tiny_llama_dir, alpaca_file)
+    calls = []
+    handle = model.model.embed_tokens.register_forward_hook(lambda *args: calls.append(1))  # once per forward
+    try:
+        alone = {name: score_slots(model, batches, name, 4) for name in ("gradient", "adam")}
+        assert len(calls) == 2 * len(batches)  # one pass each
+        calls.clear()
+        shared: dict = {}
+        together = {name: score_slots(model, batches, name, 4, shared=shared) for name in ("gradient", "adam")}
+        assert len(calls) == len(batches)  # one pass for both
+        assert score_slots(model, batches, "activation", 4, shared=shared).score == "activation"  # its own pass
+    finally:
+        handle.remove()
+    for name in ("gradient", "adam"):
+        assert [s.curve for s in together[name].slots] == [s.curve for s in alone[name].slots]
+        assert together[name].forward_passes == alone[name].forward_passes == len(batches)
+    assert "another score" in together["adam"].method and "another score" not in together["gradient"].method

@@ -436,9 +436,9 @@ def importance(
                                  split_seed=split_seed, device=device)
         slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model).name or model)
         out_dir = output or Path("runs") / f"importance-{slug}-{time.strftime('%Y%m%d-%H%M%S')}"
-        results = []
+        results, passes = [], {}  # a pass two scores read (gradient and adam) runs once
         for score in wanted:
-            result = score_setup(setup, score, max_rank)
+            result = score_setup(setup, score, max_rank, shared=passes)
             results.append((result, write_importance(result, out_dir, r=r)))
     except LoraplaceError as e:
         _fail(str(e))

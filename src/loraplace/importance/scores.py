@@ -267,7 +267,8 @@ def _combined_approximation(labels: list[str]) -> str:
 # ----------------------------------------------------------------------------------- scoring
 def score_slots(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]] | None, score: str, max_rank: int, *,
                 nll_fn: Callable | None = None, device: torch.device | str | None = None, sketch: str = "auto",
-                model_name: str | None = None, dataset: str | None = None) -> ImportanceResult:
+                model_name: str | None = None, dataset: str | None = None,
+                shared: dict[str, Any] | None = None) -> ImportanceResult:
     """Score every slot of ``model`` (see the module docstring for the scores).
 
     Args:
@@ -288,6 +289,10 @@ def score_slots(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]] | N
             (:class:`~loraplace.importance.spectrum.SpectrumAccumulator`).
         model_name, dataset: recorded in the result (default: the model's ``name_or_path``;
             dataset None).
+        shared: a dict the caller keeps across calls on the same model and batches: a score that
+            reads a pass another score reads too (:attr:`Score.shared`: ``gradient`` and ``adam``
+            read one gradient pass) stores the pass there, and the next such score reuses it (its
+            result records the pass's cost and says it was shared). None: every call runs its own pass.
 
     Returns:
         An :class:`ImportanceResult` with one :class:`SlotScore` per slot in model order.
@@ -311,21 +316,35 @@ def score_slots(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]] | N
     modules = {s.name: model.get_submodule(s.name) for s in slots}
     device = torch.device(device) if device is not None else _first_device(model)
     tokens, used = 0, 0
-    with PeakMemory(device) as memory, _frozen_eval(model):
-        start = time.perf_counter()
-        on_device = [{k: v.to(device) for k, v in b.items()} for b in batches]
-        curves, approximations, tokens, used, passes = spec.curves(model, slots, modules, on_device, max_rank,
-                                                                   nll_fn or token_nll, sketch, warnings)
-        seconds = time.perf_counter() - start
+    key = (spec.shared.name, max_rank, sketch) if spec.shared is not None else None
+    reused = shared is not None and key in shared
+    if reused:
+        state, approximations, tokens, used, passes, seconds, peak, kind, pass_warnings = shared[key]
+        warnings += pass_warnings
+    else:
+        with PeakMemory(device) as memory, _frozen_eval(model):
+            start = time.perf_counter()
+            on_device = [{k: v.to(device) for k, v in b.items()} for b in batches]
+            measure = spec.shared.measure if spec.shared is not None else spec.curves
+            state, approximations, tokens, used, passes = measure(model, slots, modules, on_device, max_rank,
+                                                                  nll_fn or token_nll, sketch, warnings)
+            seconds = time.perf_counter() - start
+        peak, kind = memory.peak_mib, memory.kind
+        if shared is not None and key is not None:
+            shared[key] = (state, approximations, tokens, used, passes, seconds, peak, kind, list(warnings))
+    curves = spec.curves(state, slots) if spec.shared is not None else state
     scored = [SlotScore(s.name, s.role, s.stack, s.layer, s.in_features, s.out_features,
                         tuple(float(x) for x in curves[s.name]), approximations[s.name]) for s in slots]
     method = spec.method
     if left_out:
         method += " Mixture-of-experts parameters are not scored."
+    if reused:
+        method += (f" Read the {spec.shared.name} pass another score of the same call ran (its cost, passes and "  # type: ignore[union-attr]
+                   "memory are that pass's, not spent again).")
     return ImportanceResult(
         score=score, max_rank=max_rank, slots=scored, tokens=int(tokens), batches=used,
         batch_size=int(batches[0]["input_ids"].shape[0]) if batches else 0, seconds=seconds,
-        peak_memory_mib=memory.peak_mib, memory_kind=memory.kind, method=method,
+        peak_memory_mib=peak, memory_kind=kind, method=method,
         approximation=_combined_approximation([approximations[s.name] for s in slots]),
         model=model_name if model_name is not None else str(getattr(getattr(model, "config", None),
                                                                     "name_or_path", "") or ""),
@@ -505,19 +524,14 @@ def adam_curve(sigma: torch.Tensor, out_features: int) -> list[float]:
     return (math.sqrt(out_features) * torch.cumsum(sigma.double(), 0)).tolist()
 
 
-def _gradient_curves(model, slots, modules, batches, max_rank, nll_fn, sketch, warnings):
-    """``curve[k-1] = sum_{i<=k} sigma_i(G)^2`` (:func:`energy_curve`)."""
-    sigmas, approximations, tokens, used, passes = _gradient_spectra(model, slots, modules, batches, max_rank,
-                                                                     nll_fn, sketch, warnings)
-    return {name: energy_curve(sigma) for name, sigma in sigmas.items()}, approximations, tokens, used, passes
+def _gradient_curves(sigmas: dict[str, torch.Tensor], slots) -> dict[str, list[float]]:
+    """``curve[k-1] = sum_{i<=k} sigma_i(G)^2`` (:func:`energy_curve`) from the gradient pass."""
+    return {s.name: energy_curve(sigmas[s.name]) for s in slots}
 
 
-def _adam_curves(model, slots, modules, batches, max_rank, nll_fn, sketch, warnings):
-    """``curve[k-1] = sqrt(out) sum_{i<=k} sigma_i(G)`` (:func:`adam_curve`), from the gradient score's pass."""
-    sigmas, approximations, tokens, used, passes = _gradient_spectra(model, slots, modules, batches, max_rank,
-                                                                     nll_fn, sketch, warnings)
-    return ({s.name: adam_curve(sigmas[s.name], s.out_features) for s in slots}, approximations, tokens, used,
-            passes)
+def _adam_curves(sigmas: dict[str, torch.Tensor], slots) -> dict[str, list[float]]:
+    """``curve[k-1] = sqrt(out) sum_{i<=k} sigma_i(G)`` (:func:`adam_curve`) from the gradient pass."""
+    return {s.name: adam_curve(sigmas[s.name], s.out_features) for s in slots}
 
 
 def _token_masks(model: nn.Module, slots, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
@@ -661,6 +675,17 @@ def _weight_curves(slots, modules, max_rank, warnings):
 
 # ------------------------------------------------------------------------------- the scores
 @dataclass(frozen=True)
+class SharedPass:
+    """A measurement more than one score reads (the gradient pass: ``gradient`` and ``adam``):
+    ``measure`` has the signature of :attr:`Score.curves` but returns its state by slot (e.g. the
+    singular values) where a score returns curves; each score that names it derives its curves
+    from that state, so :func:`score_slots` with a ``shared`` dict runs the pass once."""
+
+    name: str
+    measure: Callable
+
+
+@dataclass(frozen=True)
 class Score:
     """One importance score, registered once in :data:`SCORES`.
 
@@ -670,13 +695,16 @@ class Score:
         needs_data: False for a data-free prior (no batches are read, the result names no dataset).
         curves: ``(model, slots, modules, batches, max_rank, nll_fn, sketch, warnings) ->
             (curves by slot, estimator label by slot, target tokens read, batches used,
-            (forward passes, backward passes))``.
+            (forward passes, backward passes))``; for a score with a :attr:`shared` pass,
+            ``(the pass's state by slot, slots) -> curves by slot``.
+        shared: the pass the score reads with others, None for a pass of its own.
     """
 
     name: str
     method: str
     needs_data: bool
     curves: Callable
+    shared: SharedPass | None = None
 
 
 def _weight_score(model, slots, modules, batches, max_rank, nll_fn, sketch, warnings):
@@ -684,16 +712,19 @@ def _weight_score(model, slots, modules, batches, max_rank, nll_fn, sketch, warn
     return curves, approximations, 0, 0, (0, 0)
 
 
+GRADIENT_PASS = SharedPass("gradient", _gradient_spectra)
+"""The gradient pass (:func:`_gradient_spectra`): the top singular values of each slot's loss gradient."""
 SCORES: Registry[Score] = Registry("importance score")
 for _score in (
     Score("gradient", "curve[k-1] = sum of the k largest squared singular values of the loss gradient G (out x in) of "
                  "the frozen weight, averaged over the batches (token-mean loss per batch): the squared "
-                 "first-order loss decrease of the best rank-k update of unit Frobenius norm.", True, _gradient_curves),
+                 "first-order loss decrease of the best rank-k update of unit Frobenius norm.", True, _gradient_curves,
+          GRADIENT_PASS),
     Score("adam", "curve[k-1] = sqrt(out) * sum of the k largest singular values of the same loss gradient G "
                   "(out x in, same pass as gradient): the first-order loss decrease of the best rank-k update "
                   "whose every direction moves by at most sqrt(out) (spectral norm), the size of Adam's first, "
                   "sign-like step on a LoRA adapter's B column; linear, not quadratic, in the gradient's scale.",
-          True, _adam_curves),
+          True, _adam_curves, GRADIENT_PASS),
     Score("activation", "curve[k-1] = sum of the k largest eigenvalues of the input covariance (1/T) sum x x^T over "
                    "non-padding tokens (forward passes only, EVA-style); modules that read the same input "
                    "(q/k/v, gate/up) share one curve.", True, _activation_curves),
@@ -783,11 +814,13 @@ def load_for_scoring(model_name_or_path: str, dataset: str | None, *, batches: i
                         device=where)
 
 
-def score_setup(setup: ScoringSetup, score: str, max_rank: int, *, sketch: str = "auto") -> ImportanceResult:
-    """:func:`score_slots` on a :class:`ScoringSetup` (its task's loss, device and names)."""
+def score_setup(setup: ScoringSetup, score: str, max_rank: int, *, sketch: str = "auto",
+                shared: dict[str, Any] | None = None) -> ImportanceResult:
+    """:func:`score_slots` on a :class:`ScoringSetup` (its task's loss, device and names); ``shared``
+    as :func:`score_slots` takes it (one dict per setup: the batches must be the same)."""
     return score_slots(setup.model, setup.batches, score, max_rank, nll_fn=setup.task.nll, device=setup.device,
                        sketch=sketch, model_name=setup.model_name,
-                       dataset=setup.dataset if get_score(score).needs_data else None)
+                       dataset=setup.dataset if get_score(score).needs_data else None, shared=shared)
 
 
 def score_model(model_name_or_path: str, dataset: str, score: str, *, batches: int = 8, batch_size: int = 8,

@@ -164,6 +164,7 @@ def compute_allocations(config: StudyConfig, template: RunSpec, labels: list[str
                                if score in known}
     made = Allocated()
     batches: list | None = None
+    passes: dict = {}  # a pass two scores read (gradient and adam) runs once
 
     def scoring() -> list[dict]:
         nonlocal batches
@@ -177,7 +178,7 @@ def compute_allocations(config: StudyConfig, template: RunSpec, labels: list[str
         note(f"scoring the modules of {config.model} for automatic placement ({score} score, "
              f"{len(scoring())} batches)")
         result = score_slots(setup.base, scoring(), score, config.importance.max_rank, nll_fn=setup.task.nll,
-                             device=setup.device)
+                             device=setup.device, shared=passes)
         result.model, result.dataset = config.model, (config.dataset if get_score(score).needs_data else None)
         results[score] = result
         made.importance[score] = result.to_dict()
