@@ -65,7 +65,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 from torch import nn
@@ -265,6 +265,20 @@ def _combined_approximation(labels: list[str]) -> str:
 
 
 # ----------------------------------------------------------------------------------- scoring
+class _Measured(NamedTuple):
+    """One scoring pass: what its measure returned, what it cost, and the warnings it raised."""
+
+    state: dict
+    approximations: dict
+    tokens: int
+    used: int
+    passes: tuple
+    seconds: float
+    peak_mib: float | None
+    memory_kind: str | None
+    warnings: list
+
+
 def score_slots(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]] | None, score: str, max_rank: int, *,
                 nll_fn: Callable | None = None, device: torch.device | str | None = None, sketch: str = "auto",
                 model_name: str | None = None, dataset: str | None = None,
@@ -315,12 +329,11 @@ def score_slots(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]] | N
                         "a score reads one linear map per slot")
     modules = {s.name: model.get_submodule(s.name) for s in slots}
     device = torch.device(device) if device is not None else _first_device(model)
-    tokens, used = 0, 0
     key = (spec.shared.name, max_rank, sketch) if spec.shared is not None else None
     reused = shared is not None and key in shared
     if reused:
-        state, approximations, tokens, used, passes, seconds, peak, kind, pass_warnings = shared[key]
-        warnings += pass_warnings
+        pass_ = shared[key]  # type: ignore[index]
+        warnings += pass_.warnings
     else:
         with PeakMemory(device) as memory, _frozen_eval(model):
             start = time.perf_counter()
@@ -329,9 +342,12 @@ def score_slots(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]] | N
             state, approximations, tokens, used, passes = measure(model, slots, modules, on_device, max_rank,
                                                                   nll_fn or token_nll, sketch, warnings)
             seconds = time.perf_counter() - start
-        peak, kind = memory.peak_mib, memory.kind
+        pass_ = _Measured(state, approximations, tokens, used, passes, seconds, memory.peak_mib, memory.kind,
+                          list(warnings))
         if shared is not None and key is not None:
-            shared[key] = (state, approximations, tokens, used, passes, seconds, peak, kind, list(warnings))
+            shared[key] = pass_
+    state, approximations, tokens, used, passes, seconds = (pass_.state, pass_.approximations, pass_.tokens,
+                                                            pass_.used, pass_.passes, pass_.seconds)
     curves = spec.curves(state, slots) if spec.shared is not None else state
     scored = [SlotScore(s.name, s.role, s.stack, s.layer, s.in_features, s.out_features,
                         tuple(float(x) for x in curves[s.name]), approximations[s.name]) for s in slots]
@@ -344,7 +360,7 @@ def score_slots(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]] | N
     return ImportanceResult(
         score=score, max_rank=max_rank, slots=scored, tokens=int(tokens), batches=used,
         batch_size=int(batches[0]["input_ids"].shape[0]) if batches else 0, seconds=seconds,
-        peak_memory_mib=peak, memory_kind=kind, method=method,
+        peak_memory_mib=pass_.peak_mib, memory_kind=pass_.memory_kind, method=method,
         approximation=_combined_approximation([approximations[s.name] for s in slots]),
         model=model_name if model_name is not None else str(getattr(getattr(model, "config", None),
                                                                     "name_or_path", "") or ""),

@@ -60,17 +60,13 @@ def _check_linear(placement: Placement, init: str) -> None:
                              "not mixture-of-experts parameters; leave the experts out")
 
 
-def _lora_ga_config(placement: Placement, task_type: str) -> LoraConfig:
+def _start_config(placement: Placement, task_type: str, init: str, **subconfig: Any) -> LoraConfig:
+    """The placement's ``LoraConfig`` with PEFT's ``init`` and its sub-configuration (``lora_ga_config``,
+    ``corda_config``); dropout plays no part in an initialisation."""
     config = lora_config_for(placement, LoraSettings(dropout=0.0), task_type=task_type)
-    config.init_lora_weights = "lora_ga"
-    config.lora_ga_config = LoraGAConfig()
-    return config
-
-
-def _corda_config(placement: Placement, task_type: str) -> LoraConfig:
-    config = lora_config_for(placement, LoraSettings(dropout=0.0), task_type=task_type)
-    config.init_lora_weights = "corda"
-    config.corda_config = CordaConfig(corda_method="ipm", verbose=False)
+    config.init_lora_weights = init
+    for name, value in subconfig.items():
+        setattr(config, name, value)
     return config
 
 
@@ -127,17 +123,11 @@ def _wrapped_start(model: nn.Module, placement: Placement, config: LoraConfig, i
         unload_adapters(peft_model, saved)
 
 
-def _on_device(model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
-    device = next(model.parameters()).device
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def real_rows(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
-    """Each example of the batches alone, its padding removed, as a ``(1, tokens)`` batch on the model's
-    device: PEFT's CorDA hook reads one example per forward pass (as CorDA's own calibration does)."""
+def real_rows(batches: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+    """Each example of the batches alone, its padding removed, as a ``(1, tokens)`` batch: PEFT's CorDA
+    hook reads one example per forward pass (as CorDA's own calibration does)."""
     rows = []
     for batch in batches:
-        batch = _on_device(model, batch)
         for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
             rows.append(ids[mask.bool()][None])
     return rows
@@ -146,15 +136,15 @@ def real_rows(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> list[
 def lora_ga_state(model: nn.Module, placement: Placement, batches: list[dict[str, torch.Tensor]],
                   task_type: str = "CAUSAL_LM") -> dict[str, torch.Tensor]:
     """``init=lora_ga``: each module's starting ``(A0, B0)`` from PEFT's LoRA-GA, the gradient averaged
-    over the scoring batches (one forward and backward pass each, the loss the batches' labels give:
+    over the scoring batches (on the model's device, as the study's scoring batches are) (one forward and backward pass each, the loss the batches' labels give:
     the study's ``loss_on``)."""
-    config = _lora_ga_config(placement, task_type)
+    config = _start_config(placement, task_type, "lora_ga", lora_ga_config=LoraGAConfig())
 
     def train_step() -> None:
         with warnings.catch_warnings():  # PEFT counts backward passes with a full backward hook on frozen inputs
             warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
             for batch in batches:
-                model(**_on_device(model, batch)).loss.backward()
+                model(**batch).loss.backward()
 
     return _peft_start(model, placement, config, "lora_ga", lambda: preprocess_loraga(model, config, train_step))
 
@@ -163,11 +153,12 @@ def corda_state(model: nn.Module, placement: Placement, batches: list[dict[str, 
                 task_type: str = "CAUSAL_LM") -> dict[str, torch.Tensor]:
     """``init=corda``: each module's starting ``(A0, B0)`` from PEFT's CorDA (instruction-previewed), the
     input covariances from one forward pass per scoring batch."""
-    config = _corda_config(placement, task_type)
+    config = _start_config(placement, task_type, "corda",
+                           corda_config=CordaConfig(corda_method="ipm", verbose=False))
 
     @torch.no_grad()
     def run_model() -> None:
-        for row in real_rows(model, batches):
+        for row in real_rows(batches):
             model(input_ids=row)
 
     return _peft_start(model, placement, config, "corda", lambda: preprocess_corda(model, config, run_model=run_model))
