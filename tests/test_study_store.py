@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from loraplace.cli import app
@@ -388,6 +389,29 @@ def test_resume_pins_what_auto_resolved_to(study_copy, monkeypatch):
     assert [e["precision"] for e in env["seen"]] == ["bf16", "fp32"]
     assert json.loads((copy / "results.json").read_text())["environment"]["mixed"] is True
     assert [r["run_id"] for r in _rows(copy)][-2:] == ["full-s2", "attention-s2"]
+
+
+def test_resume_pins_the_cpu_thread_count(study_copy, monkeypatch):
+    """A CPU kernel's reductions split by torch's thread count (SmolLM2's loss moved in the 4th
+    decimal between 1 and 2 threads): a resume with another count is a mixed environment."""
+    copy, data, model = study_copy
+    env = json.loads((copy / "environment.json").read_text())
+    here = torch.get_num_threads()
+    assert env["threads"] == here
+    args = ["--model", model, "--dataset", str(data), "-o", str(copy), "--resume", *FAST,
+            "--seeds", "0,1", "strategies=full,attention"]
+    _no_training(monkeypatch)
+    env["threads"] = here + 3
+    env["seen"] = [{**env["seen"][0], "threads": here + 3}]
+    (copy / "environment.json").write_text(json.dumps(env))
+    code, output = run_cli(*args)
+    _one_line_error(code, output, f"threads {here + 3} -> {here}", "--allow-mixed")
+    # a study stored before the thread count was recorded pins none
+    for e in (env, *env["seen"]):
+        e.pop("threads")
+    (copy / "environment.json").write_text(json.dumps(env))
+    code, output = run_cli(*args)
+    assert code == 0, output
 
 
 def test_old_study_without_environment_json_is_checked_from_its_rows(study_copy, monkeypatch):

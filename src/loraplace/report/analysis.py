@@ -301,7 +301,9 @@ class Group:
         """Device, precision and library versions on which the group's ok runs differ."""
         several = len({id(a.study) for a in self.arms}) > 1
         runs = [(run_label(r, a.study, several), r.result) for a in self.arms for r in a.runs + a.diverged if r.ok]
-        props = [("device", lambda r: r.device, "times"), ("precision", lambda r: r.precision, "times and losses")]
+        # The device string names a CPU's thread count: kernels split their reductions by it, so it moves losses too.
+        props = [("device", lambda r: r.device, "times and losses"),
+                 ("precision", lambda r: r.precision, "times and losses")]
         props += [(f"{lib} version", (lambda r, lib=lib: r.versions.get(lib)), "times") for lib in ENV_LIBRARIES]
         out = []
         for what, get, affects in props:

@@ -38,12 +38,14 @@ def _environment_blocks(ctx: ReportContext) -> list:
         where = f" in group **{g.name}**" if ctx.several_groups else ""
         items = [f"**{d.what}**: " + "; ".join(f"`{v}` for {_names(runs)}" for v, runs in d.values.items())
                  for d in diffs]
-        losses = any(d.affects == "times and losses" for d in diffs)
+        numerics = [("the device (a CPU's thread count included)" if d.what == "device" else f"the {d.what}")
+                    for d in diffs if d.affects == "times and losses"]
         out.append(Para(
             f"**Warning: mixed environments{where}.** The successful runs differ in "
             + ", ".join(d.what for d in diffs) + ", so their training times, throughput and memory are not comparable"
-            + (" and, because the precision differs, neither are their eval losses (different numerics): treat "
-               "loss comparisons across precisions with caution" if losses else "")
+            + (f" and, because {' and '.join(numerics)} {'differ' if len(numerics) > 1 else 'differs'}, neither are "
+               "their eval losses exactly (different numerics): treat small loss differences across them with caution"
+               if numerics else "")
             + ". Which runs differ in what:"))
         out.append(Bullets(items))
     return out

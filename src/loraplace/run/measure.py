@@ -12,6 +12,8 @@ from typing import Any
 import psutil
 import torch
 
+from loraplace.run.device import pick_device, resolve_precision
+
 
 def release_memory(device: torch.device | None = None) -> None:
     """Give back what earlier work left behind before a measurement starts: collect cyclic
@@ -118,3 +120,19 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+
+
+# What a study's environment.json pins (threads only on a CPU).
+ENVIRONMENT_KEYS = ("device", "precision", "threads", "versions")
+
+
+def resolved_environment(device: str, precision: str) -> dict[str, Any]:
+    """What this process runs with: the device type and precision that ``device`` and
+    ``precision`` resolve to, torch's intra-op thread count on a CPU (the split of a CPU kernel's
+    reductions depends on it, so losses can differ in the 4th decimal between thread counts), and
+    the library versions."""
+    resolved = pick_device(device)
+    env: dict[str, Any] = {"device": resolved.type, "precision": resolve_precision(precision, resolved)}
+    if resolved.type == "cpu":
+        env["threads"] = torch.get_num_threads()
+    return {**env, "versions": library_versions()}

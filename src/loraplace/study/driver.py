@@ -20,8 +20,7 @@ from loraplace.config import StudyConfig
 from loraplace.errors import LoraplaceError
 from loraplace.records import RunSpec
 from loraplace.report.write import write_report
-from loraplace.run.device import pick_device, resolve_precision
-from loraplace.run.measure import library_versions
+from loraplace.run.measure import resolved_environment
 from loraplace.study import ray_executor
 from loraplace.study.allocations import resolve_allocations
 from loraplace.study.checks import check_study, expand_study_groups
@@ -30,14 +29,6 @@ from loraplace.study.progress import StudyInterrupted, StudyProgress
 from loraplace.study.specs import arm_labels, default_output_dir, run_identity, run_specs, tuning_specs
 from loraplace.study.store import StudyStore
 from loraplace.tuning import alive_rates, choose, rung_sizes, rung_steps
-
-
-def resolve_environment(config: StudyConfig) -> dict[str, Any]:
-    """What this machine runs the study with: the device type and precision that ``device`` and
-    ``train.precision`` resolve to, and the library versions."""
-    device = pick_device(config.device)
-    return {"device": device.type, "precision": resolve_precision(config.train.precision, device),
-            "versions": library_versions()}
 
 
 def run_study(config: StudyConfig, resume: bool = False, allow_mixed: bool = False,
@@ -72,7 +63,7 @@ def run_study(config: StudyConfig, resume: bool = False, allow_mixed: bool = Fal
     with contextlib.ExitStack() as stack:
         # Under Ray the device is checked (and resolved) on the workers, which may have GPUs the driver lacks.
         decided = check_study(config.model_copy(update={"device": "auto"}) if ray else config)
-        environment = None if ray else resolve_environment(config)
+        environment = None if ray else resolved_environment(config.device, config.train.precision)
         lock = stack.enter_context(store.lock())
         if lock.note:
             progress.note(lock.note)

@@ -38,8 +38,7 @@ from loraplace.errors import LoraplaceError
 from loraplace.files import atomic_write_bytes
 from loraplace.records import RunResult, RunSpec
 from loraplace.run.context import RunContext
-from loraplace.run.device import pick_device, resolve_precision
-from loraplace.run.measure import library_versions
+from loraplace.run.measure import ENVIRONMENT_KEYS, library_versions, resolved_environment
 from loraplace.study.allocations import Allocated, compute_allocations
 from loraplace.study.runs import execute_run, failed_result
 
@@ -91,11 +90,8 @@ class RunWorkerImpl:
         self.queue = progress_queue
 
     def info(self, device: str, precision: str) -> dict[str, Any]:
-        """This worker's host, pid, library versions, and what ``device``/``precision`` resolve to here."""
-
-        resolved = pick_device(device)
-        return {"host": socket.gethostname(), "pid": os.getpid(), "versions": library_versions(),
-                "device": resolved.type, "precision": resolve_precision(precision, resolved)}
+        """This worker's host, pid, and environment (:func:`~loraplace.run.measure.resolved_environment`)."""
+        return {"host": socket.gethostname(), "pid": os.getpid(), **resolved_environment(device, precision)}
 
     def pid(self) -> int:
         return os.getpid()
@@ -299,7 +295,7 @@ class RayExecutor:
             raise LoraplaceError(f"--executor ray: the workers resolve device/precision differently "
                                  f"({', '.join(f'{d}/{p}' for d, p in sorted(kinds))}); set --device and train.precision")
         first = self.infos[0]
-        return {"device": first["device"], "precision": first["precision"], "versions": first["versions"]}
+        return {k: first[k] for k in ENVIRONMENT_KEYS if k in first}
 
     # ------------------------------------------------------------------------------------ runs
     def _drain(self, specs: dict[str, RunSpec]) -> None:

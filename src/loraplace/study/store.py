@@ -7,7 +7,7 @@ Layout::
 
     STUDY_DIR/
       study.yaml            the study's config: the union of every command that ran in this folder
-      environment.json      what ``auto`` resolved to (device type, precision) and library versions
+      environment.json      what ``auto`` resolved to (device type, precision), CPU threads, library versions
       results.json          {"study": {...}, "environment": {...}, "runs": [RunResult, ...]}
       results.csv           one row per run
       results.md            the table a person reads
@@ -48,6 +48,7 @@ from loraplace.errors import LoraplaceError
 from loraplace.files import atomic_write_text, fsync_dir
 from loraplace.placement.arms import REFERENCE_STRATEGY
 from loraplace.records import RunResult, RunSpec
+from loraplace.run.measure import ENVIRONMENT_KEYS
 from loraplace.study.specs import arm_labels, legacy_run_id_for, run_identity
 from loraplace.study.tables import results_markdown
 
@@ -234,7 +235,7 @@ _GROWABLE = {"name": True, "output": True, "seeds": True, "strategies": True, "m
 def environment_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``["precision bf16 -> fp32", "torch 2.13.0 -> 2.14.0"]``: what differs between two environments."""
     diffs = []
-    for key in ("device", "precision"):
+    for key in ("device", "precision", "threads"):  # a study stored before threads were recorded pins none
         if stored.get(key) not in (None, current.get(key)):
             diffs.append(f"{key} {stored.get(key)} -> {current.get(key)}")
     old, new = stored.get("versions") or {}, current.get("versions") or {}
@@ -247,7 +248,8 @@ def environment_differences(stored: dict[str, Any], current: dict[str, Any]) -> 
 def _describe_env(env: dict[str, Any]) -> str:
     versions = env.get("versions") or {}
     libs = ", ".join(f"{lib} {versions[lib]}" for lib in ("torch", "transformers", "peft") if lib in versions)
-    return f"precision {env.get('precision')} on {env.get('device')}" + (f" ({libs})" if libs else "")
+    threads = f" ({env['threads']} threads)" if env.get("threads") else ""
+    return f"precision {env.get('precision')} on {env.get('device')}{threads}" + (f" ({libs})" if libs else "")
 
 
 def _environment_of_rows(rows: list[RunResult]) -> dict[str, Any] | None:
@@ -260,7 +262,8 @@ def _environment_of_rows(rows: list[RunResult]) -> dict[str, Any] | None:
 
 def _env_key(env: dict[str, Any]) -> tuple:
     versions = env.get("versions") or {}
-    return (env.get("device"), env.get("precision"), tuple(versions.get(lib) for lib in PINNED_LIBRARIES))
+    return (env.get("device"), env.get("precision"), env.get("threads"),
+            tuple(versions.get(lib) for lib in PINNED_LIBRARIES))
 
 
 class StudyStore:
@@ -396,10 +399,10 @@ class StudyStore:
                             allow_mixed: bool) -> dict[str, Any] | None:
         if current is None:
             return stored
-        current = {k: current[k] for k in ("device", "precision", "versions")}
+        current = {k: current[k] for k in ENVIRONMENT_KEYS if k in current}
         if stored is None:
             return {**current, "mixed": False, "seen": [current]}
-        seen = list(stored.get("seen") or [{k: stored.get(k) for k in ("device", "precision", "versions")}])
+        seen = list(stored.get("seen") or [{k: stored[k] for k in ENVIRONMENT_KEYS if k in stored}])
         diffs = environment_differences(stored, current)
         if not diffs:
             return stored
