@@ -325,6 +325,41 @@ def test_version_mismatch_is_refused(ray_cluster, tiny_llama_dir, data_file, tmp
     assert not (out / "results.json").exists() and not (out / ".lock").exists()
 
 
+@pytest.mark.parametrize("address", [None, "local", "auto"])
+def test_close_shuts_down_the_ray_this_executor_initialised(address, monkeypatch):
+    """``--ray-address local`` starts a Ray instance of its own: close() must stop it (it was left
+    running in the process). A Ray the process had before the executor is left as it was."""
+    from loraplace.config import ExecutorSettings
+    from loraplace.study import ray_executor
+
+    calls = []
+    state = {"up": False}
+
+    class FakeRay:
+        def is_initialized(self):
+            return state["up"]
+
+        def init(self, address=None, **kwargs):
+            calls.append(("init", address))
+            state["up"] = True
+
+        def shutdown(self):
+            calls.append(("shutdown",))
+            state["up"] = False
+
+    monkeypatch.setattr(ray_executor, "_import_ray", FakeRay)
+    ex = ray_executor.RayExecutor(ExecutorSettings(kind="ray", address=address))
+    ex._connect()
+    ex.close()
+    assert calls == [("init", address), ("shutdown",)] and not state["up"]
+    calls.clear()
+    state["up"] = True  # the process had a Ray already: joined, not shut down
+    ex = ray_executor.RayExecutor(ExecutorSettings(kind="ray", address=address))
+    ex._connect()
+    ex.close()
+    assert calls == [] and state["up"]
+
+
 def test_version_mismatch_names_the_library():
     from loraplace.study.ray_executor import version_mismatch
 

@@ -228,8 +228,6 @@ class RayExecutor:
         if ray.is_initialized():
             return
         kwargs: dict[str, Any] = {"include_dashboard": False, "configure_logging": False, "log_to_driver": False}
-        if address is None:
-            self.started_ray = True
         try:
             ray.init(address=address, **kwargs)
         except ConnectionError as e:
@@ -237,6 +235,9 @@ class RayExecutor:
         except ValueError as e:  # e.g. "Ray Client requires pip package ray[client]"
             raise LoraplaceError(f"--executor ray: cannot use the Ray address {address}: {e}; "
                                  "pip install 'loraplace[ray]' brings Ray Client") from None
+        # This executor's connection, closed by close(): ``local`` (and no address, without a cluster)
+        # starts a Ray instance that ray.shutdown() stops; to a cluster it only disconnects.
+        self.started_ray = True
 
     def _worker_count(self, runs: int, gpus: float, wait_s: float = 30.0) -> int:
         # Resources of actors that just ended (an earlier study in this process, a finished job on
@@ -400,7 +401,8 @@ class RayExecutor:
         return self.ray.get([w.pid.remote() for w in self.workers])
 
     def close(self) -> None:
-        """Kill the workers (a run in progress is abandoned) and shut Ray down if this executor started it."""
+        """Kill the workers (a run in progress is abandoned) and shut Ray down if this executor
+        initialised it (a Ray the process had before is left as it was)."""
         ray = self.ray
         if not ray.is_initialized():
             return
