@@ -81,6 +81,29 @@ def test_default_scaled_matches_evas_input_energy_in_expectation():
         assert sum(energies) / len(energies) == pytest.approx(target, rel=0.1)
 
 
+def test_eva_and_its_scale_control_on_one_placement_share_one_eva_pass(monkeypatch):
+    """A study's allocations hand every initialiser one ``shared`` dict: ``init=eva`` and
+    ``init=default_scaled`` on one placement run PEFT's EVA once, with the states each gives alone."""
+    import loraplace.methods.eva as eva_module
+
+    model = tiny_llama()
+    batch = one_batch()
+    placed = placement(model, "attention")
+    alone_eva, alone_factors = eva_init_state(model, placed, batch), default_scaled_state(model, placed, batch)
+    calls = []
+    real = eva_module._eva_state
+    monkeypatch.setattr(eva_module, "_eva_state", lambda *a, **k: calls.append(1) or real(*a, **k))
+    shared: dict = {}
+    factors = INITIALISERS.get_entry("default_scaled").compute(model, placed, batch, "CAUSAL_LM", shared=shared)
+    state = INITIALISERS.get_entry("eva").compute(model, placed, batch, "CAUSAL_LM", shared=shared)
+    assert len(calls) == 1
+    assert all(torch.equal(state[n], alone_eva[n]) for n in alone_eva)
+    assert all(torch.equal(factors[n], alone_factors[n]) for n in alone_factors)
+    # another placement (another largest rank) is another pass
+    INITIALISERS.get_entry("eva").compute(model, placement(model, "attention[r=2]"), batch, "CAUSAL_LM", shared=shared)
+    assert len(calls) == 2
+
+
 def test_data_inits_are_refused_where_they_cannot_apply():
     model = tiny_llama()
     with pytest.raises(LoraplaceError, match="quantized base"):

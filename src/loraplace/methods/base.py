@@ -159,11 +159,13 @@ def full_stand_in(skeleton: nn.Module, config: StudyConfig) -> Placement:
 @dataclass(frozen=True)
 class Initialiser:
     """A data-driven initialisation (:data:`~loraplace.placement.strategies.DATA_INITS`): ``compute(base
-    model, placement, scoring batches, task type)`` gives its state (module name -> tensor) once per
-    study; ``apply(peft model, state)`` sets the wrapped adapters from it in every run."""
+    model, placement, scoring batches, task type, shared=dict)`` gives its state (module name ->
+    tensor) once per study (``shared``: one dict for every arm of the study's allocations, where a
+    pass two initialisers read is kept); ``apply(peft model, state)`` sets the wrapped adapters from
+    it in every run."""
 
     name: str
-    compute: Callable[[nn.Module, Placement, list, str], dict[str, torch.Tensor]]
+    compute: Callable[..., dict[str, torch.Tensor]]
     apply: Callable[[Any, dict[str, torch.Tensor]], None]
 
 

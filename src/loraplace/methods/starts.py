@@ -134,7 +134,7 @@ def real_rows(batches: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
 
 
 def lora_ga_state(model: nn.Module, placement: Placement, batches: list[dict[str, torch.Tensor]],
-                  task_type: str = "CAUSAL_LM") -> dict[str, torch.Tensor]:
+                  task_type: str = "CAUSAL_LM", shared: dict | None = None) -> dict[str, torch.Tensor]:
     """``init=lora_ga``: each module's starting ``(A0, B0)`` from PEFT's LoRA-GA, the gradient averaged
     over the scoring batches (on the model's device, as the study's scoring batches are) (one forward and backward pass each, the loss the batches' labels give:
     the study's ``loss_on``)."""
@@ -150,7 +150,7 @@ def lora_ga_state(model: nn.Module, placement: Placement, batches: list[dict[str
 
 
 def corda_state(model: nn.Module, placement: Placement, batches: list[dict[str, torch.Tensor]],
-                task_type: str = "CAUSAL_LM") -> dict[str, torch.Tensor]:
+                task_type: str = "CAUSAL_LM", shared: dict | None = None) -> dict[str, torch.Tensor]:
     """``init=corda``: each module's starting ``(A0, B0)`` from PEFT's CorDA (instruction-previewed), the
     input covariances from one forward pass per scoring batch."""
     config = _start_config(placement, task_type, "corda",

@@ -164,7 +164,7 @@ def compute_allocations(config: StudyConfig, template: RunSpec, labels: list[str
                                if score in known}
     made = Allocated()
     batches: list | None = None
-    passes: dict = {}  # a pass two scores read (gradient and adam) runs once
+    passes: dict = {}  # a pass two scores (gradient and adam) or two initialisers (eva, default_scaled) read runs once
 
     def scoring() -> list[dict]:
         nonlocal batches
@@ -192,7 +192,8 @@ def compute_allocations(config: StudyConfig, template: RunSpec, labels: list[str
         if state is None and init in DATA_INITS:
             note(f"computing the {init} initialisation of {label} from the inputs of {config.model} "
                  f"({len(scoring())} batches)")
-            state = INITIALISERS.get_entry(init).compute(setup.base, placement, scoring(), setup.task.peft_task_type)
+            state = INITIALISERS.get_entry(init).compute(setup.base, placement, scoring(), setup.task.peft_task_type,
+                                                         shared=passes)
         if state is not None:
             made.states[label] = state_bytes(state)
         budget = placement.budget or {}
