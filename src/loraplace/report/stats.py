@@ -207,6 +207,17 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> tuple[float | None, floa
     return (rho, p) if math.isfinite(rho) else (None, None)
 
 
+def kendall(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Kendall's tau-b between two scorings of the same items (scipy's); None for fewer than two
+    items or a constant side (undefined)."""
+    if len(x) < 2:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tau = float(sps.kendalltau(x, y).statistic)
+    return tau if math.isfinite(tau) else None
+
+
 def holm(p_values: Sequence[float]) -> list[float]:
     """Holm-Bonferroni adjusted p-values (step-down, monotone, capped at 1)."""
     p = np.asarray(p_values, dtype=float)

@@ -19,7 +19,7 @@ from loraplace.report.analysis import ArmResults, Group, build_arms, build_group
 from loraplace.report.context import Part, ReportContext
 from loraplace.report.doc import Bullets, Figure, Heading, Para, Table
 from loraplace.report.load import RunData, Study
-from loraplace.report.stats import PairedComparison
+from loraplace.report.stats import PairedComparison, kendall
 from loraplace.tuning import Choice, arm_steps, choose, rung_steps
 
 
@@ -60,32 +60,6 @@ def at_tuned_rates(study: Study) -> Study | None:
     return tuned_study(study, study_choices(study, settings, steps))
 
 
-def kendall_tau(x: list[float], y: list[float]) -> float | None:
-    """Kendall's tau-b between two scorings of the same items (None with fewer than two, or when
-    one scoring is constant): (concordant - discordant) / sqrt((n0 - ties_x)(n0 - ties_y))."""
-    n = len(x)
-    if n < 2:
-        return None
-    concordant = discordant = ties_x = ties_y = 0
-    for i in range(n):
-        for j in range(i + 1, n):
-            dx, dy = x[i] - x[j], y[i] - y[j]
-            if dx == 0 and dy == 0:
-                continue
-            if dx == 0:
-                ties_x += 1
-            elif dy == 0:
-                ties_y += 1
-            elif dx * dy > 0:
-                concordant += 1
-            else:
-                discordant += 1
-    n0 = n * (n - 1) // 2
-    both = n0 - sum(1 for i in range(n) for j in range(i + 1, n) if x[i] == x[j] and y[i] == y[j])
-    denom = math.sqrt((both - ties_y) * (both - ties_x)) if both else 0.0
-    return (concordant - discordant) / denom if denom else None
-
-
 def verdict(c: PairedComparison | None) -> str:
     """``a better``, ``b better`` (Holm-adjusted p below the report's alpha) or ``n.s.``; ``-`` without a test."""
     if c is None:
@@ -115,7 +89,7 @@ def robustness(untuned: Group, tuned: Group) -> tuple[list[tuple[str, str, Paire
             if arm.key in keys and arm.loss is not None:
                 mean[(name, arm.key)] = arm.loss.mean
     ranked = [k for k in keys if ("u", k) in mean and ("t", k) in mean]
-    tau = kendall_tau([mean[("u", k)] for k in ranked], [mean[("t", k)] for k in ranked])
+    tau = kendall([mean[("u", k)] for k in ranked], [mean[("t", k)] for k in ranked])
     return pairs, tau
 
 
