@@ -170,6 +170,39 @@ def test_killed_tuned_study_resumes_without_losing_a_rung(tiny_llama_dir, alpaca
     assert len(untuned) == 1 and untuned[0]["eval_loss"] != finals[0]["eval_loss"]
 
 
+def test_tuned_study_without_untuned_runs_reads_tuned_rates_throughout(tiny_llama_dir, alpaca_file, tmp_path):
+    """``tune.untuned: false`` trains only the tuning runs; the report's tables and recommendations
+    then read each arm at its chosen rate; a resume with ``tune.untuned=true`` adds the untuned runs."""
+    import csv
+
+    from loraplace.study.driver import run_study
+
+    out = tmp_path / "s"
+    values = {"model": str(tiny_llama_dir), "dataset": str(alpaca_file), "output": str(out), **TUNED,
+              "strategies": ["attention", "ffn"], "tune.untuned": False}
+    run_study(load_study(None, values))
+    rows = _rows(out)
+    assert {r["kind"] for r in rows.values()} == {"tune"}  # no arm at train.lr
+    finals = {r["strategy"]: r for r in rows.values() if r["eval_loss"] is not None}
+    assert sorted(finals) == ["attention", "ffn"] and all(r["train_steps"] == 6 for r in finals.values())
+    summary = {r["strategy"]: r for r in csv.DictReader((out / "report" / "tables" / "summary.csv").open())}
+    for arm, final in finals.items():  # each arm's row is its final tuning run (one seed)
+        assert float(summary[arm]["eval_loss_mean"]) == pytest.approx(final["eval_loss"], abs=1e-9)
+    recs = json.loads((out / "report" / "recommendations.json").read_text())
+    best = next(r for group in recs.values() for r in group if r["kind"] == "best")["numbers"]
+    assert best["eval_loss"] == min(r["eval_loss"] for r in finals.values())
+    report = (out / "report" / "report.md").read_text()
+    assert "no arm trained at train.lr" in report and not (out / "report" / "tables" / "robustness.md").exists()
+    # a resume may add the untuned runs; the tuning is not redone and the robustness table appears
+    run_study(load_study(None, {**values, "tune.untuned": True}), resume=True)
+    again = _rows(out)
+    assert sorted(r["run_id"] for r in again.values() if r["kind"] == "lora") == ["attention-s0", "ffn-s0"]
+    assert all(again[k]["validation_losses"] == r["validation_losses"] for k, r in rows.items())
+    assert (out / "report" / "tables" / "robustness.md").exists()
+    summary = {r["strategy"]: r for r in csv.DictReader((out / "report" / "tables" / "summary.csv").open())}
+    assert float(summary["ffn"]["eval_loss_mean"]) == pytest.approx(again["ffn-s0"]["eval_loss"], abs=1e-9)
+
+
 def test_rung_sizes():
     from loraplace.tuning import rung_sizes
 

@@ -57,6 +57,17 @@ class Study:
     def name(self) -> str:
         return str(self.config.get("name") or self.dir.name)
 
+    @property
+    def untuned_runs(self) -> list[RunData]:
+        """The arms' runs at ``train.lr`` (a tuned study with ``tune.untuned`` false has none)."""
+        return [r for r in self.runs if r.result.kind == "lora" and r.result.tune_lr is None]
+
+    @property
+    def arms_tuned(self) -> bool:
+        """Whether its arm rows are each arm's tuning runs at the chosen rate (the report's view of a
+        tuned study that trained no arm at ``train.lr``)."""
+        return bool(self.tuning) and any(r.result.kind == "lora" for r in self.runs) and not self.untuned_runs
+
 
 def _read_json(path: Path) -> Any | None:
     if not path.is_file():
@@ -157,7 +168,7 @@ def load_study(study_dir: Path) -> Study:
         ))
     tuning = [r for r in runs if r.result.kind == "tune"]
     runs = [r for r in runs if r.result.kind != "tune"]
-    if not runs:
+    if not runs and not tuning:
         raise LoraplaceError(f"{study_dir / 'results.json'} lists no runs; run the study first")
     return Study(dir=study_dir, config=data.get("study") or {}, runs=runs, tuning=tuning,
                  importance=_load_importance(study_dir), allocations=_load_allocations(study_dir))

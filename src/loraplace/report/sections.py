@@ -107,6 +107,10 @@ def recommendations_section(ctx: ReportContext) -> Part:
     part = Part([Heading(2, "Recommendations", "recommendations")])
     if ctx.tuned is not None:
         part.blocks.append(Para(TUNED_LEAD))
+    elif any(s.arms_tuned for s in ctx.studies):
+        part.blocks.append(Para("**At tuned learning rates.** Every arm is judged at the rate its tuning chose on the "
+                                "validation split, by its loss on the test split, here and in every table below "
+                                "(`tune.untuned: false`: no arm trained at train.lr)."))
     source = ctx.verdicts
     for g in source.groups:
         if source.several_groups:
@@ -205,10 +209,15 @@ def _learning_rate_note(ctx: ReportContext) -> str:
                                  f"({', '.join(f'{lr:g}' for lr in rates) or 'train.lr'}), so a difference between arms "
                                  "may be a step-size effect (their best rates differ); `tune.lr` compares each arm at "
                                  "its own rate, chosen on a validation split (see the README)" if untuned else ""))
-    if len(untuned) < len(ctx.studies):
+    both = [s for s in ctx.studies if s.tuning and not s.arms_tuned]
+    if both:
         text += ("; " if untuned else "") + ("the *Learning-rate tuning* section compares the arms at their own "
                                              "rates, chosen on the validation split, and reports them on the test "
                                              "split (the tables above: every arm at train.lr)")
+    if any(s.arms_tuned for s in ctx.studies):
+        text += ("; " if untuned or both else "") + (
+            "**tuned**: every arm at the rate its tuning chose on the validation split, reported on the test split, "
+            "in every table (`tune.untuned: false`: no arm trained at train.lr)")
     return text + "."
 
 

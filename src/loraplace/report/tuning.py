@@ -37,19 +37,21 @@ def study_choices(study: Study, settings: TuneSettings, steps: list[int]) -> lis
     return [choose(rows, arm, settings.rates(), steps, settings.eta) for arm in arms]
 
 
-def tuned_study(study: Study, choices: list[Choice]) -> Study:
+def tuned_study(study: Study, choices: list[Choice], keep_tuning: bool = False) -> Study:
     """The study as if each arm had run at its chosen rate: its base row plus, per arm, the tuning
-    runs at the chosen rate (which trained to the last step and hold test losses), as arm rows; its
-    importance and allocation files as they are (the automatic arms' placements do not depend on the rate)."""
+    runs at the chosen rate (which trained to the last step and hold test losses), as arm rows
+    (their ``tune_lr`` kept); its importance and allocation files as they are (the automatic arms'
+    placements do not depend on the rate); its tuning runs with ``keep_tuning`` (the report's view
+    of a study that trained no arm at train.lr, whose tuning section still reads them)."""
     chosen = {c.arm: c.lr for c in choices if c.lr is not None}
     runs = [r for r in study.runs if r.result.kind == "base"]
     for run in study.tuning:
         if chosen.get(run.result.strategy) == run.result.tune_lr and run.result.eval_loss is not None:
             runs.append(replace(run, result=run.result.model_copy(update={"kind": "lora"})))
-    return replace(study, runs=runs, tuning=[])
+    return replace(study, runs=runs, tuning=study.tuning if keep_tuning else [])
 
 
-def at_tuned_rates(study: Study) -> Study | None:
+def at_tuned_rates(study: Study, keep_tuning: bool = False) -> Study | None:
     """:func:`tuned_study` at the rates the study's stored validation losses choose; None when the
     study tuned nothing."""
     settings = tune_settings(study)
@@ -57,7 +59,7 @@ def at_tuned_rates(study: Study) -> Study | None:
         return None
     max_steps = int((study.config.get("train") or {}).get("max_steps", 0))
     steps = rung_steps(max_steps, len(settings.rates()), settings.eta, settings.schedule, settings.min_steps)
-    return tuned_study(study, study_choices(study, settings, steps))
+    return tuned_study(study, study_choices(study, settings, steps), keep_tuning)
 
 
 def verdict(c: PairedComparison | None) -> str:
@@ -168,7 +170,7 @@ def _study_part(ctx: ReportContext, study: Study, settings: TuneSettings) -> Par
     choices = study_choices(study, settings, steps)
     rows = [r.result for r in study.tuning]
     tuned_cost = arm_steps(rows)
-    arm_runs = [r.result for r in study.runs if r.result.kind == "lora"]
+    arm_runs = [r.result for r in study.untuned_runs]
     untuned_cost = sum(r.train_steps or 0 for r in arm_runs)
     seeds = len(cfg.get("seeds") or [0])
     grid_cost = len(choices) * len(rates) * seeds * max_steps
@@ -176,17 +178,18 @@ def _study_part(ctx: ReportContext, study: Study, settings: TuneSettings) -> Par
     schedule = (f"successive halving (keep the best ceil(n/{settings.eta}) by mean validation loss over seeds; "
                 f"rungs end at steps {', '.join(map(str, steps))})" if settings.schedule == "halving"
                 else "a full grid (every rate trained to the last step)")
+    split_note = ", the untuned runs' eval split" if untuned_cost else ""
     part = Part([Para(
         f"**Setup{where}.** Every arm trained at each of {len(rates)} learning rates "
         f"({', '.join(f'{lr:g}' for lr in rates)}) by {schedule}. Each arm's rate is the one with the lowest mean "
         f"validation loss at the last step, on a validation split of {data.get('validation_size')} examples "
         f"held out of the training rows; the arm is then reported by its loss on the test split "
-        f"({data.get('eval_size')} examples, the untuned runs' eval split), which no choice read. All seeds of an arm "
+        f"({data.get('eval_size')} examples{split_note}), which no choice read. All seeds of an arm "
         f"train at the same rate. Cost: {tuned_cost:,} tuning arm-steps, {tuned_cost / grid_cost:.2f}x the "
         f"{grid_cost:,} of the full grid"
         + (f"; the untuned runs trained {untuned_cost:,} (the whole tuned study: "
            f"{(tuned_cost + untuned_cost) / untuned_cost:.1f}x the untuned one)" if untuned_cost else "") + ".")])
-    untuned_means = _means(study.runs)
+    untuned_means = _means(study.untuned_runs)
     table_rows, records = [], []
     for c in choices:
         test = [r.eval_loss for r in rows if r.strategy == c.arm and r.tune_lr == c.lr and r.eval_loss is not None]
@@ -201,11 +204,13 @@ def _study_part(ctx: ReportContext, study: Study, settings: TuneSettings) -> Par
                         **{f"last_step_lr_{lr:g}": c.validation.get(lr, (None, None))[0] for lr in c.rates}})
     name = "tuning" + (f"-{study.label}" if len(ctx.studies) > 1 else "")
     base_lr = train.get("lr", 2e-4)
+    headers = ["arm", "rates", "chosen", "edge of grid", "validation loss", "test loss", "untuned test loss"]
+    untuned_text = f", and the untuned test loss (every arm at train.lr = {base_lr:g})"
+    if not untuned_means:  # tune.untuned false: no arm trained at train.lr
+        headers, table_rows, untuned_text = headers[:-1], [r[:-1] for r in table_rows], ""
     part.show(Table(name, f"Chosen learning rate per arm: the mean validation loss at it (last step), the mean test "
-                    f"loss at it, and the untuned test loss (every arm at train.lr = {base_lr:g}). A rate at an end of "
-                    "the grid may not be the optimum.", ["arm", "rates", "chosen", "edge of grid",
-                                                         "validation loss", "test loss", "untuned test loss"],
-                    table_rows, records, align="llllrrr"))
+                    f"loss at it{untuned_text}. A rate at an end of the grid may not be the optimum.", headers,
+                    table_rows, records, align="llllrrr"[:len(headers)]))
     edges = [c for c in choices if c.edge]
     if edges:
         part.blocks.append(Para("**Widen the grid:** " + "; ".join(
@@ -234,9 +239,19 @@ def _group(study: Study, resamples: int) -> Group | None:
 def _comparisons(ctx: ReportContext, study: Study, choices: list[Choice]) -> Part:
     """The pairwise comparisons at tuned rates and the robustness of the untuned verdicts."""
     part = Part([])
-    tuned, untuned = _group(tuned_study(study, choices), ctx.resamples), _group(study, ctx.resamples)
-    if tuned is None or untuned is None or len(tuned.lora_arms) < 2:
+    untuned_study = replace(study, runs=[r for r in study.runs if r.result.kind != "lora" or r.result.tune_lr is None])
+    tuned, untuned = _group(tuned_study(study, choices), ctx.resamples), _group(untuned_study, ctx.resamples)
+    if tuned is None or len(tuned.lora_arms) < 2:
         part.blocks.append(Para("No paired comparison at tuned rates (fewer than two arms finished tuning)."))
+        return part
+    if untuned is None or not untuned.lora_arms:
+        order = sorted(tuned.lora_arms, key=lambda arm: arm.loss.mean if arm.loss else math.inf)
+        part.blocks.append(Bullets([
+            "At tuned rates, by mean test loss: " + " < ".join(f"`{arm.key}` {fmt.num(arm.loss.mean, 4)}"
+                                                                 for arm in order if arm.loss) + ".",
+            "No arm trained at train.lr (`tune.untuned: false`), so there is no robustness table of the untuned "
+            "verdicts; every other section of this report reads each arm at its tuned rate (a resume with "
+            "`tune.untuned=true` adds the untuned runs)."]))
         return part
     suffix = f"-{study.label}" if len(ctx.studies) > 1 else ""
     pairs, tau = robustness(untuned, tuned)

@@ -56,9 +56,12 @@ def write_report(study_dirs: list[Path], out_dir: Path | None = None, budget: in
     budget = parse_param_count(budget, what="--budget") if budget is not None else None
     studies = load_studies([Path(d) for d in study_dirs])
     out = Path(out_dir) if out_dir is not None else default_report_dir([s.dir for s in studies])
-    ctx = ReportContext.build(studies, out, budget, resamples)
     tuned = [at_tuned_rates(s) for s in studies]
-    if any(t is not None for t in tuned):
+    # A tuned study that trained no arm at train.lr (tune.untuned false) is read at its tuned rates throughout.
+    main = [at_tuned_rates(s, keep_tuning=True) if t is not None and not s.untuned_runs else s
+            for s, t in zip(studies, tuned)]
+    ctx = ReportContext.build(main, out, budget, resamples)
+    if any(t is not None and s.untuned_runs for s, t in zip(studies, tuned)):
         ctx.tuned = ReportContext.build([t or s for t, s in zip(tuned, studies)], out, budget, resamples)
     for d in (ctx.fig_dir, ctx.tab_dir):
         d.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ from loraplace.study.allocations import resolve_allocations
 from loraplace.study.checks import check_study, expand_study_groups
 from loraplace.study.executor import LocalExecutor
 from loraplace.study.progress import StudyInterrupted, StudyProgress
-from loraplace.study.specs import arm_labels, default_output_dir, run_identity, run_specs, tuning_specs
+from loraplace.study.specs import arm_labels, default_output_dir, planned_specs, run_identity, run_specs, tuning_specs
 from loraplace.study.store import StudyStore
 from loraplace.tuning import alive_rates, choose, rung_sizes, rung_steps
 
@@ -88,7 +88,7 @@ def run_study(config: StudyConfig, resume: bool = False, allow_mixed: bool = Fal
             decided = study.decided
         study = store.record_decided(decided)
         # The plan: this command's runs, in the order (and with the positions) of the whole study.
-        wanted = {run_identity(s) for s in run_specs(config, study_dir)}
+        wanted = {run_identity(s) for s in planned_specs(config, study_dir)}
         wanted_tuning = {run_identity(s) for s in tuning_specs(config, study_dir)}
         specs = [s for s in run_specs(study, study_dir) if run_identity(s) in wanted]
         finished = store.finished_for(specs)

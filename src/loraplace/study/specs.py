@@ -90,6 +90,15 @@ def run_specs(config: StudyConfig, study_dir: Path) -> list[RunSpec]:
     return [s.model_copy(update={"position": i}) for i, s in enumerate(specs)]
 
 
+def planned_specs(config: StudyConfig, study_dir: Path) -> list[RunSpec]:
+    """The runs of :func:`run_specs` that ``config`` trains: all of them, but without the arms' runs
+    at ``train.lr`` where the study tunes with ``tune.untuned`` false (the base row stays)."""
+    specs = run_specs(config, study_dir)
+    if config.tune.rates() and not config.tune.untuned:
+        return [s for s in specs if s.kind != "lora"]
+    return specs
+
+
 def tune_run_id(arm: str, seed: int, lr: float) -> str:
     """The id of the tuning run of ``arm`` at ``lr`` (``tune-full-lr0.0004-s0``)."""
     base = run_id_for(arm, seed)

@@ -203,7 +203,8 @@ def _not_a_folder(path: Path) -> str:
 def merge_configs(stored: StudyConfig, current: StudyConfig) -> StudyConfig:
     """The config that describes a study folder after ``current`` resumed it: ``stored`` with the
     seeds and strategies of both (stored ones first, in their order; new ones appended in the
-    order given), the base row if either has it, and the budget reference of either.
+    order given), the base row and the untuned runs of a tuned study if either has them, and the
+    budget reference of either.
 
     Raises:
         LoraplaceError: the two use different budget references (one study has one).
@@ -218,6 +219,7 @@ def merge_configs(stored: StudyConfig, current: StudyConfig) -> StudyConfig:
         seeds=stored.seeds + [s for s in current.seeds if s not in stored.seeds],
         strategies=stored.strategies + [s for s in current.strategies if s not in stored.strategies],
         include_base=stored.include_base or current.include_base,
+        tune=stored.tune.model_copy(update={"untuned": stored.tune.untuned or current.tune.untuned}),
         match_budget=stored.match_budget if stored.match_budget is not None else current.match_budget,
         output=current.output if current.output is not None else stored.output,
     ))
@@ -228,7 +230,7 @@ def merge_configs(stored: StudyConfig, current: StudyConfig) -> StudyConfig:
 # are compared by what they resolve to.
 _GROWABLE = {"name": True, "output": True, "seeds": True, "strategies": True, "match_budget": True,
              "include_base": True, "device": True, "train": {"precision", "gradient_checkpointing"},
-             "decided": True}
+             "tune": {"untuned"}, "decided": True}
 
 
 # ----------------------------------------------------------------------------------- environment
