@@ -122,10 +122,6 @@ def library_versions() -> dict[str, str]:
 
 
 
-# What a study's environment.json pins (threads only on a CPU).
-ENVIRONMENT_KEYS = ("device", "precision", "threads", "versions")
-
-
 def resolved_environment(device: str, precision: str) -> dict[str, Any]:
     """What this process runs with: the device type and precision that ``device`` and
     ``precision`` resolve to, torch's intra-op thread count on a CPU (the split of a CPU kernel's

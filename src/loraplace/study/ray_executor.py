@@ -38,9 +38,10 @@ from loraplace.errors import LoraplaceError
 from loraplace.files import atomic_write_bytes
 from loraplace.records import RunResult, RunSpec
 from loraplace.run.context import RunContext
-from loraplace.run.measure import ENVIRONMENT_KEYS, library_versions, resolved_environment
+from loraplace.run.measure import library_versions, resolved_environment
 from loraplace.study.allocations import Allocated, compute_allocations
 from loraplace.study.runs import execute_run, failed_result
+from loraplace.study.store import ENVIRONMENT_KEYS
 
 StepHook = Callable[[RunSpec, int, int, "float | None"], None]
 

@@ -48,7 +48,6 @@ from loraplace.errors import LoraplaceError
 from loraplace.files import atomic_write_text, fsync_dir
 from loraplace.placement.arms import REFERENCE_STRATEGY
 from loraplace.records import RunResult, RunSpec
-from loraplace.run.measure import ENVIRONMENT_KEYS
 from loraplace.study.specs import arm_labels, legacy_run_id_for, run_identity
 from loraplace.study.tables import results_markdown
 
@@ -234,6 +233,10 @@ _GROWABLE = {"name": True, "output": True, "seeds": True, "strategies": True, "m
 
 
 # ----------------------------------------------------------------------------------- environment
+# What a study's environment.json pins (threads only on a CPU: loraplace.run.measure.resolved_environment).
+ENVIRONMENT_KEYS = ("device", "precision", "threads", "versions")
+
+
 def environment_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``["precision bf16 -> fp32", "torch 2.13.0 -> 2.14.0"]``: what differs between two environments."""
     diffs = []
