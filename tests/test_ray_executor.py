@@ -9,6 +9,7 @@ import os
 import signal
 
 import pytest
+import torch
 
 from loraplace.records import RUN_FILES
 
@@ -301,9 +302,15 @@ def test_interrupted_ray_driver_resumes_without_losing_a_run(ray_cluster, tiny_l
     assert len(first) == 1 and not (out / ".lock").exists()
     (run_id, row), = first.items()
     assert ray.is_initialized()  # the test's Ray was not shut down by the executor
-    # resume with the local executor: switching executors is no config change
+    # resume with the local executor: switching executors is no config change; the workers trained at
+    # one thread (their one CPU), so the local resume runs at one thread too (another count is refused)
     progress = Recorder()
-    study(tiny_llama_dir, data_file, out, progress=progress, resume=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        study(tiny_llama_dir, data_file, out, progress=progress, resume=True)
+    finally:
+        torch.set_num_threads(threads)
     after = rows(out)
     assert sorted(after) == ["attention-s0", "base", "ffn-s0", "full-s0"]
     assert after[run_id]["finished_at"] == row["finished_at"]  # kept, not run again

@@ -405,7 +405,7 @@ def test_resume_pins_the_cpu_thread_count(study_copy, monkeypatch):
     env["seen"] = [{**env["seen"][0], "threads": here + 3}]
     (copy / "environment.json").write_text(json.dumps(env))
     code, output = run_cli(*args)
-    _one_line_error(code, output, f"threads {here + 3} -> {here}", "--allow-mixed")
+    _one_line_error(code, output, f"threads {here + 3} -> {here}", f"OMP_NUM_THREADS={here + 3}", "--allow-mixed")
     # a study stored before the thread count was recorded pins none
     for e in (env, *env["seen"]):
         e.pop("threads")

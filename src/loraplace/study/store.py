@@ -414,10 +414,12 @@ class StudyStore:
         if not allow_mixed:
             cfg = self.config
             asked = f"device {cfg.device}, precision {cfg.train.precision}" if cfg else "this config"
+            threads = (f"; OMP_NUM_THREADS={stored['threads']} runs torch at the study's thread count"
+                       if stored.get("threads") not in (None, current.get("threads")) else "")
             raise LoraplaceError(
                 f"--resume: this study ran with {_describe_env(stored)}; this machine would run it with "
                 f"{_describe_env(current)} ({asked} resolved here; {'; '.join(diffs)}). Resume where they resolve the same (or set --device / "
-                "train.precision to match), or pass --allow-mixed to mix them in one study (the report flags the mix)"
+                f"train.precision to match{threads}), or pass --allow-mixed to mix them in one study (the report flags the mix)"
             )
         self.mixed_note = (f"--allow-mixed: this study now mixes environments ({'; '.join(diffs)}); it is marked "
                            f"mixed in {self.environment_path.name}, and the report flags it")
