@@ -37,21 +37,20 @@ def study_choices(study: Study, settings: TuneSettings, steps: list[int]) -> lis
     return [choose(rows, arm, settings.rates(), steps, settings.eta) for arm in arms]
 
 
-def tuned_study(study: Study, choices: list[Choice], keep_tuning: bool = False) -> Study:
+def tuned_study(study: Study, choices: list[Choice]) -> Study:
     """The study as if each arm had run at its chosen rate: its base row plus, per arm, the tuning
     runs at the chosen rate (which trained to the last step and hold test losses), as arm rows
     (their ``tune_lr`` kept); its importance and allocation files as they are (the automatic arms'
-    placements do not depend on the rate); its tuning runs with ``keep_tuning`` (the report's view
-    of a study that trained no arm at train.lr, whose tuning section still reads them)."""
+    placements do not depend on the rate)."""
     chosen = {c.arm: c.lr for c in choices if c.lr is not None}
     runs = [r for r in study.runs if r.result.kind == "base"]
     for run in study.tuning:
         if chosen.get(run.result.strategy) == run.result.tune_lr and run.result.eval_loss is not None:
             runs.append(replace(run, result=run.result.model_copy(update={"kind": "lora"})))
-    return replace(study, runs=runs, tuning=study.tuning if keep_tuning else [])
+    return replace(study, runs=runs, tuning=[])
 
 
-def at_tuned_rates(study: Study, keep_tuning: bool = False) -> Study | None:
+def at_tuned_rates(study: Study) -> Study | None:
     """:func:`tuned_study` at the rates the study's stored validation losses choose; None when the
     study tuned nothing."""
     settings = tune_settings(study)
@@ -59,7 +58,7 @@ def at_tuned_rates(study: Study, keep_tuning: bool = False) -> Study | None:
         return None
     max_steps = int((study.config.get("train") or {}).get("max_steps", 0))
     steps = rung_steps(max_steps, len(settings.rates()), settings.eta, settings.schedule, settings.min_steps)
-    return tuned_study(study, study_choices(study, settings, steps), keep_tuning)
+    return tuned_study(study, study_choices(study, settings, steps))
 
 
 def verdict(c: PairedComparison | None) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from loraplace.placement.arms import parse_param_count
@@ -57,9 +58,9 @@ def write_report(study_dirs: list[Path], out_dir: Path | None = None, budget: in
     studies = load_studies([Path(d) for d in study_dirs])
     out = Path(out_dir) if out_dir is not None else default_report_dir([s.dir for s in studies])
     tuned = [at_tuned_rates(s) for s in studies]
-    # A tuned study that trained no arm at train.lr (tune.untuned false) is read at its tuned rates throughout.
-    main = [at_tuned_rates(s, keep_tuning=True) if t is not None and not s.untuned_runs else s
-            for s, t in zip(studies, tuned)]
+    # A tuned study that trained no arm at train.lr (tune.untuned false) is read at its tuned rates
+    # throughout; its tuning section still reads its tuning runs.
+    main = [replace(t, tuning=s.tuning) if t is not None and not s.untuned_runs else s for s, t in zip(studies, tuned)]
     ctx = ReportContext.build(main, out, budget, resamples)
     if any(t is not None and s.untuned_runs for s, t in zip(studies, tuned)):
         ctx.tuned = ReportContext.build([t or s for t, s in zip(tuned, studies)], out, budget, resamples)

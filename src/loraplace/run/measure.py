@@ -120,8 +120,6 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-
-
 def resolved_environment(device: str, precision: str) -> dict[str, Any]:
     """What this process runs with: the device type and precision that ``device`` and
     ``precision`` resolve to, torch's intra-op thread count on a CPU (the split of a CPU kernel's
