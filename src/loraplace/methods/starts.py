@@ -136,8 +136,8 @@ def real_rows(batches: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
 def lora_ga_state(model: nn.Module, placement: Placement, batches: list[dict[str, torch.Tensor]],
                   task_type: str = "CAUSAL_LM", shared: dict | None = None) -> dict[str, torch.Tensor]:
     """``init=lora_ga``: each module's starting ``(A0, B0)`` from PEFT's LoRA-GA, the gradient averaged
-    over the scoring batches (on the model's device, as the study's scoring batches are) (one forward and backward pass each, the loss the batches' labels give:
-    the study's ``loss_on``)."""
+    over the scoring batches, which are on the model's device as the study puts them (one forward and
+    backward pass each, the loss the batches' labels give: the study's ``loss_on``)."""
     config = _start_config(placement, task_type, "lora_ga", lora_ga_config=LoraGAConfig())
 
     def train_step() -> None:

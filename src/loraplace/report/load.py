@@ -5,7 +5,7 @@ is built from these stored files alone; nothing is re-run."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,10 @@ class Study:
     def untuned_runs(self) -> list[RunData]:
         """The arms' runs at ``train.lr`` (a tuned study with ``tune.untuned`` false has none)."""
         return [r for r in self.runs if r.result.kind == "lora" and r.result.tune_lr is None]
+
+    def at_train_lr(self) -> Study:
+        """This study without the arm rows taken from its tuning runs (the base row and the untuned runs)."""
+        return replace(self, runs=[r for r in self.runs if r.result.kind != "lora" or r.result.tune_lr is None])
 
     @property
     def arms_tuned(self) -> bool:

@@ -235,19 +235,22 @@ def _group(study: Study, resamples: int) -> Group | None:
     return groups[0] if groups else None
 
 
+def _tuned_order(tuned: Group) -> str:
+    order = sorted(tuned.lora_arms, key=lambda arm: arm.loss.mean if arm.loss else math.inf)
+    return "At tuned rates, by mean test loss: " + " < ".join(f"`{arm.key}` {fmt.num(arm.loss.mean, 4)}"
+                                                              for arm in order if arm.loss) + "."
+
+
 def _comparisons(ctx: ReportContext, study: Study, choices: list[Choice]) -> Part:
     """The pairwise comparisons at tuned rates and the robustness of the untuned verdicts."""
     part = Part([])
-    untuned_study = replace(study, runs=[r for r in study.runs if r.result.kind != "lora" or r.result.tune_lr is None])
-    tuned, untuned = _group(tuned_study(study, choices), ctx.resamples), _group(untuned_study, ctx.resamples)
+    tuned, untuned = _group(tuned_study(study, choices), ctx.resamples), _group(study.at_train_lr(), ctx.resamples)
     if tuned is None or len(tuned.lora_arms) < 2:
         part.blocks.append(Para("No paired comparison at tuned rates (fewer than two arms finished tuning)."))
         return part
     if untuned is None or not untuned.lora_arms:
-        order = sorted(tuned.lora_arms, key=lambda arm: arm.loss.mean if arm.loss else math.inf)
         part.blocks.append(Bullets([
-            "At tuned rates, by mean test loss: " + " < ".join(f"`{arm.key}` {fmt.num(arm.loss.mean, 4)}"
-                                                                 for arm in order if arm.loss) + ".",
+            _tuned_order(tuned),
             "No arm trained at train.lr (`tune.untuned: false`), so there is no robustness table of the untuned "
             "verdicts; every other section of this report reads each arm at its tuned rate (a resume with "
             "`tune.untuned=true` adds the untuned runs)."]))
@@ -270,10 +273,8 @@ def _comparisons(ctx: ReportContext, study: Study, choices: list[Choice]) -> Par
                     "significant) or gained. Kendall's tau between the two rankings by mean test loss: "
                     f"{fmt.num(tau, 2) if tau is not None else 'n/a'}; {flips} of {len(rows)} verdicts change.",
                     ["a", "b", "Δ untuned", "untuned", "Δ tuned", "tuned", "flip"], rows, records, align="llrlrll"))
-    order = sorted(tuned.lora_arms, key=lambda arm: arm.loss.mean if arm.loss else math.inf)
     part.blocks.append(Bullets([
-        "At tuned rates, by mean test loss: " + " < ".join(f"`{arm.key}` {fmt.num(arm.loss.mean, 4)}"
-                                                             for arm in order if arm.loss) + ".",
+        _tuned_order(tuned),
         f"Kendall's tau between the untuned and the tuned ranking: {fmt.num(tau, 2) if tau is not None else 'n/a'}; "
         f"{flips} of {len(rows)} pairwise verdicts change at tuned rates."]))
     return part
