@@ -29,7 +29,7 @@ from loraplace.methods.adalora import (
     adalora_update_norms,
     check_adalora_wrapped,
 )
-from loraplace.methods.eva import apply_eva, eva_batches, eva_ranks
+from loraplace.methods.eva import apply_eva, eva_batches, eva_ranks, explained_variance, select_by_parameters
 from loraplace.placement.params import trainable_params
 from loraplace.placement.resolve import explicit_placement, resolve_placement
 from loraplace.placement.scale import apply_scale
@@ -323,6 +323,52 @@ def test_eva_ranks_are_the_top_input_directions_at_the_budget():
         return out
 
     assert per_input(ranks) == per_input(expected)
+
+
+def test_explained_variance_of_evas_components_is_the_svd_ratio():
+    """The ratios the parameter-counted redistribution walks, measured again after PEFT's pass: for
+    each returned component, its share of the centred input variance, as an SVD of the captured
+    inputs gives it (EVA's vectors are those of that SVD to cos > 0.999)."""
+    model = tiny_llama()
+    batches = one_batch()
+    ranks, state, _ = eva_ranks(model, full(model), LORA, batches, target_params=4096, r=4)
+    rows = {n: w for n, w in state.items() if w.shape[0] > 0}
+    measured = explained_variance(model, rows, batches)
+    inputs = captured_inputs(model, rows, batches[0])
+    for name, w in rows.items():
+        x = inputs[name].double() - inputs[name].double().mean(0)
+        s = torch.linalg.svdvals(x)
+        expected = (s**2 / (s**2).sum())[: w.shape[0]]
+        torch.testing.assert_close(measured[name], expected, rtol=5e-3, atol=1e-4)
+
+
+def test_select_by_parameters_walks_evas_order_to_the_nearest_count():
+    # by hand: a (10 parameters per rank) ratios .5 .1; b (100 per rank) .4 .3. EVA's order is
+    # a0 b0 b1 a1; 110 after b0, and b1 would reach 210: 110 is nearer 120
+    ratios = {"a": torch.tensor([0.5, 0.1]), "b": torch.tensor([0.4, 0.3])}
+    sizes = {"a": 10, "b": 100}
+    assert select_by_parameters(ratios, sizes, 120, cap=2) == ({"a": 1, "b": 1}, 110, False)
+    assert select_by_parameters(ratios, sizes, 180, cap=2) == ({"a": 1, "b": 2}, 210, False)  # 30 < 70
+    assert select_by_parameters(ratios, sizes, 1000, cap=2) == ({"a": 2, "b": 2}, 220, True)  # too few
+    assert select_by_parameters(ratios, sizes, 1000, cap=1) == ({"a": 1, "b": 1}, 110, True)  # EVA's cap
+    # a module's ratios are made non-increasing (PCA order): b's .45 after .3 counts as .3
+    assert select_by_parameters({"a": torch.tensor([0.35]), "b": torch.tensor([0.3, 0.45])}, sizes, 115,
+                                cap=2) == ({"a": 1, "b": 1}, 110, False)
+    # against brute force over the prefixes of the order, on random cases
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        names = [f"m{i}" for i in range(5)]
+        ratios = {n: torch.rand(6, generator=gen, dtype=torch.float64).sort(descending=True).values for n in names}
+        sizes = {n: int(torch.randint(5, 50, (1,), generator=gen)) for n in names}
+        target = int(torch.randint(20, 600, (1,), generator=gen))
+        order = sorted(((float(v), n) for n in names for v in ratios[n][:4]), reverse=True)
+        prefixes = [sum(sizes[n] for _, n in order[:k]) for k in range(len(order) + 1)]
+        below = max(k for k, p in enumerate(prefixes) if p <= target)
+        k = below + 1 if below + 1 < len(prefixes) and prefixes[below + 1] - target < target - prefixes[below] else below
+        ranks, spent, short = select_by_parameters(ratios, sizes, target, cap=4)
+        assert spent == prefixes[k] == sum(ranks[n] * sizes[n] for n in names)
+        assert ranks == {n: sum(1 for _, m in order[:k] if m == n) for n in names}
+        assert short == (k == len(order) and prefixes[k] < target)
 
 
 def test_apply_eva_puts_the_planned_ranks_and_vectors_into_the_wrapped_model():

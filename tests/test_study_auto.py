@@ -135,16 +135,27 @@ def test_eva_and_adalora_arms_train_at_the_budget(tiny_llama_dir, data, tmp_path
 
     state = load_file(state_path(out, "eva~attention"))
     assert {n: int(w.shape[0]) for n, w in state.items()} == stored["ranks"]
-    assert _ranks(out / "runs" / "eva~attention-s0") == {n: (r, 8.0 * r / eva_r) for n, r in stored["ranks"].items()}
+    from torch import nn
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir))
+    linear = {n: m.in_features + m.out_features for n, m in model.named_modules()
+              if isinstance(m, nn.Linear) and n != "lm_head"}
+    # EVA spends attention's parameters, not a rank: within one component (in + out) of the count
+    # the attention arm trained, measured on its own run
+    budget = rows["attention-s0"]["trainable_params"]
+    assert rows["eva~attention-s0"]["trainable_params"] == sum(r * linear[n] for n, r in stored["ranks"].items())
+    assert abs(rows["eva~attention-s0"]["trainable_params"] - budget) <= max(linear.values()) // 2
+    assert eva_r > round(budget / sum(linear.values()))  # EVA ran above the uniform rank, then was trimmed
+    # every module at the scale (alpha_over_r) of a uniform arm of the budget on EVA's kept modules
+    uniform = round(budget / sum(linear[n] for n in stored["ranks"]))
+    assert _ranks(out / "runs" / "eva~attention-s0") == {n: (r, 8.0 * r / uniform) for n, r in stored["ranks"].items()}
     adalora = json.loads((out / "runs" / "adalora~attention-s0" / "adalora.json").read_text())
     row = rows["adalora~attention-s0"]
     assert adalora["allocator_calls"] == 4  # once per optimizer step
     assert row["final_params"] == adalora["final_params"] < row["trainable_params"]
     # the final count, computed independently: each module's kept rank times (in + out + 1), with
     # the widths read off the model itself, and AdaLoRA's total rank budget met exactly
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir))
     widths = {n: m.in_features + m.out_features for n, m in model.named_modules() if n in adalora["final_ranks"]}
     assert len(widths) == len(adalora["final_ranks"]) == 14  # every linear module of full: 2 layers x 7
     assert row["final_params"] == sum(r * (widths[n] + 1) for n, r in adalora["final_ranks"].items())

@@ -194,7 +194,15 @@ def test_tuned_study_without_untuned_runs_reads_tuned_rates_throughout(tiny_llam
     report = (out / "report" / "report.md").read_text()
     assert "no arm trained at train.lr" in report and not (out / "report" / "tables" / "robustness.md").exists()
     # a resume may add the untuned runs; the tuning is not redone and the robustness table appears
-    run_study(load_study(None, {**values, "tune.untuned": True}), resume=True)
+    from loraplace.study.progress import StudyProgress
+
+    class Planned(StudyProgress):
+        def planned(self, study, study_dir, total, finished, kept):
+            seen.append((total, kept))
+
+    seen = []
+    run_study(load_study(None, {**values, "tune.untuned": True}), resume=True, progress=Planned())
+    assert seen[0][1] == 0  # the stored tuning runs are this study's, not "other stored runs"
     again = _rows(out)
     assert sorted(r["run_id"] for r in again.values() if r["kind"] == "lora") == ["attention-s0", "ffn-s0"]
     assert all(again[k]["validation_losses"] == r["validation_losses"] for k, r in rows.items())

@@ -10,7 +10,9 @@ and those vectors once per study (:func:`eva_allocation`, stored by the study as
 every run.
 
 EVA fixes a total *rank*, not a parameter count: the parameters it trains depend on which modules
-get the rank; the record says how near the target it came.
+get the rank. A study's EVA arm is an arm of a parameter budget like the others, so
+:func:`eva_allocation` applies EVA's redistribution rule with the budget counted in parameters
+(:func:`select_by_parameters`); the record says how near the target it came.
 """
 
 from __future__ import annotations
@@ -195,8 +197,8 @@ def eva_ranks(model: nn.Module, placement: Placement, lora: LoraSettings, batche
             runs[r] = (params, state, time.perf_counter() - start)
         return runs[r][0]
 
-    if r is not None:  # the rank chosen before: one pass
-        run(r)
+    if r is not None:  # the rank chosen before: one pass (at most r_max)
+        run(min(r, r_max))
     else:  # uniform guess, one secant step, then single steps until the count crosses the target
         r = min(r_max, max(1, round(r0 * target_params / run(r0))))
         while True:
@@ -278,34 +280,67 @@ def eva_batches(train_dataset, collator, *, batch_size: int, batches: int) -> li
     return [collator(rows[i:i + batch_size]) for i in range(0, n, batch_size)]
 
 
-def eva_allocation(setup, arm: Arm, lora, batches: list[dict], eva_r: int | None = None):
-    """EVA's placement of ``arm`` (``eva`` or ``eva~REFERENCE``) on the loaded base model: PEFT's EVA on
-    the modules of ``full`` at the ``LoraConfig`` rank ``eva_r``, by default the uniform rank that
-    spends the arm's budget on those modules (one EVA pass; EVA then moves rank between modules of
-    different widths, so it trains about, not exactly, the budget: the record says how far).
-    A search over the rank (``loraplace.methods.eva_ranks`` without ``r``) would cost one whole
-    EVA pass per candidate: 8 minutes each for SmolLM2-135M on 2 CPU cores.
+EVA_HEADROOM = 1.25
+"""EVA runs at this multiple of the budget's uniform rank (rounded up), so that the components it returns
+usually cover the budget in parameters wherever its redistribution puts them (it moved 8% of SmolLM2-135M's
+and 17% of Qwen2.5-0.5B's parameters below the budget at the uniform rank); where they do not, one more pass
+at a larger rank."""
+
+
+def eva_allocation(setup, arm: Arm, lora, batches: list[dict], max_passes: int = 3):
+    """EVA's placement of ``arm`` (``eva`` or ``eva~REFERENCE``) on the loaded base model, at the arm's
+    budget in *parameters*.
+
+    EVA itself spends a total *rank* (``r * modules``), so the parameters it trains depend on which modules
+    get the rank (at the budget's uniform rank, 8% below the budget on SmolLM2-135M, 17% on
+    Qwen2.5-0.5B). Here PEFT's EVA runs once on the modules of ``full`` at :data:`EVA_HEADROOM` times the
+    budget's uniform rank; each component it returns is ranked by its explained-variance ratio
+    (:func:`explained_variance`, one forward pass) and EVA's own redistribution rule is applied with the
+    budget counted in parameters (:func:`select_by_parameters`, each module at most ``round(rho * uniform)``
+    components as EVA caps it): the arm trains the budget to within one component's ``in + out``. Where
+    the returned components do not reach the budget, EVA runs again at the rank that would (at most
+    ``max_passes`` passes; then the nearest, with a note). A search over EVA's own rank
+    (``loraplace.methods.eva_ranks`` without ``r``) would cost one whole EVA pass per candidate, 8 minutes
+    each for SmolLM2-135M on 2 CPU cores, and still miss the budget by whole ranks.
 
     Returns:
         ``(placement, state)``: the placement (modules EVA gave rank 0 left out) with its ``budget``
-        record (``eva_r``: the ``LoraConfig`` rank EVA ran at), its alphas at the study's update-scale
-        rule (every module at the scale of a uniform arm of the budget on EVA's modules), and EVA's
-        initial A matrices by module name.
+        record (``eva_r``: the ``LoraConfig`` rank of the EVA pass used; ``selection``: ``"parameters"``),
+        its alphas at the study's update-scale rule (every module at the scale of a uniform arm of the budget
+        on EVA's modules), and EVA's initial A matrices by module name.
     """
     reference = arm.reference if arm.reference is not None else REFERENCE_STRATEGY
     target = budget_target(setup.base, reference, lora.r, lora.alpha)
     slots = slot_placement(setup.base)
+    modules = module_slots(slots)
+    sizes = {m.name: m.in_features + m.out_features for m in modules}
     uniform = max(1, round(target / sum(m.size for m in slots.modules)))
-    ranks, state, info = eva_ranks(setup.base, slots, lora, batches, target_params=target,
-                                   task_type=setup.task.peft_task_type, r=eva_r or uniform)
+    rho = 2.0
+    r = math.ceil(uniform * EVA_HEADROOM)
+    passes = []
+    while True:
+        _, state, info = eva_ranks(setup.base, slots, lora, batches, target_params=target, rho=rho,
+                                   task_type=setup.task.peft_task_type, r=r)
+        start = time.perf_counter()
+        ratios = explained_variance(setup.base, {n: w for n, w in state.items() if w.shape[0] > 0}, batches)
+        passes.append({**info, "seconds": info["seconds"] + time.perf_counter() - start})
+        ranks, achieved, short = select_by_parameters({n: ratios.get(n, torch.zeros(0)) for n in sizes}, sizes,
+                                                      target, cap=round(rho * uniform))
+        if not short or len(passes) == max_passes or info["r"] < r:
+            break
+        r = max(r + 1, math.ceil(r * target / max(achieved, 1)))
+    notes = [] if not short else [f"EVA's components reach {achieved:,} of the {target:,} parameters after "
+                                  f"{len(passes)} passes (rank {info['r']})"]
     kept = {name: k for name, k in ranks.items() if k > 0}
-    budget = {"reference": reference, "target": target, "achieved": info["achieved"],
-              "deviation_pct": info["deviation_pct"], "method": "eva", "eva_r": info["r"], "rho": info["rho"],
-              "tau": info["tau"], "seconds": info["seconds"], "forward_passes": info["forward_passes"],
-              "dropped": len(ranks) - len(kept)}
+    budget = {"reference": reference, "target": target, "achieved": achieved,
+              "deviation_pct": 100.0 * (achieved - target) / target, "method": "eva", "selection": "parameters",
+              "eva_r": info["r"], "rho": rho, "tau": info["tau"], "passes": len(passes),
+              "seconds": sum(p["seconds"] for p in passes),
+              "forward_passes": sum(p["forward_passes"] for p in passes) + len(passes) * len(batches),
+              "dropped": len(ranks) - len(kept), "notes": notes}
     placement = apply_scale(explicit_placement(setup.base, arm.label, kept, lora.alpha, budget), lora.scale, lora.r)
     placement.budget["ranks"] = placement.ranks()  # type: ignore[index]
-    return placement, state
+    return placement, {name: state[name][:k] for name, k in ranks.items()}
 
 
 def eva_init_state(model: nn.Module, placement: Placement, batches: list[dict[str, torch.Tensor]],
@@ -351,22 +386,25 @@ def eva_init_state(model: nn.Module, placement: Placement, batches: list[dict[st
 
 
 @torch.no_grad()
-def input_energies(model: nn.Module, rows: dict[str, torch.Tensor], batches: list[dict[str, torch.Tensor]]
-                   ) -> dict[str, tuple[float, float]]:
-    """Per module of ``rows`` (name -> a matrix ``(k, in)``): the mean over the batches' selected tokens
-    (real tokens with a label, as EVA selects them) of ``||x||^2`` and of ``||rows x||^2``, ``x`` the
-    module's input. One forward pass per batch, the model left as it was."""
-    sums = {name: [0.0, 0.0, 0] for name in rows}
+def _input_moments(model: nn.Module, rows: dict[str, torch.Tensor], batches: list[dict[str, torch.Tensor]]
+                   ) -> dict[str, dict[str, Any]]:
+    """Per module of ``rows`` (name -> a matrix ``(k, in)``), sums over the batches' selected tokens
+    (real tokens with a label, as EVA selects them) of the module's input ``x``: ``n`` tokens, ``x``
+    (``(in,)``), ``||x||^2``, ``rows x`` (``(k,)``) and ``(rows x)^2`` (``(k,)``), in float64. One forward pass
+    per batch, the model left as it was."""
+    sums: dict[str, dict[str, Any]] = {}
     mask: dict[str, torch.Tensor] = {}
 
     def hook(name):
         def pre(module, args):
-            x = args[0].detach().float()
-            selected = x[mask["m"].to(x.device)]
-            w = rows[name].to(selected.device, torch.float32)
-            sums[name][0] += float((selected * selected).sum())
-            sums[name][1] += float(((selected @ w.T) ** 2).sum())
-            sums[name][2] += int(selected.shape[0])
+            x = args[0].detach()[mask["m"].to(args[0].device)].double()
+            p = x @ rows[name].to(x.device, torch.float64).T
+            s = sums.setdefault(name, {"n": 0, "x": 0.0, "x2": 0.0, "p": 0.0, "p2": 0.0})
+            s["n"] += int(x.shape[0])
+            s["x"] = s["x"] + x.sum(0).cpu()
+            s["x2"] += float((x * x).sum())
+            s["p"] = s["p"] + p.sum(0).cpu()
+            s["p2"] = s["p2"] + (p * p).sum(0).cpu()
         return pre
 
     handles = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in rows]
@@ -382,7 +420,69 @@ def input_energies(model: nn.Module, rows: dict[str, torch.Tensor], batches: lis
         for handle in handles:
             handle.remove()
         model.train(training)
-    return {name: (x2 / max(n, 1), ax2 / max(n, 1)) for name, (x2, ax2, n) in sums.items()}
+    return {name: sums.get(name, {"n": 0, "x": 0.0, "x2": 0.0, "p": 0.0, "p2": 0.0}) for name in rows}
+
+
+def input_energies(model: nn.Module, rows: dict[str, torch.Tensor], batches: list[dict[str, torch.Tensor]]
+                   ) -> dict[str, tuple[float, float]]:
+    """Per module of ``rows`` (name -> a matrix ``(k, in)``): the mean over the batches' selected tokens
+    (real tokens with a label, as EVA selects them) of ``||x||^2`` and of ``||rows x||^2``, ``x`` the
+    module's input. One forward pass per batch, the model left as it was."""
+    return {name: (s["x2"] / max(s["n"], 1), float(torch.as_tensor(s["p2"]).sum()) / max(s["n"], 1))
+            for name, s in _input_moments(model, rows, batches).items()}
+
+
+def explained_variance(model: nn.Module, rows: dict[str, torch.Tensor], batches: list[dict[str, torch.Tensor]]
+                       ) -> dict[str, torch.Tensor]:
+    """Per module of ``rows`` (name -> unit rows ``(k, in)``, EVA's components): each row's explained-variance
+    ratio over the batches' selected tokens, ``Var(v . x) / sum_j Var(x_j)`` with ``x`` centred as EVA's
+    incremental PCA centres it (``(k,)``, float64). One forward pass per batch: EVA keeps its own ratios inside
+    PEFT (``get_eva_state_dict`` returns the vectors only), so they are measured again here."""
+    out = {}
+    for name, s in _input_moments(model, rows, batches).items():
+        n = s["n"]
+        if n < 2:
+            raise LoraplaceError(f"EVA: module {name} sees {n} selected token(s) on the scoring batches; "
+                                 "give more or larger batches")
+        mean = torch.as_tensor(s["x"]) / n
+        total = s["x2"] / n - float(mean @ mean)
+        variance = torch.as_tensor(s["p2"]) / n - (torch.as_tensor(s["p"]) / n) ** 2
+        if not total > 0:
+            raise LoraplaceError(f"EVA: module {name}'s inputs do not vary on the scoring batches")
+        out[name] = variance.clamp_min(0.0) / total
+    return out
+
+
+def select_by_parameters(ratios: dict[str, torch.Tensor], sizes: dict[str, int], target: int, cap: int
+                         ) -> tuple[dict[str, int], int, bool]:
+    """EVA's rank redistribution with the budget counted in parameters instead of ranks.
+
+    EVA gives its budget of ``r * modules`` ranks to the components with the largest explained-variance
+    ratios over all modules, each module at most ``cap``; here the same order is walked, each component
+    costing its module's ``in + out`` parameters, and the walk stops where the count comes nearest
+    ``target``. A module's components come in PCA order, so its ratios are made non-increasing first (a
+    measured ratio may wobble above the one before it) and every module keeps a prefix of its rows. Ties go
+    to the module that comes first in ``ratios``.
+
+    Returns:
+        ``(ranks, parameters, exhausted)``: ranks by module (0 for a module that gets none), the parameters
+        they train, and whether every component was taken below the target (a larger EVA pass is needed).
+    """
+    order = {name: i for i, name in enumerate(ratios)}
+    items = sorted(((-float(v), order[name], i, name) for name, r in ratios.items()
+                    for i, v in enumerate(torch.cummin(r.double(), 0).values[:cap].tolist())))
+    ranks = dict.fromkeys(ratios, 0)
+    spent = 0
+    for *_, name in items:
+        cost = sizes[name]
+        if spent + cost > target:
+            if spent + cost - target < target - spent:  # one more component comes nearer
+                ranks[name] += 1
+                spent += cost
+            return ranks, spent, False
+        ranks[name] += 1
+        spent += cost
+    return ranks, spent, spent < target
 
 
 def default_scaled_state(model: nn.Module, placement: Placement, batches: list[dict[str, torch.Tensor]],
