@@ -217,3 +217,33 @@ def test_rung_sizes():
     assert rung_sizes(90, 4, 3) == [4, 2, 1]
     assert rung_sizes(40, 5, 2) == [5, 3, 2, 1]
     assert rung_sizes(40, 4, 3, "grid") == [4]
+
+
+def test_ray_pool_is_sized_for_the_tuning_runs(tiny_llama_dir, alpaca_file, tmp_path, monkeypatch):
+    """A tuned study on Ray asks for room for every run it may have in flight: its tuning runs
+    (arms x seeds x rates) as well as the runs at train.lr it plans (none with tune.untuned false)."""
+    from loraplace.study import ray_executor
+    from loraplace.study.driver import run_study
+
+    class Started(Exception):
+        pass
+
+    class Recording:
+        def __init__(self, settings, on_note=None):
+            pass
+
+        def start(self, device, precision, runs):
+            seen.append(runs)
+            raise Started
+
+        def close(self):
+            pass
+
+    seen = []
+    monkeypatch.setattr(ray_executor, "RayExecutor", Recording)
+    values = {"model": str(tiny_llama_dir), "dataset": str(alpaca_file), **TUNED, "executor.kind": "ray",
+              "strategies": ["attention", "ffn"], "seeds": [0, 1]}
+    for untuned in (False, True):
+        with pytest.raises(Started):
+            run_study(load_study(None, {**values, "output": str(tmp_path / f"s{untuned}"), "tune.untuned": untuned}))
+    assert seen == [2 * 2 * 3, 2 * 2 * 3 + 2 * 2]

@@ -71,7 +71,9 @@ def run_study(config: StudyConfig, resume: bool = False, allow_mixed: bool = Fal
 
             executor = ray_executor.RayExecutor(config.executor, on_note=progress.note)
             stack.callback(executor.close)  # also on Ctrl-C and errors: stops the remote runs
-            environment = executor.start(config.device, config.train.precision, len(run_specs(config, study_dir)))
+            # the most runs that could be in flight at once: those this command plans and every tuning run
+            in_flight = len(planned_specs(config, study_dir)) + len(tuning_specs(config, study_dir))
+            environment = executor.start(config.device, config.train.precision, in_flight)
         else:
             executor = LocalExecutor(isolate=config.executor.isolate)
         if threading.current_thread() is threading.main_thread():
