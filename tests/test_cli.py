@@ -166,3 +166,20 @@ def test_device_errors_say_what_to_do():
     with pytest.raises(LoraplaceError, match="CUDA_VISIBLE_DEVICES=1 and --device cuda"):
         pick_device("cuda:1")
     assert pick_device("cpu").type == "cpu"
+
+
+def test_console_shows_arm_labels_with_brackets_as_written(tmp_path, monkeypatch):
+    """Arm labels such as ``full[init=eva]~attention`` hold square brackets, which rich reads as
+    markup: the tuned-rate line and the plan line must show them as written."""
+    from loraplace import cli
+    from loraplace.config import StudyConfig
+    from loraplace.tuning import Choice
+
+    monkeypatch.setattr(cli, "print_results", lambda study_dir: None)
+    progress = cli._LineProgress(1)
+    progress.tuned([Choice("full[init=eva]~attention", [1e-4, 1e-3], 1e-4, {1e-4: (6, 1.5), 1e-3: (6, 1.6)})])
+    with cli.console.capture() as captured:
+        progress.planned(StudyConfig(name="s[1]", model="m", dataset="d"), tmp_path, 3, 1, 0)
+        progress.results_saved(tmp_path)
+    out = captured.get()
+    assert "full[init=eva]~attention 0.0001 (lowest of the grid" in out and "study s[1]: 3 runs" in out

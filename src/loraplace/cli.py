@@ -286,7 +286,7 @@ class _ConsoleProgress(StudyProgress):
         err_console.print(f"[yellow]warning:[/] {escape(text)}", highlight=False, soft_wrap=True)
 
     def planned(self, study, study_dir: Path, total: int, finished: int, kept: int) -> None:
-        console.print(f"study [bold]{study.name}[/]: {total} runs ({finished} already finished) -> {study_dir}"
+        console.print(f"study [bold]{escape(study.name)}[/]: {total} runs ({finished} already finished) -> {study_dir}"
                       + (f"; {kept} other stored runs are kept" if kept > 0 else ""), highlight=False)
 
     def tuned(self, choices) -> None:
@@ -295,7 +295,7 @@ class _ConsoleProgress(StudyProgress):
     def results_saved(self, study_dir: Path) -> None:
         print_results(study_dir)
         if getattr(self, "choices", None):
-            console.print(describe_choices(self.choices), highlight=False, soft_wrap=True)
+            console.print(describe_choices(self.choices), highlight=False, markup=False, soft_wrap=True)
 
     def report_written(self, html_path: Path) -> None:
         console.print(f"report: {html_path} and {html_path.with_name('report.md')}")
