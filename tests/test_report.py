@@ -447,3 +447,42 @@ def test_merged_studies_on_different_devices_are_flagged(tmp_path):
 
 def test_one_environment_gives_no_warning(report):
     assert "mixed environments" not in (report.parent / "report.md").read_text().split("## Methods")[0]
+
+
+def test_a_cheaper_tie_must_be_smaller_by_more_than_one_percent():
+    """Arms matched to one budget differ by up to 1%: a tie 0.07% smaller is not "the cheapest option",
+    one 10% smaller is; and a same-size tie is not called a dominance."""
+    from types import SimpleNamespace
+
+    from loraplace.report.recommend import best_overall, dominated
+    from loraplace.report.stats import PairedComparison, t_interval
+
+    def arm(key, params, losses):
+        return SimpleNamespace(key=key, kind="lora", trainable_params=params, loss=t_interval(losses), n=len(losses),
+                               perplexity=t_interval([2.0, 2.1, 2.2]), accuracy=None)
+
+    class Group:
+        def __init__(self, arms):
+            self.lora_arms = arms
+
+        def compare(self, a, b):  # every pair a tie, Holm p 0.5
+            return PairedComparison(a.key, b.key, 0.001, -0.01, 0.01, 0.4, (0, 1, 2), 10, 100, p_adjusted=0.5)
+
+        def dominated(self, cost):
+            return {"b": [self.lora_arms[0]]}
+
+        def points(self, cost):
+            return [(a.trainable_params, a.loss.mean) for a in self.lora_arms]
+
+        def arm(self, key):
+            return next(a for a in self.lora_arms if a.key == key)
+
+    best = arm("a", 2_162_688, [2.25, 2.26, 2.255])
+    same = arm("b", 2_161_280, [2.26, 2.27, 2.265])
+    assert "cheapest" not in best_overall(Group([best, same])).text
+    smaller = arm("b", 1_946_419, [2.26, 2.27, 2.265])
+    assert "**b** is the cheapest" in best_overall(Group([best, smaller])).text
+    # b 0.07% larger than a: same size, not dominated
+    text = dominated(Group([arm("a", 2_161_280, [2.25, 2.26, 2.255]), arm("b", 2_162_688, [2.26, 2.27, 2.265])]),
+                     "params").text
+    assert "the same size (within 1%)" in text and "costs no more" not in text

@@ -15,6 +15,17 @@ from loraplace.report.analysis import ArmResults, Group
 from loraplace.report.stats import ALPHA, fmt_p
 
 
+SAME_SIZE = 0.01
+"""Arms whose trainable parameters differ by less than this fraction count as the same size: two arms
+matched to one budget differ by up to 1% (``loraplace.placement.budget``), so a smaller count within it
+is not a cheaper option."""
+
+
+def _cheaper(a: ArmResults, b: ArmResults) -> bool:
+    """``a`` trains fewer parameters than ``b`` by more than :data:`SAME_SIZE`."""
+    return a.trainable_params < (1 - SAME_SIZE) * b.trainable_params
+
+
 @dataclass
 class Recommendation:
     kind: str  # best | budget | knee | dominated | dominated_time | base
@@ -72,7 +83,8 @@ def best_overall(g: Group) -> Recommendation | None:
         text.append("Significantly worse than it: " + "; ".join(line for _, line in beaten) + ".")
     if ties:
         text.append(f"The data cannot separate **{best.key}** from: " + "; ".join(line for _, line in ties) + ".")
-        cheapest = min([best] + [o for o, _ in ties], key=lambda a: a.trainable_params)
+        cheaper = [o for o, _ in ties if _cheaper(o, best)]
+        cheapest = min(cheaper, key=lambda a: a.trainable_params) if cheaper else best
         if cheapest is not best:
             text.append(f"Among these statistically indistinguishable options **{cheapest.key}** is the cheapest "
                         f"({fmt.params(cheapest.trainable_params)} vs {fmt.params(best.trainable_params)} parameters, "
@@ -196,7 +208,10 @@ def dominated(g: Group, cost: str) -> Recommendation | None:
                               "is unknown")
             else:
                 cost_text += "; the arm order varied across seeds"
+        same_size = cost == "params" and not _cheaper(b, a)
         verdict = ("the loss gap is significant" if sig else
+                   f"the data cannot separate their losses and the two are the same size (within "
+                   f"{100 * SAME_SIZE:g}%): a tie more than a dominance" if sig is False and same_size else
                    f"the data cannot separate their losses, but **{b.key}** is no worse and costs no more"
                    if sig is False else "the loss gap is untested (no paired per-example data)")
         parts.append(f"**{key}** is dominated by **{b.key}**{also}: {cost_text}, and {fmt.comparison(c)} "
