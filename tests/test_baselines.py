@@ -433,3 +433,32 @@ def test_eva_needs_enough_labelled_tokens():
     with pytest.raises(LoraplaceError, match="selected tokens"):
         eva_ranks(model, full(model), LORA, batches, target_params=4096)
     assert not [h for m in model.modules() for h in m._forward_hooks.values() if isinstance(h, _Hook)]
+
+
+def test_eva_allocation_falls_back_to_the_uniform_rank_when_the_larger_pass_does_not_converge(monkeypatch):
+    """EVA above the uniform rank needs more components to converge (on SmolLM2-135M with 8 batches,
+    rank 8 did not within 20 passes, rank 6 did): the allocation then runs at the uniform rank, says
+    so in its record, and trains what that pass's components reach."""
+    from types import SimpleNamespace
+
+    from loraplace.methods import eva as eva_module
+
+    real, calls = eva_module.eva_ranks, []
+
+    def limited(model, placement, lora, batches, *, r, **kw):
+        calls.append(r)
+        if r > 4:
+            raise eva_module.EvaNotConverged("EVA's incremental SVD did not converge")
+        return real(model, placement, lora, batches, r=r, **kw)
+
+    monkeypatch.setattr(eva_module, "eva_ranks", limited)
+    model = tiny_llama()
+    sizes = {n: i + o for n, (i, o) in shapes(model).items()}
+    setup = SimpleNamespace(base=model, task=SimpleNamespace(peft_task_type="CAUSAL_LM"))
+    arm = SimpleNamespace(reference=4 * sum(sizes.values()), label="eva")  # a budget of uniform rank 4
+    placement, state = eva_module.eva_allocation(setup, arm, LORA, one_batch())
+    assert calls == [5, 4]  # ceil(1.25 * 4), then the uniform rank
+    budget = placement.budget
+    assert budget["eva_r"] == 4 and "did not converge" in budget["notes"][0]
+    assert budget["achieved"] == placement.lora_params == sum(m.r * sizes[m.name] for m in placement.modules)
+    assert {n: int(w.shape[0]) for n, w in state.items() if w.shape[0]} == {m.name: m.r for m in placement.modules}

@@ -57,6 +57,10 @@ def _remove_eva_hooks(model: nn.Module) -> None:
                 del module._forward_hooks[key]
 
 
+class EvaNotConverged(LoraplaceError):
+    """EVA's incremental SVD did not converge within the forward-pass limit."""
+
+
 class _EvaForward:
     """EVA's ``forward_fn``: the model on a batch without its labels (EVA needs only the layer
     inputs), keeping the logits of the last position only where no adapted module is the output
@@ -74,7 +78,7 @@ class _EvaForward:
     def __call__(self, model, inputs):
         self.calls += 1
         if self.calls > self.limit:
-            raise LoraplaceError(
+            raise EvaNotConverged(
                 f"EVA's incremental SVD did not converge within {self.limit - 1} forward passes over the "
                 "batches; give it more (or larger) batches"
             )
@@ -317,25 +321,40 @@ def eva_allocation(setup, arm: Arm, lora, batches: list[dict], max_passes: int =
     uniform = max(1, round(target / sum(m.size for m in slots.modules)))
     rho = 2.0
     r = math.ceil(uniform * EVA_HEADROOM)
-    passes = []
+    passes, notes, failed = [], [], 0.0
     while True:
-        _, state, info = eva_ranks(setup.base, slots, lora, batches, target_params=target, rho=rho,
-                                   task_type=setup.task.peft_task_type, r=r)
+        start = time.perf_counter()
+        try:
+            _, state, info = eva_ranks(setup.base, slots, lora, batches, target_params=target, rho=rho,
+                                       task_type=setup.task.peft_task_type, r=r)
+        except EvaNotConverged:
+            if r <= uniform:
+                raise
+            failed += time.perf_counter() - start
+            if passes:  # a larger pass after a short one: keep the short one
+                notes.append(f"EVA at rank {r} did not converge on these batches within the pass limit")
+                break
+            notes.append(f"EVA at rank {r} did not converge on these batches within the pass limit, so it ran at "
+                         f"the budget's uniform rank {uniform}, whose components may not reach the budget (more "
+                         "importance batches let it run above the uniform rank)")
+            r = uniform
+            continue
         start = time.perf_counter()
         ratios = explained_variance(setup.base, {n: w for n, w in state.items() if w.shape[0] > 0}, batches)
         passes.append({**info, "seconds": info["seconds"] + time.perf_counter() - start})
         ranks, achieved, short = select_by_parameters({n: ratios.get(n, torch.zeros(0)) for n in sizes}, sizes,
                                                       target, cap=round(rho * uniform))
-        if not short or len(passes) == max_passes or info["r"] < r:
+        if not short or len(passes) == max_passes or info["r"] < r or notes:
             break
         r = max(r + 1, math.ceil(r * target / max(achieved, 1)))
-    notes = [] if not short else [f"EVA's components reach {achieved:,} of the {target:,} parameters after "
-                                  f"{len(passes)} passes (rank {info['r']})"]
+    if short:
+        notes.append(f"EVA's components reach {achieved:,} of the {target:,} parameters after {len(passes)} "
+                     f"pass(es) (rank {info['r']})")
     kept = {name: k for name, k in ranks.items() if k > 0}
     budget = {"reference": reference, "target": target, "achieved": achieved,
               "deviation_pct": 100.0 * (achieved - target) / target, "method": "eva", "selection": "parameters",
               "eva_r": info["r"], "rho": rho, "tau": info["tau"], "passes": len(passes),
-              "seconds": sum(p["seconds"] for p in passes),
+              "seconds": sum(p["seconds"] for p in passes) + failed,
               "forward_passes": sum(p["forward_passes"] for p in passes) + len(passes) * len(batches),
               "dropped": len(ranks) - len(kept), "notes": notes}
     placement = apply_scale(explicit_placement(setup.base, arm.label, kept, lora.alpha, budget), lora.scale, lora.r)
