@@ -36,6 +36,7 @@ from loraplace.errors import LoraplaceError
 from loraplace.methods.base import INITIALISERS, Initialiser, Method, full_stand_in, register, stored_ranks
 from loraplace.placement.arms import REFERENCE_STRATEGY, Arm
 from loraplace.placement.budget import budget_target
+from loraplace.placement.params import uniform_rank
 from loraplace.placement.resolve import Placement, explicit_placement, module_slots, slot_placement
 from loraplace.placement.scale import DEFAULT_SCALE, apply_scale
 from loraplace.records import RunSpec
@@ -318,7 +319,7 @@ def eva_allocation(setup, arm: Arm, lora, batches: list[dict], max_passes: int =
     slots = slot_placement(setup.base)
     modules = module_slots(slots)
     sizes = {m.name: m.in_features + m.out_features for m in modules}
-    uniform = max(1, round(target / sum(m.size for m in slots.modules)))
+    uniform = uniform_rank(target, sum(m.size for m in slots.modules))
     rho = 2.0
     r = math.ceil(uniform * EVA_HEADROOM)
     passes, notes, failed = [], [], 0.0
@@ -411,14 +412,16 @@ def _input_moments(model: nn.Module, rows: dict[str, torch.Tensor], batches: lis
     (real tokens with a label, as EVA selects them) of the module's input ``x``: ``n`` tokens, ``x``
     (``(in,)``), ``||x||^2``, ``rows x`` (``(k,)``) and ``(rows x)^2`` (``(k,)``), in float64. One forward pass
     per batch, the model left as it was."""
-    sums: dict[str, dict[str, Any]] = {}
+    sums = {name: {"n": 0, "x": torch.zeros(w.shape[1], dtype=torch.float64), "x2": 0.0,
+                   "p": torch.zeros(w.shape[0], dtype=torch.float64), "p2": torch.zeros(w.shape[0], dtype=torch.float64)}
+            for name, w in rows.items()}
     mask: dict[str, torch.Tensor] = {}
 
     def hook(name):
         def pre(module, args):
             x = args[0].detach()[mask["m"].to(args[0].device)].double()
             p = x @ rows[name].to(x.device, torch.float64).T
-            s = sums.setdefault(name, {"n": 0, "x": 0.0, "x2": 0.0, "p": 0.0, "p2": 0.0})
+            s = sums[name]
             s["n"] += int(x.shape[0])
             s["x"] = s["x"] + x.sum(0).cpu()
             s["x2"] += float((x * x).sum())
@@ -439,7 +442,7 @@ def _input_moments(model: nn.Module, rows: dict[str, torch.Tensor], batches: lis
         for handle in handles:
             handle.remove()
         model.train(training)
-    return {name: sums.get(name, {"n": 0, "x": 0.0, "x2": 0.0, "p": 0.0, "p2": 0.0}) for name in rows}
+    return sums
 
 
 def input_energies(model: nn.Module, rows: dict[str, torch.Tensor], batches: list[dict[str, torch.Tensor]]
@@ -447,7 +450,7 @@ def input_energies(model: nn.Module, rows: dict[str, torch.Tensor], batches: lis
     """Per module of ``rows`` (name -> a matrix ``(k, in)``): the mean over the batches' selected tokens
     (real tokens with a label, as EVA selects them) of ``||x||^2`` and of ``||rows x||^2``, ``x`` the
     module's input. One forward pass per batch, the model left as it was."""
-    return {name: (s["x2"] / max(s["n"], 1), float(torch.as_tensor(s["p2"]).sum()) / max(s["n"], 1))
+    return {name: (s["x2"] / max(s["n"], 1), float(s["p2"].sum()) / max(s["n"], 1))
             for name, s in _input_moments(model, rows, batches).items()}
 
 
@@ -463,9 +466,9 @@ def explained_variance(model: nn.Module, rows: dict[str, torch.Tensor], batches:
         if n < 2:
             raise LoraplaceError(f"EVA: module {name} sees {n} selected token(s) on the scoring batches; "
                                  "give more or larger batches")
-        mean = torch.as_tensor(s["x"]) / n
+        mean = s["x"] / n
         total = s["x2"] / n - float(mean @ mean)
-        variance = torch.as_tensor(s["p2"]) / n - (torch.as_tensor(s["p"]) / n) ** 2
+        variance = s["p2"] / n - (s["p"] / n) ** 2
         if not total > 0:
             raise LoraplaceError(f"EVA: module {name}'s inputs do not vary on the scoring batches")
         out[name] = variance.clamp_min(0.0) / total
