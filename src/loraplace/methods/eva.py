@@ -412,8 +412,10 @@ def _input_moments(model: nn.Module, rows: dict[str, torch.Tensor], batches: lis
     (real tokens with a label, as EVA selects them) of the module's input ``x``: ``n`` tokens, ``x``
     (``(in,)``), ``||x||^2``, ``rows x`` (``(k,)``) and ``(rows x)^2`` (``(k,)``), in float64. One forward pass
     per batch, the model left as it was."""
-    sums = {name: {"n": 0, "x": torch.zeros(w.shape[1], dtype=torch.float64), "x2": 0.0,
-                   "p": torch.zeros(w.shape[0], dtype=torch.float64), "p2": torch.zeros(w.shape[0], dtype=torch.float64)}
+    def zeros(n: int) -> torch.Tensor:
+        return torch.zeros(n, dtype=torch.float64)
+
+    sums = {name: {"n": 0, "x": zeros(w.shape[1]), "x2": 0.0, "p": zeros(w.shape[0]), "p2": zeros(w.shape[0])}
             for name, w in rows.items()}
     mask: dict[str, torch.Tensor] = {}
 

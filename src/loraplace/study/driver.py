@@ -98,7 +98,8 @@ def run_study(config: StudyConfig, resume: bool = False, allow_mixed: bool = Fal
             progress.warning(store.mixed_note)
         todo = [s for s in specs if s.run_id not in finished]
         planned = {run_identity(s) for s in specs}
-        kept = sum(run_identity(r) not in planned | wanted_tuning for r in store.rows) if resume else 0
+        ours = planned | wanted_tuning
+        kept = sum(run_identity(r) not in ours for r in store.rows) if resume else 0
         tuning_runs = len(arm_labels(study)) * len(study.seeds) * sum(rung_sizes(
             study.train.max_steps, len(study.tune.rates()), study.tune.eta, study.tune.schedule, study.tune.min_steps)) if wanted_tuning else 0
         progress.planned(study, study_dir, len(specs) + tuning_runs, len(finished), kept)
