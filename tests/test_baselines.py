@@ -7,17 +7,20 @@ heads): 14 adapted modules, no downloads, a few seconds each.
 """
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
-from peft import get_peft_model
-from peft.tuners.lora.eva import _Hook
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora.config import EvaConfig
+from peft.tuners.lora.eva import get_eva_state_dict
 from test_evaluation_nll import PAD, ListDataset, examples, tiny_llama
 
 from loraplace.adapters import check_wrapped, lora_config_for, unload_adapters, wrapped_adapters
 from loraplace.config import LoraSettings, TrainSettings
 from loraplace.data import IGNORE_INDEX, PadCollator
 from loraplace.errors import LoraplaceError
+from loraplace.methods import eva as eva_module
 from loraplace.methods.adalora import (
     AdaLoraCallback,
     adalora_config,
@@ -29,7 +32,7 @@ from loraplace.methods.adalora import (
     adalora_update_norms,
     check_adalora_wrapped,
 )
-from loraplace.methods.eva import apply_eva, eva_batches, eva_ranks, explained_variance, select_by_parameters
+from loraplace.methods.eva import apply_eva, eva_batches, select_by_parameters
 from loraplace.placement.params import trainable_params
 from loraplace.placement.resolve import explicit_placement, resolve_placement
 from loraplace.placement.scale import apply_scale
@@ -253,65 +256,137 @@ def one_batch():
     return eva_batches(ListDataset(examples(16, seed=3)), PadCollator(PAD), batch_size=16, batches=1)
 
 
-def captured_inputs(model, names, batch) -> dict[str, torch.Tensor]:
-    """Each module's inputs at the labelled, non-padding positions: ``(tokens, in)``."""
-    selected = batch["attention_mask"].bool() & (batch["labels"] != IGNORE_INDEX)
-    found, handles = {}, []
+def two_batches():
+    """The same 16 examples as two batches of 8: the components are those of both batches' inputs."""
+    return eva_batches(ListDataset(examples(16, seed=3)), PadCollator(PAD), batch_size=8, batches=2)
+
+
+def captured_inputs(model, names, batches) -> dict[str, torch.Tensor]:
+    """Each module's inputs at the labelled, non-padding positions of all ``batches``: ``(tokens, in)``."""
+    found, handles = {n: [] for n in names}, []
     modules = dict(model.named_modules())
+    selected = {}
     for name in names:
         handles.append(modules[name].register_forward_hook(
-            lambda mod, args, out, name=name: found.__setitem__(name, args[0][selected])))
+            lambda mod, args, out, name=name: found[name].append(args[0][selected["m"]])))
     with torch.no_grad():
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        for batch in batches:
+            selected["m"] = batch["attention_mask"].bool() & (batch["labels"] != IGNORE_INDEX)
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     for handle in handles:
         handle.remove()
-    return found
+    return {n: torch.cat(xs) for n, xs in found.items()}
 
 
-def test_eva_ranks_are_the_top_input_directions_at_the_budget():
-    model = tiny_llama()
-    batches = one_batch()
-    placement = full(model)
-    sizes = {n: i + o for n, (i, o) in shapes(model).items()}
-    target = 4 * sum(sizes.values())  # what uniform rank 4 trains: 4096
+def svd_of_inputs(model, names, batches) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per module: the right-singular vectors of its centred captured inputs and their
+    explained-variance ratios (float64), the reference EVA's components are checked against."""
+    out = {}
+    for name, x in captured_inputs(model, names, batches).items():
+        x = x.double() - x.double().mean(0)
+        _, s, vh = torch.linalg.svd(x, full_matrices=False)
+        out[name] = vh, s**2 / (s**2).sum()
+    return out
+
+
+def no_hooks(model) -> bool:
+    return not [h for m in model.modules() for h in [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]]
+
+
+def test_principal_components_are_the_svd_of_the_module_inputs(monkeypatch):
+    model = tiny_llama().train()
+    batches = two_batches()
+    names = list(shapes(model))
+    counts = {n: 6 if n.endswith("down_proj") else 4 for n in names}
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    ranks, state, info = eva_ranks(model, placement, LORA, batches, target_params=target, rho=2.0)
+    found, passes = eva_module.principal_components(model, counts, batches)
 
     # the model comes back as it was: weights, mode, no hooks
     assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
-    assert not model.training
-    assert not [h for m in model.modules() for h in m._forward_hooks.values() if isinstance(h, _Hook)]
+    assert model.training and no_hooks(model)
+    assert passes == 1 + len(batches)  # the shared-input check, then one pass over the batches
+    reference = svd_of_inputs(model, names, batches)
+    for name in names:
+        rows, ratios = found[name]
+        vh, expected = reference[name]
+        k = counts[name]
+        assert rows.shape == (k, vh.shape[1]) and ratios.shape == (k,)
+        torch.testing.assert_close(ratios, expected[:k], rtol=1e-6, atol=1e-9)
+        cos = (rows.double() @ vh[:k].T).diagonal().abs()
+        assert cos.min() > 0.9999, (name, cos)
+        torch.testing.assert_close(rows.norm(dim=1), torch.ones(k))
+        assert (rows.gather(1, rows.abs().argmax(1, keepdim=True)) > 0).all()  # PEFT's sign rule
+    # q, k and v are fed one tensor: one covariance, the same components
+    layer = "model.layers.0.self_attn."
+    assert torch.equal(found[layer + "q_proj"][0], found[layer + "v_proj"][0])
 
-    # EVA's budget is r * modules, each module at most round(rho * r)
-    r = info["r"]
-    assert list(ranks) == list(sizes) and sum(ranks.values()) == r * len(sizes) == info["rank_budget"]
-    assert max(ranks.values()) <= round(2.0 * r) and len(set(ranks.values())) > 1
+    # a second path: one input per pass (2 layers x 4 distinct inputs) and LOBPCG instead of eigh
+    monkeypatch.setattr(eva_module, "COVARIANCE_BYTES", 1)
+    monkeypatch.setattr(eva_module, "EXACT_EIGH_MAX", 0)
+    again, passes = eva_module.principal_components(model, counts, batches)
+    assert passes == 1 + 8 * len(batches)
+    for name in names:
+        torch.testing.assert_close(again[name][1], found[name][1], rtol=1e-6, atol=1e-9)
+        assert (again[name][0].double() * found[name][0].double()).sum(1).min() > 0.9999
+
+
+def test_principal_components_agree_with_pefts_eva_pass():
+    """PEFT's incremental SVD on one batch (cycled until it converges) estimates the same components:
+    at rank 4 with rho 2 it computes 8 per module (``torch.svd_lowrank`` with q = 16 of these 32 or
+    64 dimensions) and hands each module its top ones."""
+    model = tiny_llama()
+    batches = one_batch()
+    names = list(shapes(model))
+    config = LoraConfig(r=4, target_modules=names, init_lora_weights="eva",
+                        eva_config=EvaConfig(rho=2.0, tau=0.99, use_label_mask=True))
+    peft_state = get_eva_state_dict(model, batches, peft_config=config, show_progress_bar=False)
+    found, _ = eva_module.principal_components(model, dict.fromkeys(names, 8), batches)
+    for name in names:
+        k = peft_state[name].shape[0]
+        cos = (found[name][0][:k].double() * peft_state[name].double()).sum(1).abs()
+        assert cos.min() > 0.99, (name, cos)
+
+
+def budget_arm(model, rank: int):
+    """What eva_allocation reads of a study's setup and arm: the base model, and a budget of
+    ``rank`` on every linear module."""
+    sizes = {n: i + o for n, (i, o) in shapes(model).items()}
+    setup = SimpleNamespace(base=model, task=SimpleNamespace(peft_task_type="CAUSAL_LM"))
+    return setup, SimpleNamespace(reference=rank * sum(sizes.values()), label="eva"), sizes
+
+
+def test_eva_allocation_trains_the_budget_with_the_top_input_directions():
+    model = tiny_llama()
+    batches = two_batches()
+    setup, arm, sizes = budget_arm(model, 4)
+    target = 4 * sum(sizes.values())
+    placement, state = eva_module.eva_allocation(setup, arm, LORA, batches)
+    ranks = {n: int(state[n].shape[0]) for n in sizes}
+
+    # the budget in parameters, to within one component
     achieved = sum(ranks[n] * sizes[n] for n in sizes)
-    assert achieved == info["achieved"]
-    # the nearest count of the r that bracket the target
-    counts = info["candidates"]
-    assert min(counts.values()) <= target <= max(counts.values())
-    assert abs(achieved - target) == min(abs(c - target) for c in counts.values())
-    assert abs(achieved - target) / target < 0.05
+    assert achieved == placement.lora_params == placement.budget["achieved"]
+    assert abs(achieved - target) <= max(sizes.values()) / 2
+    assert {m.name: m.r for m in placement.modules} == {n: k for n, k in ranks.items() if k}
+    assert max(ranks.values()) <= round(2.0 * 4) and len(set(ranks.values())) > 1  # EVA's cap; moved rank
 
-    # each A: the top right-singular vectors of the module's centred inputs, computed here
-    inputs = captured_inputs(model, sizes, batches[0])
-    ratios = {}
-    for name, x in inputs.items():
-        x = x.double() - x.double().mean(0)
-        _, s, vh = torch.linalg.svd(x, full_matrices=False)
-        ratios[name] = s**2 / (s**2).sum()
-        a = state[name]
-        assert a.shape == (ranks[name], x.shape[1])
-        if ranks[name]:
-            cos = (a.double() @ vh[: ranks[name]].T).diagonal().abs()
-            assert cos.min() > 0.999, (name, cos)
-    # ...and the ranks: the r * modules largest explained-variance ratios over all modules
-    # (each at most round(rho * r)); modules fed the same input (q/k/v, gate/up) tie, so
+    # each A: the top right-singular vectors of the module's centred inputs over both batches
+    reference = svd_of_inputs(model, sizes, batches)
+    for name, k in ranks.items():
+        if k:
+            cos = (state[name].double() @ reference[name][0][:k].T).diagonal().abs()
+            assert cos.min() > 0.9999, (name, cos)
+    # ...and the ranks: EVA's order by explained variance, each component costing in + out, walked
+    # by hand to the count nearest the budget; modules fed the same input (q/k/v, gate/up) tie, so
     # compare the totals per input
-    pool = sorted(((float(v), n) for n in sizes for v in ratios[n][: round(2.0 * r)]), reverse=True)
-    expected = {n: 0 for n in sizes}
-    for _, n in pool[: r * len(sizes)]:
+    pool = sorted(((-float(v), i, n) for i, n in enumerate(sizes) for v in reference[n][1][:8]))
+    spent, expected = 0, dict.fromkeys(sizes, 0)
+    for _, _, n in pool:
+        if spent + sizes[n] > target:
+            if spent + sizes[n] - target < target - spent:
+                expected[n] += 1
+            break
+        spent += sizes[n]
         expected[n] += 1
 
     def per_input(rs):
@@ -319,27 +394,10 @@ def test_eva_ranks_are_the_top_input_directions_at_the_budget():
         for n, k in rs.items():
             key = n.rsplit(".", 1)[0] + (".qkv" if n.endswith(("q_proj", "k_proj", "v_proj"))
                                          else ".gate_up" if n.endswith(("gate_proj", "up_proj")) else n)
-            out[key] = out.get(key, 0) + k
+            out[key] = out.get(key, 0) + k * sizes[n]
         return out
 
     assert per_input(ranks) == per_input(expected)
-
-
-def test_explained_variance_of_evas_components_is_the_svd_ratio():
-    """The ratios the parameter-counted redistribution walks, measured again after PEFT's pass: for
-    each returned component, its share of the centred input variance, as an SVD of the captured
-    inputs gives it (EVA's vectors are those of that SVD to cos > 0.999)."""
-    model = tiny_llama()
-    batches = one_batch()
-    ranks, state, _ = eva_ranks(model, full(model), LORA, batches, target_params=4096, r=4)
-    rows = {n: w for n, w in state.items() if w.shape[0] > 0}
-    measured = explained_variance(model, rows, batches)
-    inputs = captured_inputs(model, rows, batches[0])
-    for name, w in rows.items():
-        x = inputs[name].double() - inputs[name].double().mean(0)
-        s = torch.linalg.svdvals(x)
-        expected = (s**2 / (s**2).sum())[: w.shape[0]]
-        torch.testing.assert_close(measured[name], expected, rtol=5e-3, atol=1e-4)
 
 
 def test_select_by_parameters_walks_evas_order_to_the_nearest_count():
@@ -375,9 +433,9 @@ def test_apply_eva_puts_the_planned_ranks_and_vectors_into_the_wrapped_model():
     model = tiny_llama()
     batches = one_batch()
     placement = full(model)
-    ranks, state, info = eva_ranks(model, placement, LORA, batches, target_params=4096)
-    planned = apply_scale(explicit_placement(model, "eva", {n: k for n, k in ranks.items() if k > 0}, LORA.alpha),
-                          "fixed", info["r"])
+    setup, arm, _ = budget_arm(model, 4)
+    planned, state = eva_module.eva_allocation(setup, arm, LORA, batches)
+    ranks = {n: int(w.shape[0]) for n, w in state.items()}
     peft_model = get_peft_model(model, lora_config_for(planned, LORA))
     layers = {n: m for n, m in peft_model.get_base_model().named_modules() if n in ranks and hasattr(m, "lora_A")}
     default_init = {n: m.lora_A["default"].weight.clone() for n, m in layers.items()}
@@ -393,8 +451,9 @@ def test_apply_eva_puts_the_planned_ranks_and_vectors_into_the_wrapped_model():
         assert wrapped[name][0] == ranks[name] == a.shape[0]
         assert torch.equal(a, state[name].float())
         assert not torch.equal(a, default_init[name])
-        # the planned scale (rule fixed: alpha / the rank EVA ran at) survives EVA's re-created layers
-        assert layer.scaling["default"] == pytest.approx(LORA.alpha / info["r"])
+        # the planned scale survives EVA's loader (it would re-create layers of another rank)
+        module = next(m for m in planned.modules if m.name == name)
+        assert layer.scaling["default"] == pytest.approx(module.alpha / module.r)
     assert peft_model.peft_config["default"].rank_pattern == patterns  # loraplace's exact keys kept
     with torch.no_grad():  # B is still 0: the model computes what the base model does
         torch.testing.assert_close(peft_model(**batches[0]).logits, before)
@@ -430,35 +489,6 @@ def test_eva_needs_enough_labelled_tokens():
     model = tiny_llama()
     rows = [{"input_ids": [5, 6, 7, 8], "labels": [IGNORE_INDEX] * 3 + [8], "length": 4}] * 3
     batches = eva_batches(ListDataset(rows), PadCollator(PAD), batch_size=3, batches=1)  # 3 labelled tokens
-    with pytest.raises(LoraplaceError, match="selected tokens"):
-        eva_ranks(model, full(model), LORA, batches, target_params=4096)
-    assert not [h for m in model.modules() for h in m._forward_hooks.values() if isinstance(h, _Hook)]
-
-
-def test_eva_allocation_falls_back_to_the_uniform_rank_when_the_larger_pass_does_not_converge(monkeypatch):
-    """EVA above the uniform rank needs more components to converge (on SmolLM2-135M with 8 batches,
-    rank 8 did not within 20 passes, rank 6 did): the allocation then runs at the uniform rank, says
-    so in its record, and trains what that pass's components reach."""
-    from types import SimpleNamespace
-
-    from loraplace.methods import eva as eva_module
-
-    real, calls = eva_module.eva_ranks, []
-
-    def limited(model, placement, lora, batches, *, r, **kw):
-        calls.append(r)
-        if r > 4:
-            raise eva_module.EvaNotConverged("EVA's incremental SVD did not converge")
-        return real(model, placement, lora, batches, r=r, **kw)
-
-    monkeypatch.setattr(eva_module, "eva_ranks", limited)
-    model = tiny_llama()
-    sizes = {n: i + o for n, (i, o) in shapes(model).items()}
-    setup = SimpleNamespace(base=model, task=SimpleNamespace(peft_task_type="CAUSAL_LM"))
-    arm = SimpleNamespace(reference=4 * sum(sizes.values()), label="eva")  # a budget of uniform rank 4
-    placement, state = eva_module.eva_allocation(setup, arm, LORA, one_batch())
-    assert calls == [5, 4]  # ceil(1.25 * 4), then the uniform rank
-    budget = placement.budget
-    assert budget["eva_r"] == 4 and "did not converge" in budget["notes"][0]
-    assert budget["achieved"] == placement.lora_params == sum(m.r * sizes[m.name] for m in placement.modules)
-    assert {n: int(w.shape[0]) for n, w in state.items() if w.shape[0]} == {m.name: m.r for m in placement.modules}
+    with pytest.raises(LoraplaceError, match="selected token"):
+        eva_module.principal_components(model, dict.fromkeys(shapes(model), 4), batches)
+    assert no_hooks(model)

@@ -121,13 +121,12 @@ def test_eva_and_adalora_arms_train_at_the_budget(tiny_llama_dir, data, tmp_path
     from loraplace.study.allocations import allocation_path
 
     out = tmp_path / "s"
-    # EVA's incremental SVD needs enough tokens to converge: all 40 training rows
+    # EVA's components need more selected tokens than components: all 40 training rows
     _study(tiny_llama_dir, data, out, ["attention", "eva~attention", "adalora~attention"], seeds=[0],
            **{"importance.batches": 5, "importance.batch_size": 8})
     rows = _rows(out)
     assert all(r["status"] == "ok" for r in rows.values()), [r["error"] for r in rows.values()]
     stored = json.loads(allocation_path(out, "eva~attention").read_text())
-    eva_r = stored["budget"]["eva_r"]
     # the initial A matrices are stored once, beside the allocation, with the allocation's ranks
     from safetensors.torch import load_file
 
@@ -146,7 +145,7 @@ def test_eva_and_adalora_arms_train_at_the_budget(tiny_llama_dir, data, tmp_path
     budget = rows["attention-s0"]["trainable_params"]
     assert rows["eva~attention-s0"]["trainable_params"] == sum(r * linear[n] for n, r in stored["ranks"].items())
     assert abs(rows["eva~attention-s0"]["trainable_params"] - budget) <= max(linear.values()) // 2
-    assert eva_r > round(budget / sum(linear.values()))  # EVA ran above the uniform rank, then was trimmed
+    assert len(set(stored["ranks"].values())) > 1  # EVA moved rank between modules
     # every module at the scale (alpha_over_r) of a uniform arm of the budget on EVA's kept modules
     uniform = round(budget / sum(linear[n] for n in stored["ranks"]))
     assert _ranks(out / "runs" / "eva~attention-s0") == {n: (r, 8.0 * r / uniform) for n, r in stored["ranks"].items()}

@@ -1,13 +1,21 @@
 """EVA (Paischer et al., 2024, arXiv:2410.07170; PEFT ``init_lora_weights="eva"``) as a study method.
 
-Before training, an incremental SVD of each module's inputs over a few batches; the rank budget
-``r * modules`` goes to the right-singular vectors with the largest explained-variance ratio,
-over all modules together (each module at most ``round(rho * r)``, possibly 0), and each module's
-LoRA ``A`` starts as its top right-singular vectors (B = 0). :func:`eva_ranks` resolves the ranks
-and those vectors once per study (:func:`eva_allocation`, stored by the study as safetensors),
-:func:`~loraplace.placement.resolve.explicit_placement` turns them into a placement that the usual
-``lora_config_for`` / ``check_wrapped`` path wraps, and :func:`apply_eva` initialises the wrapped adapters from them in
-every run.
+Before training, the principal components of each module's inputs over a few batches; the budget
+goes to the components with the largest explained-variance ratio, over all modules together (each
+module at most ``round(rho * r)``, possibly 0), and each module's LoRA ``A`` starts as its top
+components (B = 0). :func:`eva_allocation` resolves the ranks and those vectors once per study (stored
+by the study as safetensors), :func:`~loraplace.placement.resolve.explicit_placement` turns them into a
+placement that the usual ``lora_config_for`` / ``check_wrapped`` path wraps, and :func:`apply_eva`
+initialises the wrapped adapters from them in every run, through PEFT's EVA loader.
+
+The components are computed exactly (:func:`principal_components`: one forward pass over the batches
+summing each module's input covariance, then its top eigenvectors), not by PEFT's
+``get_eva_state_dict``. PEFT's incremental SVD cycles over the batches until every needed component
+agrees with its previous estimate (cosine >= ``tau``); components of nearly equal variance keep
+rotating into each other, so on SmolLM2-135M with the default 8 batches the pass at rank 6 needed
+154 forward passes (9 minutes on 2 CPU cores) and the one at rank 8 205 (9 minutes; its last 100 spent
+on one o_proj whose components 2 and 3 kept rotating). The exact covariance is what that SVD
+estimates, costs one forward pass per batch, and has no convergence to wait for.
 
 EVA fixes a total *rank*, not a parameter count: the parameters it trains depend on which modules
 get the rank. A study's EVA arm is an arm of a parameter budget like the others, so
@@ -21,17 +29,17 @@ import inspect
 import math
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
-from peft.tuners.lora.config import EvaConfig
-from peft.tuners.lora.eva import _Hook, get_eva_state_dict, initialize_lora_eva_weights
+from peft.tuners.lora.eva import initialize_lora_eva_weights
 from safetensors.torch import load as load_tensors
 from torch import nn
 
-from loraplace.config import LoraSettings, StudyConfig
+from loraplace.config import StudyConfig
+from loraplace.data import IGNORE_INDEX
 from loraplace.errors import LoraplaceError
 from loraplace.methods.base import INITIALISERS, Initialiser, Method, full_stand_in, register, stored_ranks
 from loraplace.placement.arms import REFERENCE_STRATEGY, Arm
@@ -44,191 +52,176 @@ from loraplace.records import RunSpec
 PEFT_PREFIX = "base_model.model."
 """What a module's name in the base model is prefixed with inside a ``PeftModel``."""
 
+EVA_RHO = 2.0
+"""EVA's ``rho`` (PEFT's ``EvaConfig`` default): a module gets at most ``round(rho * r)`` components."""
+
+COVARIANCE_BYTES = 2 * 2**30
+"""The float64 input covariances one pass over the batches holds at most; inputs beyond it are summed
+in further passes (Qwen2.5-0.5B, 24 layers of a 4864-wide down_proj input: 3 passes)."""
+
+EXACT_EIGH_MAX = 2048
+"""Inputs up to this width get a full symmetric eigendecomposition (1.6 s at 1536 on 2 CPU cores);
+wider ones LOBPCG for the top components only (10 s against eigh's 50 s at 4864), checked by its
+residual and decomposed in full where LOBPCG did not converge."""
+
 
 def _exact_key(name: str) -> str:
-    """A PEFT pattern key that matches ``name`` only (see ``lora_config_for``)."""
-    return "^" + re.escape(name)
+    return f"^{re.escape(name)}$"
 
 
-def _remove_eva_hooks(model: nn.Module) -> None:
-    """Take off forward hooks PEFT's EVA left behind when it stopped with an error."""
-    for module in model.modules():
-        for key, hook in list(module._forward_hooks.items()):
-            if isinstance(hook, _Hook):
-                del module._forward_hooks[key]
-
-
-class EvaNotConverged(LoraplaceError):
-    """EVA's incremental SVD did not converge within the forward-pass limit."""
-
-
-class _EvaForward:
-    """EVA's ``forward_fn``: the model on a batch without its labels (EVA needs only the layer
-    inputs), keeping the logits of the last position only where no adapted module is the output
-    projection (saves a ``(B, T, vocab)`` tensor); counts its calls and stops after ``limit``
-    (PEFT cycles over the batches until every SVD converges)."""
-
-    def __init__(self, model: nn.Module, names: set[str], limit: int):
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        head_adapted = any(module is head for name, module in model.named_modules() if name in names)
-        accepts = "logits_to_keep" in inspect.signature(model.forward).parameters
-        self.extra = {"logits_to_keep": 1} if accepts and not head_adapted else {}
-        self.limit = limit
-        self.calls = 0
-
-    def __call__(self, model, inputs):
-        self.calls += 1
-        if self.calls > self.limit:
-            raise EvaNotConverged(
-                f"EVA's incremental SVD did not converge within {self.limit - 1} forward passes over the "
-                "batches; give it more (or larger) batches"
-            )
-        return model(**{k: v for k, v in inputs.items() if k != "labels"}, **self.extra)
-
-
-def _eva_state(model: nn.Module, names: list[str], config: LoraConfig, batches: list[dict[str, torch.Tensor]],
-               max_passes: int) -> tuple[dict[str, torch.Tensor], "_EvaForward"]:
-    """PEFT's ``get_eva_state_dict`` for ``names`` under ``config`` on the unwrapped ``model``, which
-    comes back unchanged (mode, hooks) also when EVA fails; and the forward counter it ran with."""
-    forward = _EvaForward(model, set(names), limit=max_passes * len(batches) + 1)
-    training = model.training
-    try:
-        state = get_eva_state_dict(model, batches, peft_config=config, forward_fn=forward, show_progress_bar=False)
-    except BaseException:
-        _remove_eva_hooks(model)  # the shared base model must come back unchanged
-        model.train(training)
-        raise
-    if set(state) != set(names):
-        raise LoraplaceError(f"PEFT's EVA covered other modules than planned: "
-                             f"missing {sorted(set(names) - set(state))[:5]}, "
-                             f"unexpected {sorted(set(state) - set(names))[:5]}")
-    return state, forward
-
-
-def _eva_selected_tokens(batch: dict[str, torch.Tensor], use_label_mask: bool) -> int:
+def _selected(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The positions whose inputs EVA reads: real tokens, and of those the labelled ones where the
+    batch carries token labels (PEFT's ``use_label_mask``)."""
     mask = batch["attention_mask"].bool()
-    if use_label_mask:
-        mask = mask & (batch["labels"] != -100)
-    return int(mask.sum())
-
-
-def eva_ranks(model: nn.Module, placement: Placement, lora: LoraSettings, batches: list[dict[str, torch.Tensor]], *,
-              target_params: int, rho: float = 2.0, task_type: str = "CAUSAL_LM", tau: float = 0.99,
-              max_passes: int = 20, r: int | None = None) -> tuple[dict[str, int], dict[str, torch.Tensor], dict[str, Any]]:
-    """EVA's ranks and initial A matrices for ``placement``'s modules, at about ``target_params``.
-
-    PEFT's ``get_eva_state_dict`` runs on the unwrapped ``model`` with a ``LoraConfig`` of rank
-    ``r`` on the placement's modules: an incremental SVD of each module's inputs (at most
-    ``round(rho * r)`` components; modules fed the same input, like q/k/v, share one) until the
-    components that matter have converged (cosine similarity >= ``tau`` between two batches),
-    then the rank budget ``r * modules`` goes to the largest explained-variance ratios over all
-    modules. Its inputs are the batch's real tokens, and, for token-level labels (causal LMs),
-    only those with a label (EVA's ``use_label_mask``; PEFT's default
-    ``prepare_model_inputs_fn`` reads ``attention_mask`` and ``labels``, so padding is left out);
-    class labels (classification) are not token-aligned, so only the attention mask is used.
-
-    The budget is a sum of ranks, so the parameters ``sum r_i * (in_i + out_i)`` depend on where
-    EVA puts them. ``r`` is searched: from the uniform rank for the target, a secant step, then
-    single steps until the count crosses the target; the nearest wins. Each candidate reruns
-    PEFT's whole EVA pass (not only its redistribution): PEFT does not expose the
-    explained-variance ratios, and its SVD itself depends on ``r`` (components kept, stopping
-    point), so a rerun gives exactly what PEFT's EVA gives at that ``r``.
-
-    Args:
-        model: the base model (not PEFT-wrapped); left as it was (mode, weights, hooks).
-        placement: the modules (the ``full`` strategy's); expert parameters are left out.
-        lora: its ``alpha`` goes into the ``LoraConfig`` EVA runs with (it changes no rank or
-            vector; the run's alphas come from ``explicit_placement``).
-        batches: collated batches (``input_ids``, ``attention_mask``, ``labels``), on any device.
-        target_params: the parameter budget.
-        rho: EVA's redistribution limit (>= 1; 1: every module keeps ``r``).
-        tau: EVA's convergence threshold.
-        max_passes: stop with an error after this many passes over ``batches``.
-        r: the ``LoraConfig`` rank to run EVA at, without the search (a run re-creating the state
-            of a rank chosen once per study).
-
-    Returns:
-        ``(ranks, state, info)``: ``ranks`` module name -> rank (0: EVA gives it none), in
-        model order; ``state`` module name -> ``(rank, in)`` tensor, the rows of its A (PEFT's
-        EVA state dict, keyed by the names in the base model); ``info`` with ``r`` (the
-        ``LoraConfig`` rank chosen), ``rho``, ``tau``, ``rank_budget``, ``target``,
-        ``achieved``, ``deviation_pct``, ``candidates`` (r -> parameters), ``seconds`` (all
-        passes), ``seconds_chosen`` (the chosen r's pass), ``forward_passes``,
-        ``use_label_mask``, ``tokens`` (selected tokens per batch) and ``notes``.
-
-    Raises:
-        LoraplaceError: an encoder-decoder model, no module or batch, a batch without enough
-            selected tokens, a budget below rank 1, or an SVD that does not converge.
-    """
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        raise LoraplaceError("EVA as loraplace runs it needs one token mask for every layer; an encoder-decoder's "
-                             "encoder and decoder see different tokens, so EVA is not supported for it")
-    modules = module_slots(placement)
-    if not modules or not batches:
-        raise LoraplaceError(f"EVA needs modules and batches: {len(modules)} modules of {placement.strategy!r}, "
-                             f"{len(batches)} batches")
-    names = [m.name for m in modules]
-    use_label_mask = all(b["labels"].shape == b["input_ids"].shape for b in batches)
-    tokens = [_eva_selected_tokens(b, use_label_mask) for b in batches]
-    size = sum(m.in_features + m.out_features for m in modules)
-    r0 = round(target_params / size)
-    if r0 < 1:
-        raise LoraplaceError(f"EVA's budget of {target_params:,} parameters is below half of rank 1 on every module "
-                             f"of {placement.strategy!r} ({size:,}); raise the budget")
-    smallest = min(min(m.in_features for m in modules), max(tokens))
-    r_max = max(1, int(smallest / rho))  # round(rho * r) components must fit the inputs and a batch
-    if r0 > r_max:
-        raise LoraplaceError(
-            f"EVA at rank {r0} needs {round(rho * r0)} components per module, more than the smallest input "
-            f"width or the largest batch's selected tokens ({smallest}); lower rho ({rho:g}) or give larger batches"
-        )
-    notes = []
-    if placement.parameter_names:
-        notes.append(f"{len(placement.parameter_names)} mixture-of-experts parameters left out: "
-                     "PEFT's EVA initialises linear modules only")
-    runs: dict[int, tuple[int, dict[str, torch.Tensor], float]] = {}
-    forwards = []
-
-    def run(r: int) -> int:
-        """EVA at config rank r; returns the parameters its ranks train."""
-        if r not in runs:
-            config = LoraConfig(r=r, lora_alpha=lora.alpha, target_modules=names, task_type=task_type,
-                                init_lora_weights="eva",
-                                eva_config=EvaConfig(rho=rho, tau=tau, use_label_mask=use_label_mask))
-            start = time.perf_counter()
-            state, forward = _eva_state(model, names, config, batches, max_passes)
-            forwards.append(forward)
-            params = sum(state[m.name].shape[0] * (m.in_features + m.out_features) for m in modules)
-            runs[r] = (params, state, time.perf_counter() - start)
-        return runs[r][0]
-
-    if r is not None:  # the rank chosen before: one pass (at most r_max)
-        run(min(r, r_max))
-    else:  # uniform guess, one secant step, then single steps until the count crosses the target
-        r = min(r_max, max(1, round(r0 * target_params / run(r0))))
-        while True:
-            params = run(r)
-            step = 1 if params < target_params else -1
-            if params == target_params or not 1 <= r + step <= r_max:
-                break
-            if r + step in runs or (run(r + step) - target_params) * (params - target_params) <= 0:
-                break
-            r += step
-    best = min(runs, key=lambda c: (abs(runs[c][0] - target_params), c))
-    achieved, state, seconds = runs[best]
-    ranks = {name: int(state[name].shape[0]) for name in names}
-    info = {
-        "method": "eva", "r": best, "rho": rho, "tau": tau, "rank_budget": best * len(names),
-        "target": target_params, "achieved": achieved,
-        "deviation_pct": 100.0 * (achieved - target_params) / target_params,
-        "candidates": {c: runs[c][0] for c in sorted(runs)}, "seconds": sum(v[2] for v in runs.values()),
-        "seconds_chosen": seconds, "forward_passes": sum(f.calls for f in forwards), "use_label_mask": use_label_mask,
-        "tokens": tokens, "notes": notes,
-    }
-    return ranks, {name: state[name] for name in names}, info
+    if "labels" in batch and batch["labels"].shape == batch["input_ids"].shape:
+        mask = mask & (batch["labels"] != IGNORE_INDEX)
+    return mask
 
 
 @torch.no_grad()
+def _forward_each(model: nn.Module, names: list[str], batches: list[dict[str, torch.Tensor]],
+                  hook: Callable[[str, torch.Tensor], None]) -> None:
+    """One forward pass per batch (labels left out), calling ``hook(name, x)`` with each module of
+    ``names``'s input at the batch's selected positions (:func:`_selected`, ``(tokens, in)``); the
+    logits of the last position only where no hooked module is the output projection (saves a
+    ``(B, T, vocab)`` tensor). The model comes back as it was (mode, hooks), also on an error."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_hooked = head is not None and any(model.get_submodule(n) is head for n in names)
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters \
+        and not head_hooked else {}
+    mask: dict[str, torch.Tensor] = {}
+
+    def pre(name):
+        def call(module, args):
+            x = args[0].detach()
+            hook(name, x[mask["m"].to(x.device)])
+        return call
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(pre(name)) for name in names]
+    training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            mask["m"] = _selected(batch)
+            model(**{k: v for k, v in batch.items() if k != "labels"}, **extra)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(training)
+
+
+@torch.no_grad()
+def _shared_inputs(model: nn.Module, names: list[str], batch: dict[str, torch.Tensor]
+                   ) -> tuple[dict[str, str], dict[str, int]]:
+    """Module name -> the first module of ``names`` fed the same input tensor in a forward pass over
+    ``batch`` (q, k and v; gate and up): those share one covariance, as PEFT's EVA shares one SVD
+    (same storage, shape and sums: a tensor freed and another allocated at its address differs in its
+    sums); and module name -> its input's width."""
+    seen: dict[tuple, str] = {}
+    source: dict[str, str] = {}
+    width: dict[str, int] = {}
+
+    def hook(name: str, x: torch.Tensor) -> None:
+        y = x.double()
+        key = (x.data_ptr(), tuple(x.shape), float(y.sum()), float((y * y).sum()))
+        source.setdefault(name, seen.setdefault(key, name))
+        width[name] = int(x.shape[-1])
+
+    _forward_each(model, names, [batch], hook)
+    missing = [n for n in names if n not in source]
+    if missing:
+        raise LoraplaceError(f"EVA: modules {missing[:5]} received no input in a forward pass")
+    return source, width
+
+
+def _top_eigen(cov: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest eigenvalues (descending) and their eigenvectors (columns) of the symmetric
+    ``cov``: in full up to :data:`EXACT_EIGH_MAX`, else by LOBPCG from a fixed start."""
+    n = cov.shape[0]
+    if n > EXACT_EIGH_MAX and 3 * k < n:
+        start = torch.randn(n, k, generator=torch.Generator().manual_seed(0), dtype=cov.dtype).to(cov.device)
+        vals, vecs = torch.lobpcg(cov, X=start, largest=True, niter=1000)
+        residual = (cov @ vecs - vecs * vals).norm(dim=0).max()
+        if residual <= 1e-6 * float(vals.abs().max()):
+            order = vals.argsort(descending=True)
+            return vals[order], vecs[:, order]
+    vals, vecs = torch.linalg.eigh(cov)
+    return vals.flip(0)[:k], vecs.flip(1)[:, :k]
+
+
+@torch.no_grad()
+def principal_components(model: nn.Module, counts: dict[str, int], batches: list[dict[str, torch.Tensor]]
+                         ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int]:
+    """Per module (name -> number ``k`` of components): the top ``k`` principal components of its input
+    over the batches' selected tokens (:func:`_selected`), centred as EVA's incremental PCA centres
+    them, as unit rows ``(k, in)`` (float32, each row's largest entry positive, as PEFT's ``svd_flip``
+    signs them) and their explained-variance ratios ``(k,)`` (float64, variance over total variance).
+
+    Each distinct input's covariance is summed in float64 in one forward pass per batch (modules fed
+    the same tensor share one), at most :data:`COVARIANCE_BYTES` of them per pass; the model comes
+    back as it was.
+
+    Returns:
+        ``(components by module, forward passes run)``.
+
+    Raises:
+        LoraplaceError: a module sees fewer selected tokens than ``k + 1`` or inputs that do not vary.
+    """
+    if not counts or not batches:
+        raise LoraplaceError(f"EVA needs modules and batches: {len(counts)} modules, {len(batches)} batches")
+    names = list(counts)
+    source, width = _shared_inputs(model, names, batches[0])
+    group: dict[str, list[str]] = {}
+    for name in names:
+        group.setdefault(source[name], []).append(name)
+    chunks: list[list[str]] = [[]]
+    held = 0
+    for s in group:
+        size = 8 * width[s] ** 2
+        if chunks[-1] and held + size > COVARIANCE_BYTES:
+            chunks.append([])
+            held = 0
+        chunks[-1].append(s)
+        held += size
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    passes = 1
+    for chunk in chunks:
+        sums: dict[str, list] = {}
+
+        def add(name: str, x: torch.Tensor) -> None:
+            x = x.to(torch.float64)
+            if name not in sums:
+                sums[name] = [0, x.new_zeros(x.shape[1]), x.new_zeros(x.shape[1], x.shape[1])]
+            s = sums[name]
+            s[0] += x.shape[0]
+            s[1] += x.sum(0)
+            s[2].addmm_(x.T, x)
+
+        _forward_each(model, chunk, batches, add)
+        passes += len(batches)
+        for s in chunk:
+            n, total_x, xx = sums.pop(s, (0, None, None))
+            k = max(counts[name] for name in group[s])
+            if n < k + 1:
+                raise LoraplaceError(f"EVA: module {s} sees {n} selected token(s) on the scoring batches, fewer "
+                                     f"than the {k + 1} that {k} components need; give more or larger batches "
+                                     "(importance.batches, importance.batch_size) or lower ranks")
+            mean = total_x / n
+            cov = xx / n - torch.outer(mean, mean)
+            del xx
+            total = float(cov.diagonal().sum())
+            if not total > 0:
+                raise LoraplaceError(f"EVA: module {s}'s inputs do not vary on the scoring batches")
+            vals, vecs = _top_eigen(cov, k)
+            rows = vecs.T
+            rows = rows * rows.gather(1, rows.abs().argmax(1, keepdim=True)).sign()
+            ratios = (vals.clamp_min(0.0) / total).cpu()
+            rows = rows.float().cpu()
+            for name in group[s]:
+                out[name] = (rows[: counts[name]].clone(), ratios[: counts[name]].clone())
+    return {name: out[name] for name in names}, passes
+
+
 def apply_eva(peft_model, eva_state: dict[str, torch.Tensor], adapter: str = "default") -> None:
     """Initialise the wrapped LoRA A matrices from EVA's state (module name in the base model
     -> ``(r_i, in_i)``), through PEFT's ``initialize_lora_eva_weights``; ranks and alphas stay
@@ -285,34 +278,22 @@ def eva_batches(train_dataset, collator, *, batch_size: int, batches: int) -> li
     return [collator(rows[i:i + batch_size]) for i in range(0, n, batch_size)]
 
 
-EVA_HEADROOM = 1.25
-"""EVA runs at this multiple of the budget's uniform rank (rounded up), so that the components it returns
-usually cover the budget in parameters wherever its redistribution puts them (it moved 8% of SmolLM2-135M's
-and 17% of Qwen2.5-0.5B's parameters below the budget at the uniform rank); where they do not, one more pass
-at a larger rank."""
-
-
-def eva_allocation(setup, arm: Arm, lora, batches: list[dict], max_passes: int = 3):
+def eva_allocation(setup, arm: Arm, lora, batches: list[dict]):
     """EVA's placement of ``arm`` (``eva`` or ``eva~REFERENCE``) on the loaded base model, at the arm's
     budget in *parameters*.
 
     EVA itself spends a total *rank* (``r * modules``), so the parameters it trains depend on which modules
     get the rank (at the budget's uniform rank, 8% below the budget on SmolLM2-135M, 17% on
-    Qwen2.5-0.5B). Here PEFT's EVA runs once on the modules of ``full`` at :data:`EVA_HEADROOM` times the
-    budget's uniform rank; each component it returns is ranked by its explained-variance ratio
-    (:func:`explained_variance`, one forward pass) and EVA's own redistribution rule is applied with the
-    budget counted in parameters (:func:`select_by_parameters`, each module at most ``round(rho * uniform)``
-    components as EVA caps it): the arm trains the budget to within one component's ``in + out``. Where
-    the returned components do not reach the budget, EVA runs again at the rank that would (at most
-    ``max_passes`` passes; then the nearest, with a note). A search over EVA's own rank
-    (``loraplace.methods.eva_ranks`` without ``r``) would cost one whole EVA pass per candidate, 8 minutes
-    each for SmolLM2-135M on 2 CPU cores, and still miss the budget by whole ranks.
+    Qwen2.5-0.5B). Here every module of ``full`` gets its top ``round(rho * uniform)`` principal components
+    (:func:`principal_components`, EVA's cap at the budget's uniform rank) and EVA's own redistribution
+    rule is applied with the budget counted in parameters (:func:`select_by_parameters`): the arm trains
+    the budget to within one component's ``in + out``.
 
     Returns:
         ``(placement, state)``: the placement (modules EVA gave rank 0 left out) with its ``budget``
-        record (``eva_r``: the ``LoraConfig`` rank of the EVA pass used; ``selection``: ``"parameters"``),
-        its alphas at the study's update-scale rule (every module at the scale of a uniform arm of the budget
-        on EVA's modules), and EVA's initial A matrices by module name.
+        record (``selection``: ``"parameters"``; ``components``: ``"exact"``; ``cap``), its alphas at the
+        study's update-scale rule (every module at the scale of a uniform arm of the budget on EVA's
+        modules), and EVA's initial A matrices by module name.
     """
     reference = arm.reference if arm.reference is not None else REFERENCE_STRATEGY
     target = budget_target(setup.base, reference, lora.r, lora.alpha)
@@ -320,161 +301,74 @@ def eva_allocation(setup, arm: Arm, lora, batches: list[dict], max_passes: int =
     modules = module_slots(slots)
     sizes = {m.name: m.in_features + m.out_features for m in modules}
     uniform = uniform_rank(target, sum(m.size for m in slots.modules))
-    rho = 2.0
-    r = math.ceil(uniform * EVA_HEADROOM)
-    passes, notes, failed = [], [], 0.0
-    while True:
-        start = time.perf_counter()
-        try:
-            _, state, info = eva_ranks(setup.base, slots, lora, batches, target_params=target, rho=rho,
-                                       task_type=setup.task.peft_task_type, r=r)
-        except EvaNotConverged:
-            if r <= uniform:
-                raise
-            failed += time.perf_counter() - start
-            if passes:  # a larger pass after a short one: keep the short one
-                notes.append(f"EVA at rank {r} did not converge on these batches within the pass limit")
-                break
-            notes.append(f"EVA at rank {r} did not converge on these batches within the pass limit, so it ran at "
-                         f"the budget's uniform rank {uniform}, whose components may not reach the budget (more "
-                         "importance batches let it run above the uniform rank)")
-            r = uniform
-            continue
-        start = time.perf_counter()
-        ratios = explained_variance(setup.base, {n: w for n, w in state.items() if w.shape[0] > 0}, batches)
-        passes.append({**info, "seconds": info["seconds"] + time.perf_counter() - start})
-        ranks, achieved, short = select_by_parameters({n: ratios.get(n, torch.zeros(0)) for n in sizes}, sizes,
-                                                      target, cap=round(rho * uniform))
-        if not short or len(passes) == max_passes or info["r"] < r or notes:
-            break
-        r = max(r + 1, math.ceil(r * target / max(achieved, 1)))
+    cap = max(1, round(EVA_RHO * uniform))
+    start = time.perf_counter()
+    components, passes = principal_components(setup.base, {m.name: min(cap, m.in_features) for m in modules},
+                                              batches)
+    ranks, achieved, short = select_by_parameters({n: components[n][1] for n in sizes}, sizes, target, cap)
+    notes = []
+    if slots.parameter_names:
+        notes.append(f"{len(slots.parameter_names)} mixture-of-experts parameters left out: "
+                     "EVA initialises linear modules only")
     if short:
-        notes.append(f"EVA's components reach {achieved:,} of the {target:,} parameters after {len(passes)} "
-                     f"pass(es) (rank {info['r']})")
+        notes.append(f"EVA's components, at most {cap} per module, reach {achieved:,} of the {target:,} parameters")
     kept = {name: k for name, k in ranks.items() if k > 0}
     budget = {"reference": reference, "target": target, "achieved": achieved,
               "deviation_pct": 100.0 * (achieved - target) / target, "method": "eva", "selection": "parameters",
-              "eva_r": info["r"], "rho": rho, "tau": info["tau"], "passes": len(passes),
-              "seconds": sum(p["seconds"] for p in passes) + failed,
-              "forward_passes": sum(p["forward_passes"] for p in passes) + len(passes) * len(batches),
-              "dropped": len(ranks) - len(kept), "notes": notes}
+              "components": "exact", "cap": cap, "rho": EVA_RHO, "seconds": time.perf_counter() - start,
+              "forward_passes": passes, "dropped": len(ranks) - len(kept), "notes": notes}
     placement = apply_scale(explicit_placement(setup.base, arm.label, kept, lora.alpha, budget), lora.scale, lora.r)
     placement.budget["ranks"] = placement.ranks()  # type: ignore[index]
-    return placement, {name: state[name][:k] for name, k in ranks.items()}
+    return placement, {name: components[name][0][:k] for name, k in ranks.items()}
 
 
 def eva_init_state(model: nn.Module, placement: Placement, batches: list[dict[str, torch.Tensor]],
-                   task_type: str = "CAUSAL_LM", shared: dict | None = None, tau: float = 0.99,
-                   max_passes: int = 20) -> dict[str, torch.Tensor]:
+                   task_type: str = "CAUSAL_LM", shared: dict | None = None) -> dict[str, torch.Tensor]:
     """``init=eva``: EVA's A for every module of ``placement`` at the rank the placement gives it (module
-    name -> ``(r_m, in_m)``), without EVA's rank redistribution.
-
-    PEFT's EVA runs once at the placement's largest rank ``R`` with ``rho = 1`` (every module keeps
-    ``R``: nothing is redistributed), and each module keeps its top ``r_m`` right-singular vectors
-    (PEFT's incremental PCA orders them by explained variance). One rank for every module keeps PEFT's
-    sharing of one SVD between modules fed the same input (q, k, v) from moving rank between them.
+    name -> ``(r_m, in_m)``, the top ``r_m`` principal components of its inputs, :func:`principal_components`),
+    without EVA's rank redistribution. ``task_type`` is the initialisers' common signature: the components
+    do not depend on it.
 
     ``shared`` (a study's allocations pass one dict to every arm's initialiser on the same batches)
-    keeps each pass by its modules and ``R``: ``init=eva`` and ``init=default_scaled`` on one
-    placement run EVA once (a pass took 9 minutes for SmolLM2-135M on 2 CPU cores).
+    keeps each computation by its modules and ranks: ``init=eva`` and ``init=default_scaled`` on one
+    placement compute the components once.
 
     Raises:
-        LoraplaceError: expert parameters (PEFT's EVA initialises linear modules only), too few
-            selected tokens for ``R`` components, or an SVD that does not converge.
+        LoraplaceError: expert parameters (EVA initialises linear modules only) or too few selected
+            tokens for a module's rank.
     """
     if placement.parameter_names:
-        raise LoraplaceError(f"init=eva on {placement.strategy!r}: PEFT's EVA initialises linear modules only, not "
+        raise LoraplaceError(f"init=eva on {placement.strategy!r}: EVA initialises linear modules only, not "
                              "mixture-of-experts parameters; leave the experts out")
     modules = module_slots(placement)
-    names = [m.name for m in modules]
-    top = max(m.r for m in modules)
-    use_label_mask = all(b["labels"].shape == b["input_ids"].shape for b in batches)
-    tokens = max(_eva_selected_tokens(b, use_label_mask) for b in batches)
-    if top > min(tokens, min(m.in_features for m in modules)):
-        raise LoraplaceError(f"init=eva on {placement.strategy!r}: rank {top} needs as many components, more than a "
-                             f"scoring batch's selected tokens ({tokens}) or the narrowest input; use larger "
-                             "importance.batch_size or lower ranks")
-    key = ("eva_init", tuple(names), top, tau, task_type)
+    counts = {m.name: m.r for m in modules}
+    key = ("eva_init", tuple(counts.items()))
     state = (shared or {}).get(key)
     if state is None:
-        config = LoraConfig(r=top, target_modules=names, task_type=task_type, init_lora_weights="eva",
-                            eva_config=EvaConfig(rho=1.0, tau=tau, use_label_mask=use_label_mask))
-        state, _ = _eva_state(model, names, config, batches, max_passes)
+        components, _ = principal_components(model, counts, batches)
+        state = {name: rows for name, (rows, _) in components.items()}
         if shared is not None:
             shared[key] = state
-    return {m.name: state[m.name][: m.r].float().cpu() for m in modules}
-
-
-@torch.no_grad()
-def _input_moments(model: nn.Module, rows: dict[str, torch.Tensor], batches: list[dict[str, torch.Tensor]]
-                   ) -> dict[str, dict[str, Any]]:
-    """Per module of ``rows`` (name -> a matrix ``(k, in)``), sums over the batches' selected tokens
-    (real tokens with a label, as EVA selects them) of the module's input ``x``: ``n`` tokens, ``x``
-    (``(in,)``), ``||x||^2``, ``rows x`` (``(k,)``) and ``(rows x)^2`` (``(k,)``), in float64. One forward pass
-    per batch, the model left as it was."""
-    def zeros(n: int) -> torch.Tensor:
-        return torch.zeros(n, dtype=torch.float64)
-
-    sums = {name: {"n": 0, "x": zeros(w.shape[1]), "x2": 0.0, "p": zeros(w.shape[0]), "p2": zeros(w.shape[0])}
-            for name, w in rows.items()}
-    mask: dict[str, torch.Tensor] = {}
-
-    def hook(name):
-        def pre(module, args):
-            x = args[0].detach()[mask["m"].to(args[0].device)].double()
-            p = x @ rows[name].to(x.device, torch.float64).T
-            s = sums[name]
-            s["n"] += int(x.shape[0])
-            s["x"] = s["x"] + x.sum(0).cpu()
-            s["x2"] += float((x * x).sum())
-            s["p"] = s["p"] + p.sum(0).cpu()
-            s["p2"] = s["p2"] + (p * p).sum(0).cpu()
-        return pre
-
-    handles = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in rows]
-    training = model.training
-    model.eval()
-    try:
-        for batch in batches:
-            use_labels = batch["labels"].shape == batch["input_ids"].shape
-            m = batch["attention_mask"].bool()
-            mask["m"] = m & (batch["labels"] != -100) if use_labels else m
-            model(**{k: v for k, v in batch.items() if k != "labels"})
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(training)
-    return sums
+    return {name: rows.float().cpu() for name, rows in state.items()}
 
 
 def input_energies(model: nn.Module, rows: dict[str, torch.Tensor], batches: list[dict[str, torch.Tensor]]
                    ) -> dict[str, tuple[float, float]]:
     """Per module of ``rows`` (name -> a matrix ``(k, in)``): the mean over the batches' selected tokens
-    (real tokens with a label, as EVA selects them) of ``||x||^2`` and of ``||rows x||^2``, ``x`` the
-    module's input. One forward pass per batch, the model left as it was."""
-    return {name: (s["x2"] / max(s["n"], 1), float(s["p2"].sum()) / max(s["n"], 1))
-            for name, s in _input_moments(model, rows, batches).items()}
+    (:func:`_selected`) of ``||x||^2`` and of ``||rows x||^2``, ``x`` the module's input, in float64. One
+    forward pass per batch, the model left as it was."""
+    sums = {name: [0, 0.0, 0.0] for name in rows}
 
+    def add(name: str, x: torch.Tensor) -> None:
+        x = x.double()
+        p = x @ rows[name].to(x.device, torch.float64).T
+        s = sums[name]
+        s[0] += int(x.shape[0])
+        s[1] += float((x * x).sum())
+        s[2] += float((p * p).sum())
 
-def explained_variance(model: nn.Module, rows: dict[str, torch.Tensor], batches: list[dict[str, torch.Tensor]]
-                       ) -> dict[str, torch.Tensor]:
-    """Per module of ``rows`` (name -> unit rows ``(k, in)``, EVA's components): each row's explained-variance
-    ratio over the batches' selected tokens, ``Var(v . x) / sum_j Var(x_j)`` with ``x`` centred as EVA's
-    incremental PCA centres it (``(k,)``, float64). One forward pass per batch: EVA keeps its own ratios inside
-    PEFT (``get_eva_state_dict`` returns the vectors only), so they are measured again here."""
-    out = {}
-    for name, s in _input_moments(model, rows, batches).items():
-        n = s["n"]
-        if n < 2:
-            raise LoraplaceError(f"EVA: module {name} sees {n} selected token(s) on the scoring batches; "
-                                 "give more or larger batches")
-        mean = s["x"] / n
-        total = s["x2"] / n - float(mean @ mean)
-        variance = s["p2"] / n - (s["p"] / n) ** 2
-        if not total > 0:
-            raise LoraplaceError(f"EVA: module {name}'s inputs do not vary on the scoring batches")
-        out[name] = variance.clamp_min(0.0) / total
-    return out
+    _forward_each(model, list(rows), batches, add)
+    return {name: (x2 / max(n, 1), p2 / max(n, 1)) for name, (n, x2, p2) in sums.items()}
 
 
 def select_by_parameters(ratios: dict[str, torch.Tensor], sizes: dict[str, int], target: int, cap: int
@@ -490,7 +384,7 @@ def select_by_parameters(ratios: dict[str, torch.Tensor], sizes: dict[str, int],
 
     Returns:
         ``(ranks, parameters, exhausted)``: ranks by module (0 for a module that gets none), the parameters
-        they train, and whether every component was taken below the target (a larger EVA pass is needed).
+        they train, and whether every component was taken below the target (more components are needed).
     """
     order = {name: i for i, name in enumerate(ratios)}
     items = sorted(((-float(v), order[name], i, name) for name, r in ratios.items()
@@ -519,7 +413,7 @@ def default_scaled_state(model: nn.Module, placement: Placement, batches: list[d
     ``b = 1 / sqrt(in)``, variance ``1 / (3 in)``, so over its draw ``E ||A x||^2 = r ||x||^2 / (3 in)``;
     EVA's A gives ``||A_eva x||^2``. Averaged over the selected tokens:
     ``c_m = sqrt(mean ||A_eva x||^2 / (r_m mean ||x||^2 / (3 in_m)))``. The factor matches the scale
-    in expectation over the draw, so every seed keeps its own random directions. EVA's pass is
+    in expectation over the draw, so every seed keeps its own random directions. EVA's components are
     ``shared`` with an ``init=eva`` arm on the same placement (:func:`eva_init_state`)."""
     eva = eva_init_state(model, placement, batches, task_type, shared=shared)
     energies = input_energies(model, eva, batches)
