@@ -492,3 +492,7 @@ def test_eva_needs_enough_labelled_tokens():
     with pytest.raises(LoraplaceError, match="selected token"):
         eva_module.principal_components(model, dict.fromkeys(shapes(model), 4), batches)
     assert no_hooks(model)
+    unlabelled = [{**row, "labels": [IGNORE_INDEX] * 4} for row in rows]
+    batches = eva_batches(ListDataset(unlabelled), PadCollator(PAD), batch_size=3, batches=1)
+    with pytest.raises(LoraplaceError, match="no selected token"):
+        eva_module.principal_components(model, dict.fromkeys(shapes(model), 4), batches)

@@ -113,17 +113,21 @@ def _forward_each(model: nn.Module, names: list[str], batches: list[dict[str, to
 @torch.no_grad()
 def _shared_inputs(model: nn.Module, names: list[str], batch: dict[str, torch.Tensor]
                    ) -> tuple[dict[str, str], dict[str, int]]:
-    """Module name -> the first module of ``names`` fed the same input tensor in a forward pass over
-    ``batch`` (q, k and v; gate and up): those share one covariance, as PEFT's EVA shares one SVD
-    (same storage, shape and sums: a tensor freed and another allocated at its address differs in its
-    sums); and module name -> its input's width."""
+    """Module name -> the first module of ``names`` fed the same input in a forward pass over ``batch``
+    (q, k and v; gate and up): those share one covariance, as PEFT's EVA shares one SVD; and module
+    name -> its input's width. Inputs are matched by shape and two fingerprints of the selected
+    positions' values (their sum and a fixed random bilinear form, which a permutation of tokens or
+    features changes): identical inputs give identical fingerprints, others differ."""
     seen: dict[tuple, str] = {}
     source: dict[str, str] = {}
     width: dict[str, int] = {}
 
     def hook(name: str, x: torch.Tensor) -> None:
         y = x.double()
-        key = (x.data_ptr(), tuple(x.shape), float(y.sum()), float((y * y).sum()))
+        gen = torch.Generator().manual_seed(0)
+        left = torch.randn(y.shape[0], generator=gen, dtype=torch.float64).to(y.device)
+        right = torch.randn(y.shape[1], generator=gen, dtype=torch.float64).to(y.device)
+        key = (tuple(x.shape), float(y.sum()), float(left @ y @ right))
         source.setdefault(name, seen.setdefault(key, name))
         width[name] = int(x.shape[-1])
 
@@ -170,7 +174,10 @@ def principal_components(model: nn.Module, counts: dict[str, int], batches: list
     if not counts or not batches:
         raise LoraplaceError(f"EVA needs modules and batches: {len(counts)} modules, {len(batches)} batches")
     names = list(counts)
-    source, width = _shared_inputs(model, names, batches[0])
+    probe = next((b for b in batches if _selected(b).any()), None)
+    if probe is None:
+        raise LoraplaceError("EVA: the scoring batches have no selected token (every label is ignored)")
+    source, width = _shared_inputs(model, names, probe)
     group: dict[str, list[str]] = {}
     for name in names:
         group.setdefault(source[name], []).append(name)
