@@ -492,6 +492,8 @@ def test_eva_needs_enough_labelled_tokens():
     with pytest.raises(LoraplaceError, match="selected token"):
         eva_module.principal_components(model, dict.fromkeys(shapes(model), 4), batches)
     assert no_hooks(model)
+    with pytest.raises(LoraplaceError, match="input features"):  # tiny_llama's hidden size is 32
+        eva_module.principal_components(model, {"model.layers.0.mlp.up_proj": 33}, one_batch())
     unlabelled = [{**row, "labels": [IGNORE_INDEX] * 4} for row in rows]
     batches = eva_batches(ListDataset(unlabelled), PadCollator(PAD), batch_size=3, batches=1)
     with pytest.raises(LoraplaceError, match="no selected token"):

@@ -169,7 +169,8 @@ def principal_components(model: nn.Module, counts: dict[str, int], batches: list
         ``(components by module, forward passes run)``.
 
     Raises:
-        LoraplaceError: a module sees fewer selected tokens than ``k + 1`` or inputs that do not vary.
+        LoraplaceError: a module asked for more components than its input's width, or that sees fewer
+            selected tokens than ``k + 1`` or inputs that do not vary.
     """
     if not counts or not batches:
         raise LoraplaceError(f"EVA needs modules and batches: {len(counts)} modules, {len(batches)} batches")
@@ -209,6 +210,9 @@ def principal_components(model: nn.Module, counts: dict[str, int], batches: list
         for s in chunk:
             n, total_x, xx = sums.pop(s, (0, None, None))
             k = max(counts[name] for name in group[s])
+            if k > width[s]:
+                raise LoraplaceError(f"EVA: module {s} has {width[s]} input features, fewer than the {k} components "
+                                     "asked of it; lower the rank")
             if n < k + 1:
                 raise LoraplaceError(f"EVA: module {s} sees {n} selected token(s) on the scoring batches, fewer "
                                      f"than the {k + 1} that {k} components need; give more or larger batches "
