@@ -459,7 +459,7 @@ INITIALISERS.register("default_scaled", Initialiser("default_scaled", default_sc
 
 
 class EvaMethod(Method):
-    """``eva``: ranks and initial A matrices from EVA's SVD of the module inputs, once per study."""
+    """``eva``: ranks and initial A matrices from the principal components of the module inputs, once per study."""
 
     name = "eva"
     allocated_per_study = True

@@ -195,8 +195,9 @@ INIT_TITLES = {DEFAULT_INIT: "default init (Kaiming-uniform A, zero B)", "gaussi
 is PEFT's exact-SVD PiSSA (not its randomized ``pissa_niter_N``)."""
 DATA_INITS = ("eva", "default_scaled", "lora_ga", "corda")
 """Initialisations computed from data once per study (on the scoring batches) and carried to every
-run of the arm, as EVA's is (:data:`loraplace.methods.INITIALISERS`): ``eva``, EVA's A (PEFT's EVA with
-``rho=1``: every module keeps the rank its placement gives it, no redistribution); ``default_scaled``,
+run of the arm, as EVA's is (:data:`loraplace.methods.INITIALISERS`): ``eva``, EVA's A (the top principal
+components of each module's inputs: every module keeps the rank its placement gives it, no
+redistribution); ``default_scaled``,
 PEFT's default random A with each module's rows rescaled so that the expected ||A x|| on the scoring
 batches equals EVA's (the same scale in random directions: separates EVA's directions from its
 scale); ``lora_ga`` and ``corda``, PEFT's LoRA-GA and CorDA (instruction-previewed) starts, which
@@ -301,8 +302,8 @@ BUILTIN_STRATEGIES: dict[str, Strategy] = {
     for s in (
         *_ROLE_STRATEGIES,
         Strategy("eva", _ROLE_STRATEGIES[0].roles, method="eva",
-                 description="PEFT's EVA on full's modules: ranks redistributed by the explained variance of "
-                 "each module's inputs, A initialised from their top singular vectors"),
+                 description="EVA on full's modules: ranks redistributed by the explained variance of "
+                 "each module's inputs, A initialised from their top principal components"),
         Strategy("adalora", _ROLE_STRATEGIES[0].roles, method="adalora",
                  description="PEFT's AdaLoRA on full's modules: every module starts at 1.5x the final mean rank, "
                  "ranks pruned by sensitivity during training"),

@@ -296,7 +296,7 @@ def _importance_cells(score: Importance, r: int) -> list[tuple[str, Any, Any, fl
 
 def importance_part(v: StudyView) -> Part:
     """Heatmap and scoring cost per importance file, and the cost of the passes a method makes over
-    the data before training (EVA's SVD of the module inputs), from its allocation record."""
+    the data before training (EVA's principal components of the module inputs), from its allocation record."""
     passes = {label: alloc["budget"] for label, alloc in sorted(v.study.allocations.items())
               if isinstance(alloc.get("budget"), dict) and alloc["budget"].get("seconds") is not None}
     if not v.scores and not passes:
@@ -343,7 +343,8 @@ def importance_part(v: StudyView) -> Part:
                         "share_of_arm_training_time": share, "mean_train_time_s": v.train_time and v.train_time[0],
                         "forward_passes": budget.get("forward_passes")})
     table = Table(v.name("importance-cost"), "What each importance score, and each method's own pass over the data "
-                  "(EVA's SVD), cost before training, against the mean training time of one LoRA run of the study.",
+                  "(EVA's principal components), cost before training, against the mean training time of one LoRA "
+                  "run of the study.",
                   ["score", "seconds", "tokens", "share of one arm's training", "slots", "max rank", "approximation"],
                   rows, records, align="lrrrrrl")
     return Part(blocks + [table], [table])
