@@ -15,6 +15,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.config import EvaConfig
 from peft.tuners.lora.eva import get_eva_state_dict
 from test_evaluation_nll import PAD, ListDataset, examples, tiny_llama
+from transformers import T5Config, T5ForConditionalGeneration
 
 from loraplace.adapters import check_wrapped, lora_config_for, unload_adapters, wrapped_adapters
 from loraplace.config import LoraSettings, TrainSettings
@@ -494,6 +495,9 @@ def test_eva_needs_enough_labelled_tokens():
     assert no_hooks(model)
     with pytest.raises(LoraplaceError, match="input features"):  # tiny_llama's hidden size is 32
         eva_module.principal_components(model, {"model.layers.0.mlp.up_proj": 33}, one_batch())
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=97, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4))
+    with pytest.raises(LoraplaceError, match="encoder-decoder"):  # encoder and decoder see different tokens
+        eva_module.principal_components(t5, {"encoder.block.0.layer.0.SelfAttention.q": 4}, batches)
     unlabelled = [{**row, "labels": [IGNORE_INDEX] * 4} for row in rows]
     batches = eva_batches(ListDataset(unlabelled), PadCollator(PAD), batch_size=3, batches=1)
     with pytest.raises(LoraplaceError, match="no selected token"):

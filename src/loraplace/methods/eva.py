@@ -66,7 +66,8 @@ residual and decomposed in full where LOBPCG did not converge."""
 
 
 def _exact_key(name: str) -> str:
-    return f"^{re.escape(name)}$"
+    """A PEFT pattern key that matches ``name`` only (see ``lora_config_for``)."""
+    return "^" + re.escape(name)
 
 
 def _selected(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -169,9 +170,12 @@ def principal_components(model: nn.Module, counts: dict[str, int], batches: list
         ``(components by module, forward passes run)``.
 
     Raises:
-        LoraplaceError: a module asked for more components than its input's width, or that sees fewer
-            selected tokens than ``k + 1`` or inputs that do not vary.
+        LoraplaceError: an encoder-decoder model, a module asked for more components than its input's
+            width, or that sees fewer selected tokens than ``k + 1`` or inputs that do not vary.
     """
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise LoraplaceError("EVA as loraplace runs it needs one token mask for every layer; an encoder-decoder's "
+                             "encoder and decoder see different tokens, so EVA is not supported for it")
     if not counts or not batches:
         raise LoraplaceError(f"EVA needs modules and batches: {len(counts)} modules, {len(batches)} batches")
     names = list(counts)
@@ -360,7 +364,7 @@ def eva_init_state(model: nn.Module, placement: Placement, batches: list[dict[st
         state = {name: rows for name, (rows, _) in components.items()}
         if shared is not None:
             shared[key] = state
-    return {name: rows.float().cpu() for name, rows in state.items()}
+    return dict(state)
 
 
 def input_energies(model: nn.Module, rows: dict[str, torch.Tensor], batches: list[dict[str, torch.Tensor]]
