@@ -123,7 +123,7 @@ def test_a_study_computes_the_init_once_for_every_seed_and_resume(tiny_llama_dir
             "ffn[init=lora_ga]"]
     assert all(method_of(a).per_study(Arm.parse(a)) for a in arms)
     assert not method_of("attention").per_study(Arm.parse("attention"))
-    # enough scoring tokens for EVA's incremental SVD to converge on any random tiny model
+    # enough labelled scoring tokens for EVA's components (and LoRA-GA's gradient) on a tiny model
     fast = {"train.save_adapters": False, "include_base": False, "importance.batches": 4, "importance.batch_size": 8}
     out = _study(tiny_llama_dir, data, tmp_path / "s", arms, seeds=[0], **fast)
     rows = {r["run_id"]: r for r in json.loads((out / "results.json").read_text())["runs"]}

@@ -188,8 +188,8 @@ def test_automatic_and_eva_arms_train_the_studys_allocation_on_ray(ray_cluster, 
     """The study's allocations (auto scores, EVA's initial A matrices) are made once, on a worker
     (where the runs train: its device and precision), written by the driver and carried in each
     run's spec: on Ray the workers train the same ranks and reach the same numbers as the local
-    executor, and the driver never loads the model. (EVA's incremental SVD needs more scoring
-    tokens to converge; a data-driven init= is computed and carried the same way.)"""
+    executor, and the driver never loads the model. (EVA needs at least as many labelled
+    scoring tokens as components; a data-driven init= is computed and carried the same way.)"""
     import loraplace.study.ray_executor as rx
 
     driver_models = []
