@@ -198,11 +198,13 @@ def test_tuned_study_without_untuned_runs_reads_tuned_rates_throughout(tiny_llam
 
     class Planned(StudyProgress):
         def planned(self, study, study_dir, total, finished, kept):
-            seen.append((total, kept))
+            seen.append((total, finished, kept))
 
     seen = []
     run_study(load_study(None, {**values, "tune.untuned": True}), resume=True, progress=Planned())
-    assert seen[0][1] == 0  # the stored tuning runs are this study's, not "other stored runs"
+    # 2 untuned runs to do + 2 arms x (3 rates in rung 0 + 1 in rung 1) = 8 tuning runs, all finished;
+    # the stored tuning runs are this study's, not "other stored runs"
+    assert seen[0] == (10, 8, 0)
     again = _rows(out)
     assert sorted(r["run_id"] for r in again.values() if r["kind"] == "lora") == ["attention-s0", "ffn-s0"]
     assert all(again[k]["validation_losses"] == r["validation_losses"] for k, r in rows.items())

@@ -148,16 +148,24 @@ def adapter_update_norms(peft_model, placement, adapter: str = "default",
             for m in placement.modules if m.name in found]
 
 
+def exact_key(name: str) -> str:
+    """A PEFT ``rank_pattern`` / ``alpha_pattern`` key that matches the module ``name`` only.
+
+    PEFT matches a pattern key ``k`` against a module name ``n`` with
+    ``re.match(rf"(.*\.)?({k})$", n)``: a bare name would also match any module whose name ends in
+    ``.<name>``, and its dots match any character. The key is therefore ``^`` + the escaped exact
+    name.
+    """
+    return "^" + re.escape(name)
+
+
 def lora_config_for(placement, lora: LoraSettings, task_type: str = "CAUSAL_LM", init: str | None = None):
     """The PEFT ``LoraConfig`` that adapts exactly ``placement``: its modules as
     ``target_modules``, MoE expert parameters as ``target_parameters``, per-module ranks and
     alphas through ``rank_pattern`` / ``alpha_pattern``, and the arm's initialisation ``init``
     (:attr:`Strategy.init`, see :func:`peft_init`) as ``init_lora_weights``.
 
-    PEFT matches a pattern key ``k`` against a module name ``n`` with
-    ``re.match(rf"(.*\.)?({k})$", n)``: a bare name would also match any module whose name ends in
-    ``.<name>``, and its dots match any character. Keys are therefore ``^`` + the escaped exact
-    name, which matches that one name only.
+    Per-module keys are :func:`exact_key`, which match that one module only.
 
     Raises:
         LoraplaceError: expert parameters with ``lora.dropout`` > 0 (PEFT has no dropout for them).
@@ -170,13 +178,12 @@ def lora_config_for(placement, lora: LoraSettings, task_type: str = "CAUSAL_LM",
     # The most common rank/alpha is the default; only the others need a pattern.
     r = Counter(m.r for m in placement.modules).most_common(1)[0][0]
     alpha = Counter(m.alpha for m in placement.modules).most_common(1)[0][0]
-    key = lambda name: "^" + re.escape(name)  # noqa: E731
     return LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=lora.dropout, bias="none", task_type=task_type,
         target_modules=placement.module_names,
         target_parameters=placement.parameter_names or None,
-        rank_pattern={key(m.name): m.r for m in placement.modules if m.r != r},
-        alpha_pattern={key(m.name): m.alpha for m in placement.modules if m.alpha != alpha},
+        rank_pattern={exact_key(m.name): m.r for m in placement.modules if m.r != r},
+        alpha_pattern={exact_key(m.name): m.alpha for m in placement.modules if m.alpha != alpha},
         init_lora_weights=peft_init(init),
     )
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -38,6 +37,7 @@ from peft.tuners.lora.eva import initialize_lora_eva_weights
 from safetensors.torch import load as load_tensors
 from torch import nn
 
+from loraplace.adapters import exact_key
 from loraplace.config import StudyConfig
 from loraplace.data import IGNORE_INDEX
 from loraplace.errors import LoraplaceError
@@ -63,11 +63,6 @@ EXACT_EIGH_MAX = 2048
 """Inputs up to this width get a full symmetric eigendecomposition (1.6 s at 1536 on 2 CPU cores);
 wider ones LOBPCG for the top components only (10 s against eigh's 50 s at 4864), checked by its
 residual and decomposed in full where LOBPCG did not converge."""
-
-
-def _exact_key(name: str) -> str:
-    """A PEFT pattern key that matches ``name`` only (see ``lora_config_for``)."""
-    return "^" + re.escape(name)
 
 
 def _selected(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -270,8 +265,8 @@ def apply_eva(peft_model, eva_state: dict[str, torch.Tensor], adapter: str = "de
     before = {n: (m.r[adapter], m.lora_alpha[adapter]) for n, m in layers.items()}
     config = peft_model.peft_config[adapter]
     saved = config.rank_pattern, config.alpha_pattern, config.target_modules
-    config.rank_pattern = {_exact_key(PEFT_PREFIX + n): r for n, (r, _) in before.items()}
-    config.alpha_pattern = {_exact_key(PEFT_PREFIX + n): a for n, (_, a) in before.items()}
+    config.rank_pattern = {exact_key(PEFT_PREFIX + n): r for n, (r, _) in before.items()}
+    config.alpha_pattern = {exact_key(PEFT_PREFIX + n): a for n, (_, a) in before.items()}
     config.init_lora_weights = "eva"
     try:
         initialize_lora_eva_weights(peft_model, eva_state_dict={PEFT_PREFIX + n: w for n, w in state.items()},

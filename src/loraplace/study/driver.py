@@ -100,9 +100,14 @@ def run_study(config: StudyConfig, resume: bool = False, allow_mixed: bool = Fal
         planned = {run_identity(s) for s in specs}
         ours = planned | wanted_tuning
         kept = sum(run_identity(r) not in ours for r in store.rows) if resume else 0
-        tuning_runs = len(arm_labels(study)) * len(study.seeds) * sum(rung_sizes(
-            study.train.max_steps, len(study.tune.rates()), study.tune.eta, study.tune.schedule, study.tune.min_steps)) if wanted_tuning else 0
-        progress.planned(study, study_dir, len(specs) + tuning_runs, len(finished), kept)
+        tuning_runs = tuning_done = 0
+        if wanted_tuning:  # each rung of a rate is one run; a rung stored by an earlier command is finished
+            halving = (study.train.max_steps, len(study.tune.rates()), study.tune.eta, study.tune.schedule,
+                       study.tune.min_steps)
+            tuning_runs = len(arm_labels(study)) * len(study.seeds) * sum(rung_sizes(*halving))
+            tuning_done = sum(str(step) in r.validation_losses for r in store.rows
+                              if run_identity(r) in wanted_tuning for step in rung_steps(*halving))
+        progress.planned(study, study_dir, len(specs) + tuning_runs, len(finished) + tuning_done, kept)
         # Automatic arms: scored and allocated once per study (stored, so a resume trains the same ranks).
 
         todo = resolve_allocations(study, study_dir, todo, executor.allocate, note=progress.note)
@@ -126,13 +131,13 @@ def run_study(config: StudyConfig, resume: bool = False, allow_mixed: bool = Fal
                                    time.monotonic() - started.get(result.run_id, time.monotonic()))
 
         try:
-            progress.runs_starting(len(specs) + tuning_runs, len(finished))
+            progress.runs_starting(len(specs) + tuning_runs, len(finished) + tuning_done)
             try:
                 run_all(todo)
                 tuning = [s for s in tuning_specs(study, study_dir) if run_identity(s) in wanted_tuning]
                 if tuning:
                     run_tuning(study, study_dir, store, tuning, run_all, executor.allocate, progress, place,
-                               positions, first_place=len(finished) + len(todo) + 1)
+                               positions, first_place=len(finished) + tuning_done + len(todo) + 1)
             finally:
                 progress.runs_stopped()
         except KeyboardInterrupt:
