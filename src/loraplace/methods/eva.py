@@ -181,6 +181,11 @@ def principal_components(model: nn.Module, counts: dict[str, int], batches: list
     group: dict[str, list[str]] = {}
     for name in names:
         group.setdefault(source[name], []).append(name)
+    wanted = {s: max(counts[name] for name in members) for s, members in group.items()}
+    for s, k in wanted.items():  # before any pass over the batches
+        if k > width[s]:
+            raise LoraplaceError(f"EVA: module {s} has {width[s]} input features, fewer than the {k} components "
+                                 "asked of it; lower the rank")
     chunks: list[list[str]] = [[]]
     held = 0
     for s in group:
@@ -208,10 +213,7 @@ def principal_components(model: nn.Module, counts: dict[str, int], batches: list
         passes += len(batches)
         for s in chunk:
             n, total_x, xx = sums.pop(s, (0, None, None))
-            k = max(counts[name] for name in group[s])
-            if k > width[s]:
-                raise LoraplaceError(f"EVA: module {s} has {width[s]} input features, fewer than the {k} components "
-                                     "asked of it; lower the rank")
+            k = wanted[s]
             if n < k + 1:
                 raise LoraplaceError(f"EVA: module {s} sees {n} selected token(s) on the scoring batches, fewer "
                                      f"than the {k + 1} that {k} components need; give more or larger batches "

@@ -197,11 +197,10 @@ DATA_INITS = ("eva", "default_scaled", "lora_ga", "corda")
 """Initialisations computed from data once per study (on the scoring batches) and carried to every
 run of the arm, as EVA's is (:data:`loraplace.methods.INITIALISERS`): ``eva``, EVA's A (the top principal
 components of each module's inputs: every module keeps the rank its placement gives it, no
-redistribution); ``default_scaled``,
-PEFT's default random A with each module's rows rescaled so that the expected ||A x|| on the scoring
-batches equals EVA's (the same scale in random directions: separates EVA's directions from its
-scale); ``lora_ga`` and ``corda``, PEFT's LoRA-GA and CorDA (instruction-previewed) starts, which
-also rewrite the base weights (:mod:`loraplace.methods.starts`)."""
+redistribution); ``default_scaled``, PEFT's default random A with each module's rows rescaled so
+that the expected ||A x|| on the scoring batches equals EVA's (the same scale in random directions:
+separates EVA's directions from its scale); ``lora_ga`` and ``corda``, PEFT's LoRA-GA and CorDA
+(instruction-previewed) starts, which also rewrite the base weights (:mod:`loraplace.methods.starts`)."""
 AUTO_SCORES = ("gradient", "adam", "activation", "weight", "pilot", "random")
 AUTO_MODES = ("best", "worst", "uniform")
 

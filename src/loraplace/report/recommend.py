@@ -14,7 +14,6 @@ from loraplace.report import fmt
 from loraplace.report.analysis import ArmResults, Group
 from loraplace.report.stats import ALPHA, fmt_p
 
-
 SAME_SIZE = 0.01
 """Arms whose trainable parameters differ by less than this fraction count as the same size: two arms
 matched to one budget differ by up to 1% (``loraplace.placement.budget``), so a smaller count within it

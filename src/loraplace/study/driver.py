@@ -105,8 +105,9 @@ def run_study(config: StudyConfig, resume: bool = False, allow_mixed: bool = Fal
             halving = (study.train.max_steps, len(study.tune.rates()), study.tune.eta, study.tune.schedule,
                        study.tune.min_steps)
             tuning_runs = len(arm_labels(study)) * len(study.seeds) * sum(rung_sizes(*halving))
-            tuning_done = sum(str(step) in r.validation_losses for r in store.rows
-                              if run_identity(r) in wanted_tuning for step in rung_steps(*halving))
+            rungs = [str(step) for step in rung_steps(*halving)]
+            tuning_done = sum(step in r.validation_losses for r in store.rows if run_identity(r) in wanted_tuning
+                              for step in rungs)
         progress.planned(study, study_dir, len(specs) + tuning_runs, len(finished) + tuning_done, kept)
         # Automatic arms: scored and allocated once per study (stored, so a resume trains the same ranks).
 
